@@ -1,0 +1,298 @@
+"""The query-log record contract (version 1): decoding, validation and normalisation.
+
+A raw message becomes either a :class:`QueryRecord` (validated, normalised: event time as epoch
+seconds, vectors as float32 arrays, derived top-1 label / confidence / margin) or a
+:class:`DeadLetter` carrying the original bytes and the reason. Decoding never raises on data.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from datetime import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+# Event times outside this window (2001-09-09 .. 2100-01-01) are treated as corrupt.
+MIN_EPOCH_S = 1.0e9
+MAX_EPOCH_S = 4102444800.0
+
+
+class _Input(msgspec.Struct, gc=False):
+    vector: list[float] | None = None
+
+
+class _Output(msgspec.Struct, gc=False):
+    probs: list[float] | None = None
+    label: int | str | None = None
+    confidence: float | None = None
+    score: float | None = None
+
+
+class _WireRecord(msgspec.Struct, gc=False):
+    """The JSON shape as it arrives; unknown fields are ignored by msgspec."""
+
+    ts: datetime | int | float
+    client_id: str
+    model_id: str
+    request_id: str | None = None
+    session_id: str | None = None
+    source_ip: str | None = None
+    user_agent: str | None = None
+    input: _Input | None = None
+    output: _Output | None = None
+    latency_ms: float | None = None
+    status: int | None = None
+
+
+class SourcePosition(msgspec.Struct, frozen=True, gc=False):
+    """Where a record came from: Kafka (topic, partition, offset) or a file (path, 0, line number)."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class QueryRecord(msgspec.Struct, gc=False):
+    """A validated query-log record, ready for the detectors."""
+
+    ts: float
+    client_id: str
+    model_id: str
+    position: SourcePosition
+    request_id: str | None = None
+    session_id: str | None = None
+    source_ip: str | None = None
+    user_agent: str | None = None
+    vector: np.ndarray | None = None  # float32, 1-D
+    probs: np.ndarray | None = None  # float32, 1-D, the model's class probabilities
+    label: str | None = None  # predicted (top-1) class
+    confidence: float | None = None  # top-1 probability, when known
+    margin: float | None = None  # top-1 minus top-2 probability, when probs are given
+    score: float | None = None  # regression / single-score output
+    latency_ms: float | None = None
+    status: int | None = None
+
+
+class DeadLetter(msgspec.Struct, gc=False):
+    """A record that could not be accepted, with the reason; nothing is dropped silently."""
+
+    reason: str
+    payload: bytes
+    position: SourcePosition
+    key: bytes | None = None
+
+
+class InvalidRecord(ValueError):
+    """Raised inside the decoder only; turned into a DeadLetter before leaving it."""
+
+
+def parse_event_time(ts: datetime | int | float) -> float:
+    """RFC 3339 time (parsed by msgspec), or epoch seconds / epoch milliseconds, to epoch seconds."""
+    if isinstance(ts, bool):
+        raise InvalidRecord("ts must be RFC 3339 text or epoch seconds/millis, got a boolean")
+    if isinstance(ts, datetime):
+        if ts.tzinfo is None:
+            raise InvalidRecord("ts has no UTC offset; send Z or +hh:mm")
+        value = ts.timestamp()
+    else:
+        value = float(ts)
+        if value > MAX_EPOCH_S:  # larger than any epoch-seconds value we accept: milliseconds
+            value /= 1000.0
+    if not math.isfinite(value) or not MIN_EPOCH_S <= value <= MAX_EPOCH_S:
+        raise InvalidRecord(f"ts {ts!r} is outside 2001..2100")
+    return value
+
+
+class RecordDecoder:
+    """Decodes raw message values into QueryRecords, enforcing the contract and the size limits.
+
+    The decoder learns each model's input dimension from its first valid vector (unless configured),
+    so that a vector of the wrong length for its model is dead-lettered rather than corrupting state.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_record_bytes: int = 1_000_000,
+        max_vector_len: int = 65_536,
+        max_classes: int = 10_000,
+        max_string_len: int = 512,
+        input_dims: dict[str, int] | None = None,
+    ) -> None:
+        self._decoder = msgspec.json.Decoder(_WireRecord)
+        self.max_record_bytes = max_record_bytes
+        self.max_vector_len = max_vector_len
+        self.max_classes = max_classes
+        self.max_string_len = max_string_len
+        self.input_dims: dict[str, int] = dict(input_dims or {})
+
+    def decode(
+        self, payload: bytes, position: SourcePosition, key: bytes | None = None
+    ) -> QueryRecord | DeadLetter:
+        """Decode one message (convenience over :meth:`decode_batch`)."""
+        records, letters = self.decode_batch([(payload, position, key)])
+        return records[0] if records else letters[0]
+
+    def decode_batch(
+        self, messages: Sequence[tuple[bytes, SourcePosition, bytes | None]]
+    ) -> tuple[list[QueryRecord], list[DeadLetter]]:
+        """Decode a micro-batch. Field checks run per record (msgspec, in C); the numeric checks on
+        vectors and probabilities run once per batch over stacked numpy arrays, per shape."""
+        letters: list[DeadLetter] = []
+        accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]] = []
+        for payload, position, key in messages:
+            try:
+                record, wire = self._decode_fields(payload, position)
+            except (InvalidRecord, msgspec.ValidationError, msgspec.DecodeError) as exc:
+                letters.append(DeadLetter(reason=_reason(exc), payload=payload, position=position, key=key))
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                # Anything else the data can provoke is still the data's fault, not a crash.
+                reason = f"invalid record: {type(exc).__name__}: {exc}"[:500]
+                letters.append(DeadLetter(reason=reason, payload=payload, position=position, key=key))
+            else:
+                accepted.append((record, wire, payload, key))
+        rejected = self._attach_vectors(accepted) | self._attach_outputs(accepted)
+        records: list[QueryRecord] = []
+        for i, (record, _, payload, key) in enumerate(accepted):
+            if i in rejected:
+                letters.append(DeadLetter(reason=rejected[i], payload=payload, position=record.position, key=key))
+            else:
+                records.append(record)
+        return records, letters
+
+    def _decode_fields(self, payload: bytes, position: SourcePosition) -> tuple[QueryRecord, _WireRecord]:
+        if len(payload) > self.max_record_bytes:
+            raise InvalidRecord(f"record is {len(payload)} bytes, over the {self.max_record_bytes}-byte limit")
+        if not payload.strip():
+            raise InvalidRecord("empty record")
+        wire = self._decoder.decode(payload)
+        for name in ("client_id", "model_id", "request_id", "session_id", "source_ip", "user_agent"):
+            value = getattr(wire, name)
+            if value is not None and len(value) > self.max_string_len:
+                raise InvalidRecord(f"{name} is longer than {self.max_string_len} characters")
+        if not wire.client_id.strip():
+            raise InvalidRecord("client_id is empty")
+        if not wire.model_id.strip():
+            raise InvalidRecord("model_id is empty")
+        record = QueryRecord(
+            ts=parse_event_time(wire.ts),
+            client_id=wire.client_id,
+            model_id=wire.model_id,
+            position=position,
+            request_id=wire.request_id,
+            session_id=wire.session_id or None,
+            source_ip=wire.source_ip,
+            user_agent=wire.user_agent,
+            latency_ms=_finite_or_none("latency_ms", wire.latency_ms),
+            status=wire.status,
+        )
+        output = wire.output
+        if output is not None:
+            if output.probs is not None and not 0 < len(output.probs) <= self.max_classes:
+                raise InvalidRecord(f"output.probs must have 1..{self.max_classes} classes")
+            if output.probs is None:
+                record.label = None if output.label is None else str(output.label)
+                confidence = _finite_or_none("output.confidence", output.confidence)
+                if confidence is not None and not 0.0 <= confidence <= 1.0:
+                    raise InvalidRecord("output.confidence must be in [0, 1]")
+                record.confidence = confidence
+            record.score = _finite_or_none("output.score", output.score)
+        vector = wire.input.vector if wire.input is not None else None
+        if vector is not None:
+            if not vector:
+                raise InvalidRecord("input.vector is empty")
+            if len(vector) > self.max_vector_len:
+                raise InvalidRecord(f"input.vector has {len(vector)} values, over the {self.max_vector_len} limit")
+            expected = self.input_dims.setdefault(wire.model_id, len(vector))
+            if len(vector) != expected:
+                raise InvalidRecord(f"input.vector has {len(vector)} values; model {wire.model_id!r} takes {expected}")
+        return record, wire
+
+    @staticmethod
+    def _by_length(
+        accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]], field: str
+    ) -> dict[int, tuple[list[int], list[list[float]]]]:
+        groups: dict[int, tuple[list[int], list[list[float]]]] = {}
+        for i, (_, wire, _, _) in enumerate(accepted):
+            holder = wire.input if field == "vector" else wire.output
+            values = getattr(holder, field, None) if holder is not None else None
+            if values:
+                rows, lists = groups.setdefault(len(values), ([], []))
+                rows.append(i)
+                lists.append(values)
+        return groups
+
+    def _attach_vectors(self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]) -> dict[int, str]:
+        rejected: dict[int, str] = {}
+        for rows, lists in self._by_length(accepted, "vector").values():
+            with np.errstate(over="ignore"):  # values beyond float32 become Inf and are rejected below
+                matrix = np.asarray(lists, dtype=np.float32)
+            finite = np.isfinite(matrix).all(axis=1)
+            for j, i in enumerate(rows):
+                if finite[j]:
+                    accepted[i][0].vector = matrix[j]
+                else:
+                    rejected[i] = "input.vector contains NaN or Inf (or values beyond float32)"
+        return rejected
+
+    def _attach_outputs(self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]) -> dict[int, str]:
+        rejected: dict[int, str] = {}
+        for width, (rows, lists) in self._by_length(accepted, "probs").items():
+            with np.errstate(over="ignore"):
+                matrix = np.asarray(lists, dtype=np.float32)
+            valid = np.isfinite(matrix).all(axis=1) & (matrix >= -1e-6).all(axis=1) & (matrix <= 1 + 1e-6).all(axis=1)
+            top = matrix.argmax(axis=1)
+            confidence = matrix[np.arange(len(rows)), top]
+            margin = confidence - np.partition(matrix, -2, axis=1)[:, -2] if width > 1 else None
+            for j, i in enumerate(rows):
+                if not valid[j]:
+                    rejected[i] = "output.probs must be finite probabilities in [0, 1]"
+                    continue
+                record, wire = accepted[i][0], accepted[i][1]
+                record.probs = matrix[j]
+                label = wire.output.label if wire.output is not None else None
+                record.label = str(int(top[j])) if label is None else str(label)
+                record.confidence = float(confidence[j])
+                record.margin = None if margin is None else float(margin[j])
+        return rejected
+
+
+def _finite_or_none(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise InvalidRecord(f"{name} is not a finite number")
+    return float(value)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        return f"not valid JSON: {exc}"[:500]
+    if isinstance(exc, msgspec.ValidationError):
+        return f"contract violation: {exc}"[:500]
+    return str(exc)[:500]
+
+
+def dead_letter_document(letter: DeadLetter) -> dict[str, Any]:
+    """The JSON document written to a DLQ file or topic for one dead letter."""
+    try:
+        text: str | None = letter.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    doc: dict[str, Any] = {
+        "reason": letter.reason,
+        "source": {
+            "topic": letter.position.topic,
+            "partition": letter.position.partition,
+            "offset": letter.position.offset,
+        },
+    }
+    if text is not None:
+        doc["payload"] = text
+    else:
+        doc["payload_base64"] = base64.b64encode(letter.payload).decode("ascii")
+    return doc

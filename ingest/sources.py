@@ -1,0 +1,215 @@
+"""Sources of raw query-log messages: a Kafka consumer group, or JSON lines from a file or stdin.
+
+A source yields micro-batches of :class:`RawMessage` and is told, through :meth:`Source.commit`, when
+a batch's results are durably stored; only then does a Kafka source commit the batch's offsets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import msgspec
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from ingest.records import SourcePosition
+
+log = logging.getLogger(__name__)
+
+PartitionCallback = Callable[[list[int]], None]
+
+
+class RawMessage(msgspec.Struct, gc=False):
+    value: bytes
+    position: SourcePosition
+    key: bytes | None = None
+
+
+class Source(Protocol):
+    """Where raw messages come from. One direction: batches out, commits back."""
+
+    name: str
+
+    def batches(self) -> Iterator[list[RawMessage]]:
+        """Yield micro-batches until the input ends (file) or :meth:`stop` is called."""
+        ...
+
+    def commit(self, batch: list[RawMessage]) -> None:
+        """Mark every message of ``batch`` as done; called after its results are stored."""
+        ...
+
+    def stop(self) -> None:
+        """Ask :meth:`batches` to end after the current batch (safe from a signal handler)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FileSource:
+    """JSON lines from a file (plain or gzip) or stdin ('-'). Line numbers are the offsets."""
+
+    def __init__(self, path: str, batch_max_records: int = 5000) -> None:
+        self.path = path
+        self.name = "stdin" if path == "-" else path
+        self.batch_max_records = batch_max_records
+        self._stopped = False
+        self.total_bytes: int | None = None if path == "-" else Path(path).stat().st_size
+        self._raw: IO[bytes] | None = None
+
+    def _open(self) -> IO[bytes]:
+        if self.path == "-":
+            return sys.stdin.buffer
+        raw = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._raw = raw
+        if raw.read(2) == b"\x1f\x8b":
+            raw.seek(0)
+            return gzip.GzipFile(fileobj=raw)
+        raw.seek(0)
+        return raw
+
+    @property
+    def bytes_read(self) -> int:
+        """Compressed bytes consumed so far, for progress against ``total_bytes``."""
+        return self._raw.tell() if self._raw is not None and not self._raw.closed else 0
+
+    def batches(self) -> Iterator[list[RawMessage]]:
+        stream = self._open()
+        batch: list[RawMessage] = []
+        try:
+            for line_no, line in enumerate(stream, start=1):
+                line = line.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                batch.append(RawMessage(value=line, position=SourcePosition(self.name, 0, line_no)))
+                if len(batch) >= self.batch_max_records:
+                    yield batch
+                    batch = []
+                    if self._stopped:
+                        return
+            if batch:
+                yield batch
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            # A truncated .gz is common (a log still being written): keep what was read, say so.
+            log.error("input %s ended with a read error after the last full line: %s", self.name, exc)
+            if batch:
+                yield batch
+
+    def commit(self, batch: list[RawMessage]) -> None:
+        # A file has no consumer offsets; results are already durable when this is called.
+        return None
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+
+
+def kafka_security_options(config: Any) -> dict[str, Any]:
+    """kafka-python keyword arguments for TLS / SASL from a KafkaConfig (shared by consumer and producers)."""
+    options: dict[str, Any] = {"security_protocol": config.security_protocol}
+    if config.security_protocol in ("SSL", "SASL_SSL"):
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(config, key):
+                options[key] = getattr(config, key)
+    if config.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = config.sasl.mechanism
+        options["sasl_plain_username"] = config.sasl.username
+        options["sasl_plain_password"] = config.sasl.password
+    return options
+
+
+class KafkaSource:
+    """A kafka-python consumer in a consumer group; offsets are committed only by :meth:`commit`.
+
+    Partition assignment changes are reported through ``on_assigned`` / ``on_revoked`` so that the
+    application can restore or flush per-partition state. kafka-python runs these callbacks inside
+    ``poll()``; since every batch is stored and committed before the next poll, a revocation never
+    strands uncommitted results.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        on_assigned: PartitionCallback | None = None,
+        on_revoked: PartitionCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.name = f"kafka:{config.topic}"
+        self._stopped = False
+        self._on_assigned = on_assigned
+        self._on_revoked = on_revoked
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=config.bootstrap_servers.split(","),
+            group_id=config.group_id,
+            client_id=config.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=config.auto_offset_reset,
+            max_poll_records=config.batch_max_records,
+            **kafka_security_options(config),
+        )
+        self._consumer.subscribe([config.topic], listener=_RebalanceListener(self))
+
+    def batches(self) -> Iterator[list[RawMessage]]:
+        while not self._stopped:
+            polled = self._consumer.poll(
+                timeout_ms=self.config.poll_timeout_ms, max_records=self.config.batch_max_records
+            )
+            batch = [
+                RawMessage(
+                    value=msg.value if msg.value is not None else b"",
+                    key=msg.key,
+                    position=SourcePosition(msg.topic, msg.partition, msg.offset),
+                )
+                for messages in polled.values()
+                for msg in messages
+            ]
+            yield batch  # empty batches too: the application uses them to advance idle time
+
+    def commit(self, batch: list[RawMessage]) -> None:
+        latest: dict[TopicPartition, int] = {}
+        for message in batch:
+            tp = TopicPartition(message.position.topic, message.position.partition)
+            latest[tp] = max(latest.get(tp, -1), message.position.offset)
+        if latest:
+            self._consumer.commit({tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in latest.items()})
+
+    def lag(self) -> dict[int, int]:
+        """Messages behind the log end, per assigned partition (for metrics)."""
+        assigned = list(self._consumer.assignment())
+        if not assigned:
+            return {}
+        ends = self._consumer.end_offsets(assigned)
+        return {tp.partition: max(0, ends[tp] - self._consumer.position(tp)) for tp in assigned}
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def close(self) -> None:
+        # Leaves the group at once so the partitions move to the other workers without waiting
+        # for the session timeout.
+        self._consumer.close(autocommit=False)
+
+
+class _RebalanceListener(ConsumerRebalanceListener):
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        partitions = sorted(tp.partition for tp in revoked)
+        log.info("partitions revoked: %s", partitions)
+        if self.source._on_revoked and partitions:
+            self.source._on_revoked(partitions)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        partitions = sorted(tp.partition for tp in assigned)
+        log.info("partitions assigned: %s", partitions)
+        if self.source._on_assigned and partitions:
+            self.source._on_assigned(partitions)
+

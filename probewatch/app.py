@@ -1,0 +1,269 @@
+"""The application: wires source → decoder → detectors → storage → alerting, one micro-batch at a time.
+
+Checkpoint order per batch (the Quix Streams / Kafka Streams order): dead letters flushed →
+scores, alerts and stats written to ClickHouse → session state checkpointed with the batch's source
+positions → offsets committed → alerts handed to the receivers. A crash anywhere replays the batch;
+replayed writes collapse in ClickHouse (deterministic keys) and records already folded into a
+checkpoint are skipped, so nothing is lost and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import msgspec
+
+from alerting.alert import Alert
+from alerting.policy import ThresholdPolicy
+from alerting.sinks import AlertSink
+from detectors.engine import SessionDetector
+from detectors.scores import SessionScore
+from ingest.deadletter import DeadLetterSink
+from ingest.records import RecordDecoder, SourcePosition
+from ingest.sources import RawMessage, Source
+from probewatch.config import Config
+from storage import BatchStats, Store, StoredBatch
+
+log = logging.getLogger("probewatch")
+
+
+class RunSummary(msgspec.Struct):
+    records_read: int = 0
+    dead_lettered: int = 0
+    skipped_replayed: int = 0
+    sessions_scored: int = 0
+    alerts: int = 0
+    batches: int = 0
+    late_records: int = 0
+    elapsed_s: float = 0.0
+    open_sessions: int = 0
+    state_bytes: int = 0
+    dlq_reasons: dict[str, int] = msgspec.field(default_factory=dict)
+    top_sessions: list[SessionScore] = msgspec.field(default_factory=list)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.records_read / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+ProgressCallback = Callable[["RunSummary", Source], None]
+
+
+def reason_class(reason: str) -> str:
+    """A short, low-cardinality label for a dead-letter reason (for counts and dashboards)."""
+    head = reason.split(":", 1)[0] if reason.startswith(("not valid JSON", "contract violation")) else reason
+    return head.split(" - at ", 1)[0][:80]
+
+
+class Pipeline:
+    """Runs micro-batches until the source ends or a stop is requested (SIGINT / SIGTERM)."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        dead_letters: DeadLetterSink,
+        sinks: list[AlertSink],
+        *,
+        checkpoint_state: bool,
+        detector: SessionDetector | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.dead_letters = dead_letters
+        self.sinks = sinks
+        self.checkpoint_state = checkpoint_state
+        self.progress = progress
+        self.worker_id = f"{config.kafka.client_id}-{uuid.uuid4().hex[:8]}"
+        self.decoder = RecordDecoder(
+            max_record_bytes=config.limits.max_record_bytes,
+            max_vector_len=config.limits.max_vector_len,
+            max_classes=config.limits.max_classes,
+            max_string_len=config.limits.max_string_len,
+            input_dims=config.detection.input_dims,
+        )
+        self.detector = detector or SessionDetector(
+            alert_threshold=config.detection.alert_threshold,
+            min_queries=config.detection.min_queries,
+            inactivity_gap_s=config.sessions.inactivity_gap_s,
+            allowed_lateness_s=config.sessions.allowed_lateness_s,
+            max_open_sessions=config.sessions.max_open_sessions,
+        )
+        self.policy = ThresholdPolicy(config.detection.alert_threshold)
+        self.summary = RunSummary()
+        # Next source offset not yet folded into the checkpointed state, per partition.
+        self.applied_positions: dict[int, int] = {}
+        self._version = time.time_ns()
+        self._source: Source | None = None
+        self._dlq_reasons: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ partition ownership (Kafka)
+    def on_partitions_assigned(self, partitions: list[int]) -> None:
+        if not self.checkpoint_state:
+            return
+        states, positions = self.store.load_state(partitions)
+        for partition in partitions:
+            self.detector.restore(partition, states.get(partition, {}))
+            if partition in positions:
+                self.applied_positions[partition] = positions[partition]
+        restored = sum(len(v) for v in states.values())
+        log.info("restored %d state entries for partitions %s (positions %s)", restored, partitions, positions)
+
+    def on_partitions_revoked(self, partitions: list[int]) -> None:
+        # Every batch was checkpointed before the poll that revokes, so the state can simply go.
+        self.detector.drop_partitions(partitions)
+        for partition in partitions:
+            self.applied_positions.pop(partition, None)
+
+    # ----------------------------------------------------------------------------------------- run
+    def run(self, source: Source) -> RunSummary:
+        self._source = source
+        started = time.monotonic()
+        last_progress = 0.0
+        with _stop_on_signals(source):
+            for batch in source.batches():
+                self.process_batch(batch, source)
+                now = time.monotonic()
+                self.summary.elapsed_s = now - started
+                if self.progress and now - last_progress >= 0.5:
+                    last_progress = now
+                    self.progress(self.summary, source)
+        self.summary.elapsed_s = time.monotonic() - started
+        self.summary.late_records = self.detector.late_records
+        self.summary.open_sessions = len(self.detector.sessions)
+        self.summary.state_bytes = self.detector.state_bytes()
+        self.summary.dlq_reasons = dict(self._dlq_reasons.most_common())
+        self.summary.top_sessions = self.detector.top_sessions(10)
+        if self.progress:
+            self.progress(self.summary, source)
+        return self.summary
+
+    def process_batch(self, batch: list[RawMessage], source: Source) -> list[Alert]:
+        started = time.perf_counter()
+        max_offsets: dict[int, int] = {}
+        fresh: list[tuple[bytes, SourcePosition, bytes | None]] = []
+        for message in batch:
+            position = message.position
+            max_offsets[position.partition] = max(max_offsets.get(position.partition, -1), position.offset)
+            if position.offset < self.applied_positions.get(position.partition, -1):
+                self.summary.skipped_replayed += 1  # already in the restored state and in storage
+                continue
+            fresh.append((message.value, position, message.key))
+        records, letters = self.decoder.decode_batch(fresh)
+        scores = self.detector.process(records)
+        alerts = self.policy.evaluate(scores)
+        if letters:
+            self.dead_letters.write(letters)
+            self._dlq_reasons.update(reason_class(x.reason) for x in letters)
+        self.dead_letters.flush()
+        batch_id = _batch_id(batch)
+        store_started = time.perf_counter()
+        if batch or scores:
+            self.store.write_batch(
+                StoredBatch(
+                    batch_id=batch_id,
+                    scores=scores,
+                    alerts=alerts,
+                    events=records,
+                    stats=BatchStats(
+                        batch_id=batch_id,
+                        worker=self.worker_id,
+                        finished_at=time.time(),
+                        records=len(batch),
+                        dead_lettered=len(letters),
+                        scored_sessions=len(scores),
+                        alerts=len(alerts),
+                        batch_latency_ms=(time.perf_counter() - started) * 1000.0,
+                        store_latency_ms=0.0,
+                        lag=-1,
+                        dlq_reasons=dict(Counter(reason_class(x.reason) for x in letters)),
+                    ),
+                )
+            )
+        if self.checkpoint_state:
+            self._checkpoint(max_offsets)
+        source.commit(batch)
+        self._deliver(alerts)
+        self.summary.batches += 1
+        self.summary.records_read += len(batch)
+        self.summary.dead_lettered += len(letters)
+        self.summary.sessions_scored += len(scores)
+        self.summary.alerts += len(alerts)
+        log.debug(
+            "batch %s: %d records, %d dead letters, %d scores, %d alerts, store %.1f ms",
+            batch_id,
+            len(batch),
+            len(letters),
+            len(scores),
+            len(alerts),
+            (time.perf_counter() - store_started) * 1000.0,
+        )
+        return alerts
+
+    def _checkpoint(self, max_offsets: dict[int, int]) -> None:
+        dirty = self.detector.take_checkpoint()
+        self._version += 1
+        for partition in set(dirty) | set(max_offsets):
+            position = max(self.applied_positions.get(partition, 0), max_offsets.get(partition, -1) + 1)
+            self.store.save_state(partition, dirty.get(partition, {}), position, self._version)
+            self.applied_positions[partition] = position
+
+    def _deliver(self, alerts: list[Alert]) -> None:
+        if not alerts:
+            return
+        for sink in self.sinks:
+            try:
+                sink.send(alerts)
+            except Exception as exc:  # a receiver's failure must never stop the pipeline
+                log.error("alert sink %s failed: %s", sink.name, exc)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.dead_letters.close()
+        self.store.close()
+
+
+def _batch_id(batch: list[RawMessage]) -> str:
+    """Deterministic: the same messages replayed give the same id."""
+    if not batch:
+        return "empty"
+    first, last = batch[0].position, batch[-1].position
+    return f"{first.topic}:{first.partition}:{first.offset}-{last.partition}:{last.offset}:{len(batch)}"
+
+
+class _stop_on_signals:
+    """SIGINT / SIGTERM ask the source to stop after the current batch; a second SIGINT aborts."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.previous: dict[int, Any] = {}
+        self.requested = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nprobewatch: {signal.Signals(signum).name} received, finishing the current batch…", file=sys.stderr)
+        self.source.stop()
+
+    def __enter__(self) -> _stop_on_signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not in the main thread (tests): no signal handling
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)

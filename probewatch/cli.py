@@ -1,0 +1,209 @@
+"""The `probewatch` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from probewatch.config import Config, ConfigError, load_config, redacted
+
+log = logging.getLogger("probewatch")
+
+EXAMPLES = """\
+examples:
+  probewatch run --input examples/sample-logs.jsonl.gz       # embedded ClickHouse (chDB), no servers
+  zcat logs.jsonl.gz | probewatch run --input -              # JSON lines on stdin
+  probewatch run --source kafka --config probewatch.toml     # a Kafka consumer-group worker
+  PROBEWATCH__STORAGE__BACKEND=clickhouse probewatch run ... # any setting from the environment
+
+configuration: a TOML file (--config, or $PROBEWATCH_CONFIG) and PROBEWATCH__<SECTION>__<KEY>
+environment variables; see `probewatch config --defaults` for every setting and its default.
+"""
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $PROBEWATCH_CONFIG)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="probewatch",
+        description="Catch model extraction, boundary probing and adversarial inputs in ML inference query logs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="score query logs from Kafka, a file or stdin; store scores and raise alerts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Consume query-log records (JSON, one per message or line), keep per-session state per
+            (model, client, session), score each session for extraction, boundary probing, adversarial
+            inputs and volume, store the scores in ClickHouse and raise alerts.
+
+            With --input the source is a file (plain or .gz) or '-' for stdin, and the run ends with a
+            summary. Without it the source is `source` from the configuration (kafka: runs until
+            SIGTERM/SIGINT, which finish the current batch, checkpoint and leave the group)."""
+        ),
+        epilog=EXAMPLES,
+    )
+    _add_common(run)
+    run.add_argument("--input", metavar="PATH|-", help="read JSON lines from this file (.gz ok) or '-' for stdin")
+    run.add_argument("--source", choices=["file", "kafka"], help="override `source` from the configuration")
+    run.add_argument("--alerts-out", metavar="PATH", help="also append alerts as JSON lines to PATH")
+    run.add_argument("--dlq-out", metavar="PATH", help="dead-letter file for a file run (default <input>.dlq.jsonl)")
+    run.add_argument("--data-dir", metavar="DIR", help="chDB data directory (storage.chdb.path)")
+    run.add_argument("--quiet", action="store_true", help="no progress line and no console alerts")
+    run.add_argument("--top", type=int, default=10, metavar="N", help="suspicious sessions listed in the summary")
+    run.set_defaults(handler=cmd_run)
+
+    cfg = sub.add_parser("config", help="print the effective configuration (secrets redacted) and exit")
+    _add_common(cfg)
+    cfg.add_argument("--defaults", action="store_true", help="print the built-in defaults as TOML-like text")
+    cfg.set_defaults(handler=cmd_config)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="write realistic query-log traffic (benign clients and attackers) as JSON lines",
+        description="Generate query-log records against a real model, with a ground-truth file of who attacked.",
+    )
+    sim.add_argument("--out", required=True, metavar="PATH", help="output JSON lines (.gz to compress)")
+    sim.add_argument("--truth", metavar="PATH", help="write client ground truth (JSON lines) here")
+    sim.add_argument("--benign-clients", type=int, default=40)
+    sim.add_argument("--attackers", type=int, default=4, help="attackers per attack kind")
+    sim.add_argument("--queries", type=int, default=400, help="queries per client (about)")
+    sim.add_argument("--seed", type=int, default=7)
+    sim.add_argument("--malformed", type=int, default=20, help="malformed records mixed in (for the DLQ)")
+    sim.set_defaults(handler=cmd_simulate)
+    return parser
+
+
+def _setup_logging(config: Config, override: str | None) -> None:
+    level = override or config.logging.level
+    fmt = (
+        '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
+        if config.logging.json
+        else "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    # kafka-python logs every reconnect at WARNING/ERROR; ours says what matters.
+    logging.getLogger("kafka").setLevel(max(logging.getLevelName(level), logging.WARNING) + 10)
+
+
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
+    config = load_config(args.config, overrides=overrides)
+    _setup_logging(config, args.log_level)
+    return config
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import msgspec
+
+    config = Config() if args.defaults else _load(args)
+    print(msgspec.json.format(msgspec.json.encode(redacted(config)), indent=2).decode())
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from probewatch.simulate import SimulationPlan, write_simulation
+
+    logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    plan = SimulationPlan(
+        benign_clients=args.benign_clients,
+        attackers_per_kind=args.attackers,
+        queries_per_client=args.queries,
+        malformed=args.malformed,
+        seed=args.seed,
+    )
+    stats = write_simulation(plan, args.out, args.truth)
+    print(f"wrote {stats['records']} records from {stats['clients']} clients to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from probewatch.wiring import build_and_run
+
+    overrides: dict[str, Any] = {}
+    if args.source or args.input:
+        overrides["source"] = "file" if args.input else args.source
+    if args.data_dir:
+        overrides.setdefault("storage", {}).setdefault("chdb", {})["path"] = args.data_dir
+    if args.alerts_out:
+        overrides.setdefault("alerting", {})["jsonl_path"] = args.alerts_out
+    if args.quiet:
+        overrides.setdefault("alerting", {})["console"] = False
+    config = _load(args, overrides)
+    if config.source == "file" and not args.input:
+        raise ConfigError("source is 'file': give --input PATH (or '-' for stdin), or use --source kafka")
+    show_progress = not args.quiet and sys.stderr.isatty()
+    summary = build_and_run(config, input_path=args.input, dlq_path=args.dlq_out, progress=show_progress)
+    if config.source == "file":
+        print_summary(summary, top=args.top)
+    return 0
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def print_summary(summary: Any, top: int = 10, out: Callable[[str], None] | None = None) -> None:
+    write = out or (lambda line: print(line))
+    write("")
+    write(
+        f"probewatch: {summary.records_read} records read in {summary.elapsed_s:.1f} s "
+        f"({summary.events_per_s:,.0f} records/s)"
+    )
+    write(f"  dead-lettered : {summary.dead_lettered}")
+    for reason, count in list(summary.dlq_reasons.items())[:5]:
+        write(f"      {count:6d}  {reason}")
+    write(f"  scored        : {summary.sessions_scored} session scores, {summary.open_sessions} sessions open")
+    write(f"  late records  : {summary.late_records}")
+    write(f"  alerts        : {summary.alerts}")
+    write(f"  detector state: {summary.state_bytes / 1024:.0f} KiB")
+    suspicious = [s for s in summary.top_sessions if s.score > 0][:top]
+    if suspicious:
+        write("")
+        write("top suspicious sessions:")
+        for s in suspicious:
+            write(
+                f"  {s.score:4.2f}  {s.top_kind:<17} client={s.client_id} model={s.model_id} "
+                f"queries={s.n_queries} since {_when(s.first_seen)}"
+            )
+            for reason in s.reasons[:3]:
+                write(f"          - {reason}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except ConfigError as exc:
+        print(f"probewatch: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"probewatch: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("probewatch: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

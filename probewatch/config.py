@@ -1,0 +1,265 @@
+"""One typed configuration object, loaded from a TOML file and the environment, validated at start-up.
+
+Precedence (lowest first): built-in defaults → TOML file (``--config`` or ``$PROBEWATCH_CONFIG``) →
+environment variables ``PROBEWATCH__<SECTION>__<KEY>`` (values parsed as TOML literals when they can
+be, so ``PROBEWATCH__KAFKA__BATCH_MAX_RECORDS=2000`` is an int) → command-line flags.
+
+Secrets (passwords, tokens, routing keys) can also come from files: any ``*_file`` field is read at
+start-up into its sibling field, so Kubernetes secrets mounted as files work without templating.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+ENV_PREFIX = "PROBEWATCH__"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and how to fix it."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SaslConfig(_Section):
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "inference-logs"
+    # Default "<topic>.dlq" when empty.
+    dlq_topic: str = ""
+    group_id: str = "probewatch"
+    client_id: str = "probewatch"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    batch_max_records: int = 5000
+    poll_timeout_ms: int = 500
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    sasl: SaslConfig = msgspec.field(default_factory=SaslConfig)
+
+    @property
+    def effective_dlq_topic(self) -> str:
+        return self.dlq_topic or f"{self.topic}.dlq"
+
+
+class FileSourceConfig(_Section):
+    # Dead-lettered records of a file run go here (JSON lines); empty means "<input>.dlq.jsonl",
+    # or "probewatch-dlq.jsonl" for stdin.
+    dlq_path: str = ""
+    batch_max_records: int = 5000
+
+
+class LimitsConfig(_Section):
+    """Caps that keep a hostile or broken producer from exhausting memory."""
+
+    max_record_bytes: int = 1_000_000
+    max_vector_len: int = 65_536
+    max_classes: int = 10_000
+    max_string_len: int = 512
+
+
+class ChdbConfig(_Section):
+    path: str = "./probewatch-data"
+
+
+class ClickHouseServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 9000
+    user: str = "default"
+    password: str = ""
+    password_file: str = ""
+    secure: bool = False
+    verify: bool = True
+    ca_certs: str = ""
+    connect_timeout_s: float = 10.0
+
+
+class StorageConfig(_Section):
+    backend: Literal["chdb", "clickhouse"] = "chdb"
+    database: str = "probewatch"
+    # Fraction of raw query events also written to the `events` table (0 disables it).
+    raw_sample_rate: float = 0.0
+    # Keep raw input vectors out of storage unless explicitly wanted (they may be customer data).
+    store_inputs: bool = False
+    hash_source_ips: bool = False
+    # Rows older than this are dropped by ClickHouse TTL, on servers whose version supports TTL.
+    retention_days: int = 30
+    chdb: ChdbConfig = msgspec.field(default_factory=ChdbConfig)
+    clickhouse: ClickHouseServerConfig = msgspec.field(default_factory=ClickHouseServerConfig)
+
+
+class SessionConfig(_Section):
+    # A client's session ends after this much event-time inactivity (when the record has no session_id).
+    inactivity_gap_s: float = 1800.0
+    # Records may arrive this much (event time) behind the newest record seen and still count normally.
+    allowed_lateness_s: float = 60.0
+    # Upper bound on open sessions held in memory; the least recently active are closed first.
+    max_open_sessions: int = 1_000_000
+
+
+class DetectionConfig(_Section):
+    # Session score at or above which an alert fires.
+    alert_threshold: float = 0.8
+    # Minimum queries in a session before it may alert (avoids alerts on tiny samples).
+    min_queries: int = 20
+    # Per-model expected input dimension; records with another length are dead-lettered.
+    # Models not listed learn their dimension from their first valid record.
+    input_dims: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class AlertingConfig(_Section):
+    console: bool = True
+    jsonl_path: str = ""
+    grafana_base_url: str = ""
+
+
+class MetricsConfig(_Section):
+    # Port for /metrics, /healthz and /readyz; 0 disables the endpoint.
+    port: int = 0
+    host: str = "127.0.0.1"
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json: bool = False
+
+
+class Config(_Section):
+    source: Literal["file", "kafka"] = "file"
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    file: FileSourceConfig = msgspec.field(default_factory=FileSourceConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    sessions: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    detection: DetectionConfig = msgspec.field(default_factory=DetectionConfig)
+    alerting: AlertingConfig = msgspec.field(default_factory=AlertingConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Checks that span fields, raising ConfigError with the offending key."""
+        problems: list[str] = []
+        if not 0.0 < self.detection.alert_threshold <= 1.0:
+            problems.append("detection.alert_threshold must be in (0, 1]")
+        if not 0.0 <= self.storage.raw_sample_rate <= 1.0:
+            problems.append("storage.raw_sample_rate must be in [0, 1]")
+        for key, value in (
+            ("kafka.batch_max_records", self.kafka.batch_max_records),
+            ("file.batch_max_records", self.file.batch_max_records),
+            ("limits.max_record_bytes", self.limits.max_record_bytes),
+            ("limits.max_vector_len", self.limits.max_vector_len),
+            ("sessions.max_open_sessions", self.sessions.max_open_sessions),
+        ):
+            if value <= 0:
+                problems.append(f"{key} must be positive, got {value}")
+        if self.sessions.inactivity_gap_s <= 0 or self.sessions.allowed_lateness_s < 0:
+            problems.append("sessions.inactivity_gap_s must be > 0 and sessions.allowed_lateness_s >= 0")
+        if not self.storage.database.isidentifier():
+            problems.append(f"storage.database must be a plain identifier, got {self.storage.database!r}")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another one")
+        node[path[-1]] = _parse_env_value(raw)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_secret_files(tree: Any, path: str = "") -> None:
+    """Replace every non-empty ``x_file`` with the file's contents in ``x`` (trailing newline dropped)."""
+    if not isinstance(tree, dict):
+        return
+    for key, value in list(tree.items()):
+        if isinstance(value, dict):
+            _read_secret_files(value, f"{path}{key}.")
+        elif key.endswith("_file") and isinstance(value, str) and value:
+            try:
+                tree[key[: -len("_file")]] = Path(value).read_text().rstrip("\n")
+            except OSError as exc:
+                raise ConfigError(f"{path}{key}: cannot read secret file {value!r}: {exc.strerror}") from exc
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Build the Config from defaults, an optional TOML file, the environment and explicit overrides."""
+    environ = dict(os.environ) if environ is None else environ
+    tree: dict[str, Any] = {}
+    path = path or environ.get("PROBEWATCH_CONFIG") or None
+    if path:
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    tree = _deep_merge(tree, _env_overrides(environ))
+    if overrides:
+        tree = _deep_merge(tree, overrides)
+    _read_secret_files(tree)
+    try:
+        config = msgspec.convert(tree, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec names the offending key as `$.section.key`; make it read like the TOML.
+        raise ConfigError(f"invalid configuration: {str(exc).replace('$.', '')}") from exc
+    config.validate()
+    return config
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The configuration as a dict with every secret replaced, safe to log."""
+    tree: dict[str, Any] = msgspec.to_builtins(config)
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: ("***" if v and any(s in k for s in ("password", "token", "secret", "routing_key")) else scrub(v))
+                for k, v in node.items()
+            }
+        return node
+
+    result: dict[str, Any] = scrub(tree)
+    return result

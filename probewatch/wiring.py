@@ -1,0 +1,98 @@
+"""Builds the pipeline's parts from the configuration and runs it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from alerting.sinks import AlertSink, ConsoleSink, JsonLinesSink
+from ingest.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
+from ingest.sources import FileSource, KafkaSource, Source, kafka_security_options
+from probewatch.app import Pipeline, RunSummary
+from probewatch.config import Config
+from storage import open_store
+
+log = logging.getLogger("probewatch")
+
+
+def build_alert_sinks(config: Config) -> list[AlertSink]:
+    sinks: list[AlertSink] = []
+    if config.alerting.console:
+        sinks.append(ConsoleSink())
+    if config.alerting.jsonl_path:
+        sinks.append(JsonLinesSink(config.alerting.jsonl_path))
+    return sinks
+
+
+def _progress_printer() -> Any:
+    def show(summary: RunSummary, source: Source) -> None:
+        done = ""
+        if isinstance(source, FileSource) and source.total_bytes:
+            done = f"{100.0 * source.bytes_read / source.total_bytes:5.1f}%  "
+        line = (
+            f"\r{done}{summary.records_read:>10,} records  {summary.events_per_s:>9,.0f}/s  "
+            f"dlq {summary.dead_lettered:,}  scores {summary.sessions_scored:,}  alerts {summary.alerts:,}"
+        )
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    return show
+
+
+def build_and_run(
+    config: Config, *, input_path: str | None, dlq_path: str | None = None, progress: bool = False
+) -> RunSummary:
+    store = open_store(config.storage)
+    store.migrate()
+    dead_letters: DeadLetterSink
+    producer = None
+    if config.source == "kafka":
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(
+            bootstrap_servers=config.kafka.bootstrap_servers.split(","),
+            client_id=f"{config.kafka.client_id}-dlq",
+            acks="all",
+            linger_ms=5,
+            **kafka_security_options(config.kafka),
+        )
+        dead_letters = KafkaDeadLetterSink(producer, config.kafka.effective_dlq_topic)
+    else:
+        default_dlq = "probewatch-dlq.jsonl" if input_path in (None, "-") else f"{input_path}.dlq.jsonl"
+        dead_letters = FileDeadLetterSink(dlq_path or config.file.dlq_path or default_dlq)
+    pipeline = Pipeline(
+        config,
+        store,
+        dead_letters,
+        build_alert_sinks(config),
+        checkpoint_state=config.source == "kafka",
+        progress=_progress_printer() if progress else None,
+    )
+    source: Source
+    if config.source == "kafka":
+        source = KafkaSource(
+            config.kafka,
+            on_assigned=pipeline.on_partitions_assigned,
+            on_revoked=pipeline.on_partitions_revoked,
+        )
+        log.info(
+            "consuming %s from %s as group %s (storage: %s)",
+            config.kafka.topic,
+            config.kafka.bootstrap_servers,
+            config.kafka.group_id,
+            config.storage.backend,
+        )
+    else:
+        source = FileSource(input_path or "-", config.file.batch_max_records)
+        log.info("reading %s (storage: %s)", source.name, config.storage.backend)
+    try:
+        summary = pipeline.run(source)
+    finally:
+        source.close()
+        pipeline.close()
+        if producer is not None:
+            producer.close()
+    if progress:
+        sys.stderr.write("\n")
+    return summary

@@ -1,0 +1,111 @@
+"""The session engine: event-time sessions, batch-independent scores, checkpoint/restore, bounded state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alerting.alert import Alert
+from alerting.policy import ThresholdPolicy
+from detectors.engine import SessionDetector, next_evaluation
+from ingest.records import QueryRecord, RecordDecoder, SourcePosition
+from probewatch.simulate import SimulationPlan, write_simulation
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory) -> list[QueryRecord]:
+    path = tmp_path_factory.mktemp("sim") / "logs.jsonl"
+    write_simulation(SimulationPlan(benign_clients=10, attackers_per_kind=2, queries_per_client=200), str(path))
+    messages = [(line, SourcePosition("f", 0, i), None) for i, line in enumerate(Path(path).read_bytes().splitlines())]
+    records, _ = RecordDecoder().decode_batch(messages)
+    return records
+
+
+def run(records: list[QueryRecord], batch: int, detector: SessionDetector | None = None) -> list[Alert]:
+    detector = detector or SessionDetector()
+    policy = ThresholdPolicy(detector.alert_threshold)
+    alerts = []
+    for i in range(0, len(records), batch):
+        alerts.extend(policy.evaluate(detector.process(records[i : i + batch])))
+    return alerts
+
+
+def ordered(alerts: list[Alert]) -> list[Alert]:
+    # Alerts of different sessions may interleave differently; each alert itself must be identical.
+    return sorted(alerts, key=lambda a: a.alert_id)
+
+
+def test_evaluation_points_are_fixed_query_counts() -> None:
+    assert [next_evaluation(n) for n in (0, 4, 5, 49, 50, 499, 500, 501)] == [5, 5, 10, 50, 75, 500, 600, 600]
+
+
+def test_alerts_do_not_depend_on_batch_boundaries(simulated: list[QueryRecord]) -> None:
+    reference = run(simulated, 5000)
+    assert {a.status for a in reference} == {"firing", "resolved"}
+    for batch in (1, 97, 1000):
+        assert ordered(run(simulated, batch)) == ordered(reference)
+
+
+def test_checkpoint_restore_continues_exactly(simulated: list[QueryRecord]) -> None:
+    reference = run(simulated, 500)
+    half = len(simulated) // 2
+    first = SessionDetector()
+    alerts = run(simulated[:half], 500, first)
+    checkpoint = first.take_checkpoint()
+    second = SessionDetector()
+    for partition, entries in checkpoint.items():
+        second.restore(partition, {k: v for k, v in entries.items() if v is not None})
+    alerts += run(simulated[half:], 500, second)
+    assert ordered(alerts) == ordered(reference)
+
+
+def test_sessions_split_on_event_time_inactivity() -> None:
+    detector = SessionDetector(inactivity_gap_s=60.0, allowed_lateness_s=0.0, min_queries=1)
+    vector = np.zeros(2, dtype=np.float32)
+
+    def rec(ts: float, offset: int) -> QueryRecord:
+        return QueryRecord(ts=ts, client_id="c", model_id="m", position=SourcePosition("t", 0, offset), vector=vector)
+
+    base = 1.8e9
+    scores = detector.process([rec(base + i, i) for i in range(5)] + [rec(base + 200 + i, 10 + i) for i in range(5)])
+    sessions = {s.session_id for s in scores}
+    assert len(sessions) == 2
+    closed = [s for s in scores if s.closed]
+    assert len(closed) == 1 and closed[0].n_queries == 5
+    assert max(s.client_queries for s in scores) == 10
+
+
+def test_late_records_are_counted_not_dropped() -> None:
+    detector = SessionDetector(allowed_lateness_s=10.0)
+    recs = [
+        QueryRecord(ts=1.8e9 + t, client_id="c", model_id="m", position=SourcePosition("t", 0, i))
+        for i, t in enumerate([100.0, 101.0, 50.0, 102.0, 95.0])
+    ]
+    scores = detector.process(recs)
+    assert detector.late_records == 1
+    assert scores[-1].n_queries == 5
+
+
+def test_state_per_session_is_bounded() -> None:
+    rng = np.random.default_rng(1)
+    detector = SessionDetector()
+    sizes = []
+    for n_batch in range(4):
+        vectors = rng.normal(size=(2000, 16)).astype(np.float32)
+        detector.process(
+            [
+                QueryRecord(
+                    ts=1.8e9 + n_batch * 2000 + i,
+                    client_id="heavy",
+                    model_id="m",
+                    position=SourcePosition("t", 0, n_batch * 2000 + i),
+                    vector=vectors[i],
+                    margin=0.5,
+                )
+                for i in range(2000)
+            ]
+        )
+        sizes.append(detector.state_bytes())
+    assert sizes[0] == sizes[-1] < 4096
