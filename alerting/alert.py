@@ -9,10 +9,14 @@ import msgspec
 Severity = Literal["info", "warning", "high", "critical"]
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "high", "critical")
 AlertStatus = Literal["firing", "resolved"]
+# Why this notification was sent: a new incident, an update of an open one (coalesced by the
+# cooldown), a severity escalation, a periodic reminder, the resolve, or `probewatch alerts test`.
+Notification = Literal["new", "update", "escalation", "reminder", "resolve", "test"]
+ROLLUP_KIND = "alert_storm"
 
 
 def severity_rank(severity: str) -> int:
-    return SEVERITIES.index(severity) if severity in SEVERITIES else -1  # type: ignore[arg-type]
+    return SEVERITIES.index(severity) if severity in SEVERITIES else -1
 
 
 class Alert(msgspec.Struct, gc=False):
@@ -36,3 +40,6 @@ class Alert(msgspec.Struct, gc=False):
     signals: dict[str, float] = msgspec.field(default_factory=dict)
     source_ips: list[str] = msgspec.field(default_factory=list)
     summary: str = ""
+    # Added by the incident policy (defaults keep older rows and the stateless policy valid).
+    notification: str = "new"  # one of Notification
+    seq: int = 0  # notifications of this incident before this one (0 for the page that opened it)

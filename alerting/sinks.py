@@ -11,6 +11,7 @@ from typing import IO, Protocol
 import msgspec
 
 from alerting.alert import Alert, severity_rank
+from alerting.render import AlertFormatter
 
 _encoder = msgspec.json.Encoder()
 
@@ -42,14 +43,22 @@ def format_alert(alert: Alert) -> str:
 class ConsoleSink:
     name = "console"
 
-    def __init__(self, stream: IO[str] | None = None, min_severity: str = "info") -> None:
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        min_severity: str = "info",
+        formatter: AlertFormatter | None = None,
+    ) -> None:
         self.stream = stream or sys.stderr
+        self.min_severity = min_severity
         self.min_rank = severity_rank(min_severity)
+        self.formatter = formatter
 
     def send(self, alerts: list[Alert]) -> None:
         for alert in alerts:
             if severity_rank(alert.severity) >= self.min_rank:
-                print(format_alert(alert), file=self.stream)
+                text = self.formatter.render(alert).text + "\n" if self.formatter else format_alert(alert)
+                print(text, file=self.stream)
         self.stream.flush()
 
     def close(self) -> None:
@@ -60,6 +69,7 @@ class JsonLinesSink:
     """Appends each alert as one JSON object per line (fsync'd per batch)."""
 
     name = "jsonl"
+    min_severity = "info"
 
     def __init__(self, path: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -75,4 +85,3 @@ class JsonLinesSink:
 
     def close(self) -> None:
         self._file.close()
-

@@ -5,9 +5,13 @@ more than ``inactivity_gap_s`` of event time has passed since that session's las
 to ``allowed_lateness_s`` behind the newest one of their partition are ordinary; older ones are still
 counted (never dropped) and reported as late.
 
+Signals are kept per (model, client), across sessions, so pausing does not start clean; sessions give
+the alert lifecycle (an alert fires once per session and kind, resolves when the session ends).
 Scores are computed at fixed query counts of a session (every 5 queries up to 50, every 25 up to 500,
-then every 100), not at micro-batch ends, so the alerts a log produces do not depend on how the
-stream was cut into batches: replaying a file gives the alerts the live stream gave.
+then every 100), not at micro-batch ends, and are calibrated against per-model population baselines
+that change only at fixed points of the model's record stream (see ``detectors.population``). So the
+alerts a log produces do not depend on how the stream was cut into batches: replaying a file gives
+the alerts the live stream gave. Population baselines are checkpointed under partition ``-1``.
 """
 
 from __future__ import annotations
@@ -21,8 +25,16 @@ import msgspec
 import numpy as np
 
 from detectors.scores import SessionScore
-from detectors.scoring import HeuristicScorer
-from detectors.signals import DEFAULT_SIGNALS, QueryBlock, SessionSignal
+from detectors.population import ModelPopulation, bucket_of, mix64, text_hash
+from detectors.scoring import CalibratedScorer
+from detectors.signals import (
+    DEFAULT_SIGNALS,
+    QueryBlock,
+    SessionSignal,
+    exact_hashes,
+    label_codes,
+    output_specs,
+)
 from ingest.records import QueryRecord
 
 log = logging.getLogger(__name__)
@@ -72,12 +84,9 @@ class _Session:
         "n",
         "partition",
         "session_id",
-        "signals",
     )
 
-    def __init__(
-        self, model_id: str, client_id: str, session_id: str, partition: int, ts: float, signals: list[SessionSignal]
-    ) -> None:
+    def __init__(self, model_id: str, client_id: str, session_id: str, partition: int, ts: float) -> None:
         self.model_id = model_id
         self.client_id = client_id
         self.session_id = session_id
@@ -85,27 +94,81 @@ class _Session:
         self.first_seen = ts
         self.last_seen = ts
         self.n = 0
-        self.signals = signals
         self.ips: list[str] = []
         self.kind_max: dict[str, float] = {}
         self.last_score: SessionScore | None = None
 
 
 class _ClientHistory:
-    __slots__ = ("open_session", "partition", "queries", "sessions")
+    """Everything kept per (model, client) across its sessions: the signals and the bookkeeping that
+    feeds the population baselines (one contribution per client and query-count bucket)."""
 
-    def __init__(self, partition: int) -> None:
+    __slots__ = (
+        "flagged",
+        "hash",
+        "last_bucket",
+        "last_values",
+        "open_session",
+        "partition",
+        "queries",
+        "sample_count",
+        "sample_epoch",
+        "sessions",
+        "signals",
+    )
+
+    def __init__(self, partition: int, client_id: str, signals: list[SessionSignal], n_values: int) -> None:
         self.partition = partition
         self.queries = 0
         self.sessions = 0
         self.open_session: str | None = None
+        self.signals = signals
+        self.hash = text_hash(client_id)
+        self.flagged = False  # a kind crossed the threshold: its values no longer train the baseline
+        self.last_bucket = 0  # client query count at its previous evaluation
+        self.last_values = np.full(n_values, np.nan)
+        self.sample_epoch = -1
+        self.sample_count = 0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "q": self.queries,
+            "s": self.sessions,
+            "open": self.open_session,
+            "flagged": self.flagged,
+            "lb": self.last_bucket,
+            "lv": self.last_values,
+            "se": self.sample_epoch,
+            "sc": self.sample_count,
+            "signals": {sig.name: sig.to_state() for sig in self.signals},
+        }
+
+    def load(self, data: Any) -> None:
+        if isinstance(data, list):  # checkpoints from before per-client signals
+            self.queries, self.sessions, self.open_session = data
+            return
+        self.queries, self.sessions, self.open_session = data["q"], data["s"], data["open"]
+        self.flagged, self.last_bucket = data["flagged"], data["lb"]
+        self.last_values = np.asarray(data["lv"], dtype=np.float64)
+        self.sample_epoch, self.sample_count = data["se"], data["sc"]
+        for sig in self.signals:
+            if sig.name in data["signals"]:
+                sig.load_state(data["signals"][sig.name])
+
+    def nbytes(self) -> int:
+        return 160 + sum(s.state_bytes() for s in self.signals) + self.last_values.nbytes
 
 
 SessionKey = tuple[str, str, str]
+ClientKey = tuple[str, str]
+# One client's records of a micro-batch, in order, as consecutive same-session segments.
+Segments = list[tuple[SessionKey, list[QueryRecord]]]
+POPULATION_PARTITION = -1
 
 
 class SessionDetector:
-    """Holds per-session state for the partitions this worker owns and scores sessions.
+    """Holds per-session and per-client state for the partitions this worker owns, and the per-model
+    population baselines, and scores sessions.
 
     ``process`` returns the scores worth storing from one micro-batch: each touched session's latest
     evaluation, every evaluation at which a kind's score first reached the alert threshold, and the
@@ -121,7 +184,9 @@ class SessionDetector:
         allowed_lateness_s: float = 60.0,
         max_open_sessions: int = 1_000_000,
         signal_types: Sequence[type[SessionSignal]] = DEFAULT_SIGNALS,
-        scorer: HeuristicScorer | None = None,
+        false_alarm_budget: float = 1e-3,
+        epoch_records: int = 250,
+        min_population: int = 8,
     ) -> None:
         self.alert_threshold = alert_threshold
         self.min_queries = min_queries
@@ -129,16 +194,23 @@ class SessionDetector:
         self.lateness = allowed_lateness_s
         self.max_open_sessions = max_open_sessions
         self.signal_types = tuple(signal_types)
-        self.scorer = scorer or HeuristicScorer()
+        self.specs = output_specs(self.signal_types)
+        self.scales = [spec[2] for spec in self.specs]
+        self.scorer = CalibratedScorer(self.specs, alert_threshold=alert_threshold, false_alarm_budget=false_alarm_budget)
+        self.epoch_records = epoch_records
+        self.min_population = min_population
         self.sessions: dict[SessionKey, _Session] = {}
-        self.clients: dict[tuple[str, str], _ClientHistory] = {}
+        self.clients: dict[ClientKey, _ClientHistory] = {}
+        self.populations: dict[str, ModelPopulation] = {}
         self.watermarks: dict[int, float] = {}
         self.late_records = 0
         self._dirty: dict[int, set[str]] = {}
+        self._dirty_clients: set[ClientKey] = set()
+        self._dirty_models: set[str] = set()
 
     # ----------------------------------------------------------------------------------- processing
     def process(self, records: Sequence[QueryRecord]) -> list[SessionScore]:
-        runs: dict[SessionKey, list[QueryRecord]] = {}
+        runs: dict[ClientKey, Segments] = {}
         emitted: list[SessionScore] = []
         for record in records:
             partition = record.position.partition
@@ -148,53 +220,86 @@ class SessionDetector:
             elif record.ts > newest:
                 self.watermarks[partition] = record.ts
             key = self._session_key(record, partition, runs, emitted)
-            runs.setdefault(key, []).append(record)
-        for key, run in runs.items():
-            emitted.extend(self._learn_run(self.sessions[key], run))
+            segments = runs.setdefault((record.model_id, record.client_id), [])
+            if segments and segments[-1][0] == key:
+                segments[-1][1].append(record)
+            else:
+                segments.append((key, [record]))
+            population = self._population(record.model_id)
+            self._dirty_models.add(record.model_id)
+            if population.count(1):
+                # An epoch of this model's stream is complete: fold everything before this point in,
+                # then publish the baselines later records are scored against.
+                # Sessions idle by now end in this epoch too, whatever the batch cut (their final
+                # scores read this epoch's baselines).
+                emitted.extend(self._flush(runs))
+                emitted.extend(self._close_idle())
+                population.publish()
+        emitted.extend(self._flush(runs))
         emitted.extend(self._close_idle())
         return emitted
+
+    def _population(self, model_id: str) -> ModelPopulation:
+        population = self.populations.get(model_id)
+        if population is None:
+            population = self.populations[model_id] = ModelPopulation(
+                model_id, len(self.specs), epoch_records=self.epoch_records, min_clients=self.min_population
+            )
+        return population
+
+    def _flush(self, runs: dict[ClientKey, Segments]) -> list[SessionScore]:
+        out: list[SessionScore] = []
+        for segments in runs.values():
+            for key, run in segments:
+                session = self.sessions.get(key)
+                if session is not None and run:
+                    out.extend(self._learn_run(session, run))
+        runs.clear()
+        return out
 
     def _session_key(
         self,
         record: QueryRecord,
         partition: int,
-        runs: dict[SessionKey, list[QueryRecord]],
+        runs: dict[ClientKey, Segments],
         emitted: list[SessionScore],
     ) -> SessionKey:
         client_key = (record.model_id, record.client_id)
         history = self.clients.get(client_key)
         if history is None:
-            history = self.clients[client_key] = _ClientHistory(partition)
+            history = self.clients[client_key] = _ClientHistory(
+                partition, record.client_id, [t() for t in self.signal_types], len(self.specs)
+            )
         if record.session_id is not None:
             key = (record.model_id, record.client_id, record.session_id)
         else:
             key = (record.model_id, record.client_id, history.open_session or "")
             session = self.sessions.get(key)
             # The open session's last_seen has not yet seen this batch's records: count them too.
-            pending = runs.get(key)
+            segments = runs.get(client_key)
+            pending = next((run for k, run in reversed(segments) if k == key), None) if segments else None
             last_seen = max(session.last_seen, pending[-1].ts) if session and pending else (
                 session.last_seen if session else None
             )
             if session is not None and last_seen is not None and record.ts - last_seen > self.gap:
-                if pending:
-                    emitted.extend(self._learn_run(session, pending))
-                    del runs[key]
+                if segments:
+                    emitted.extend(self._flush({client_key: segments}))
+                    runs.pop(client_key, None)
                 emitted.extend(self._end(session))
                 session = None
             if session is None:
                 key = (record.model_id, record.client_id, _iso(record.ts))
                 history.open_session = key[2]
         if key not in self.sessions:
-            self.sessions[key] = _Session(
-                key[0], key[1], key[2], partition, record.ts, [t() for t in self.signal_types]
-            )
+            self.sessions[key] = _Session(key[0], key[1], key[2], partition, record.ts)
             history.sessions += 1
             if len(self.sessions) > self.max_open_sessions:
-                emitted.extend(self._evict_oldest(len(self.sessions) - self.max_open_sessions))
+                emitted.extend(self._evict_oldest(len(self.sessions) - self.max_open_sessions, runs))
         return key
 
     def _learn_run(self, session: _Session, run: list[QueryRecord]) -> list[SessionScore]:
         history = self.clients[(session.model_id, session.client_id)]
+        population = self._population(session.model_id)
         out: list[SessionScore] = []
         latest: SessionScore | None = None
         i = 0
@@ -202,9 +307,11 @@ class SessionDetector:
             target = next_evaluation(session.n)
             chunk = run[i : i + target - session.n]
             i += len(chunk)
-            block = _block(chunk)
-            for signal in session.signals:
+            block = _block(chunk, population, history)
+            for signal in history.signals:
                 signal.learn_block(block)
+            if block.vectors is not None and not history.flagged:
+                self._offer_sample(population, history, block)
             session.n += len(chunk)
             history.queries += len(chunk)
             session.last_seen = max(session.last_seen, float(block.ts.max()))
@@ -213,7 +320,7 @@ class SessionDetector:
                 if record.source_ip and record.source_ip not in session.ips and len(session.ips) < MAX_SOURCE_IPS:
                     session.ips.append(record.source_ip)
             if session.n == target:
-                latest = self._evaluate(session, history.queries)
+                latest = self._evaluate(session, history)
                 if latest.crossed_kinds:
                     out.append(latest)
         if latest is not None and (not out or out[-1] is not latest):
@@ -221,8 +328,35 @@ class SessionDetector:
         self._mark_dirty(session)
         return out
 
-    def _evaluate(self, session: _Session, client_queries: int, closed: bool = False) -> SessionScore:
-        kinds = self.scorer.score(session.signals, session.n)
+    @staticmethod
+    def _offer_sample(population: ModelPopulation, history: _ClientHistory, block: QueryBlock) -> None:
+        """A few inputs per client and epoch go to the model's reference sample (bottom-k by hash)."""
+        if history.sample_epoch != population.epochs:
+            history.sample_epoch, history.sample_count = population.epochs, 0
+        room = 12 - history.sample_count
+        if room <= 0 or block.vectors is None:
+            return
+        take = block.vectors[:room]
+        index = np.arange(history.queries, history.queries + len(take), dtype=np.uint64)
+        hashes = mix64(index * np.uint64(0x9E3779B97F4A7C15 & 0xFFFFFFFF) + np.uint64(history.hash))
+        population.add_inputs(take, hashes, history.hash)
+        history.sample_count += len(take)
+
+    def _client_values(self, history: _ClientHistory) -> np.ndarray:
+        return np.array([v for sig in history.signals for v in sig.values()], dtype=np.float64)
+
+    def _evaluate(self, session: _Session, history: _ClientHistory, closed: bool = False) -> SessionScore:
+        population = self.populations.get(session.model_id)
+        values = self._client_values(history)
+        if population is not None and not history.flagged:
+            # The values join the population of their query-count bucket, weighted by the queries
+            # since the client's previous evaluation (integers: the sums do not depend on order), so
+            # every client weighs the same in every bucket it passes through.
+            population.add_values(values, bucket_of(history.queries), self.scales, history.queries - history.last_bucket)
+            self._dirty_models.add(session.model_id)
+        history.last_bucket = history.queries
+        history.last_values = values
+        kinds = self.scorer.score(values, history.signals, population, history.queries)
         scores = kinds.scores if session.n >= self.min_queries else {k: 0.0 for k in kinds.scores}
         score = SessionScore(
             model_id=session.model_id,
@@ -231,18 +365,20 @@ class SessionDetector:
             event_time=session.last_seen,
             first_seen=session.first_seen,
             n_queries=session.n,
-            client_queries=client_queries,
+            client_queries=history.queries,
             score=max(scores.values(), default=0.0),
             kind_scores=scores,
             signals=kinds.signals,
             reasons=kinds.reasons,
             source_ips=list(session.ips),
             closed=closed,
-            state_bytes=self._session_bytes(session),
+            warming_up=kinds.warming_up,
+            state_bytes=self._session_bytes(session) + history.nbytes(),
         )
         for kind, value in scores.items():
             if value >= self.alert_threshold > session.kind_max.get(kind, 0.0):
                 score.crossed_kinds.append(kind)
+                history.flagged = True
             session.kind_max[kind] = max(session.kind_max.get(kind, 0.0), value)
         score.peak_kind_scores = dict(session.kind_max)
         session.last_score = score
@@ -255,9 +391,9 @@ class SessionDetector:
         if history is not None and history.open_session == session.session_id:
             history.open_session = None
         self._mark_dirty(session, deleted=True)
-        if session.n == 0:
+        if session.n == 0 or history is None:
             return []
-        return [self._evaluate(session, history.queries if history else session.n, closed=True)]
+        return [self._evaluate(session, history, closed=True)]
 
     def _close_idle(self) -> list[SessionScore]:
         out: list[SessionScore] = []
@@ -267,26 +403,38 @@ class SessionDetector:
                 out.extend(self._end(session))
         return out
 
-    def _evict_oldest(self, count: int) -> list[SessionScore]:
+    def _evict_oldest(self, count: int, runs: dict[ClientKey, Segments]) -> list[SessionScore]:
         oldest = sorted(self.sessions.values(), key=lambda s: s.last_seen)[:count]
         log.warning("more than %d open sessions: closing the %d least recent", self.max_open_sessions, count)
-        return [score for session in oldest for score in self._end(session)]
+        out: list[SessionScore] = []
+        for session in oldest:
+            client_key = (session.model_id, session.client_id)
+            if client_key in runs:
+                out.extend(self._flush({client_key: runs.pop(client_key)}))
+            out.extend(self._end(session))
+        return out
 
     # -------------------------------------------------------------------------------- state & stats
     @staticmethod
     def _session_bytes(session: _Session) -> int:
-        return 200 + sum(s.state_bytes() for s in session.signals) + 40 * len(session.ips)
+        return 200 + 40 * len(session.ips) + 16 * len(session.kind_max)
 
     def state_bytes(self) -> int:
-        return sum(self._session_bytes(s) for s in self.sessions.values()) + 120 * len(self.clients)
+        return (
+            sum(self._session_bytes(s) for s in self.sessions.values())
+            + sum(c.nbytes() for c in self.clients.values())
+            + sum(p.nbytes() for p in self.populations.values())
+        )
 
     def _mark_dirty(self, session: _Session, deleted: bool = False) -> None:
         self._dirty.setdefault(session.partition, set()).add(
             "\x1f".join((session.model_id, session.client_id, session.session_id))
         )
+        self._dirty_clients.add((session.model_id, session.client_id))
 
     def take_checkpoint(self) -> dict[int, dict[str, bytes | None]]:
-        """Serialized state of every session changed since the last call (None: session ended)."""
+        """Serialized state changed since the last call (None: session ended). Sessions, client
+        histories and watermarks under their partition; per-model population baselines under -1."""
         out: dict[int, dict[str, bytes | None]] = {}
         for partition, keys in self._dirty.items():
             entries: dict[str, bytes | None] = {}
@@ -294,16 +442,24 @@ class SessionDetector:
                 model_id, client_id, session_id = key.split("\x1f")
                 session = self.sessions.get((model_id, client_id, session_id))
                 entries[key] = None if session is None else self._encode_session(session)
-            clients = {(k.split("\x1f")[0], k.split("\x1f")[1]) for k in keys}
-            for model_id, client_id in clients:
-                history = self.clients.get((model_id, client_id))
-                if history is not None:
-                    entries[f"client\x1f{model_id}\x1f{client_id}"] = _encoder.encode(
-                        [history.queries, history.sessions, history.open_session]
-                    )
             entries["__watermark__"] = _encoder.encode(self.watermarks.get(partition, float("-inf")))
             out[partition] = entries
+        for model_id, client_id in self._dirty_clients:
+            history = self.clients.get((model_id, client_id))
+            if history is not None:
+                out.setdefault(history.partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = _encoder.encode(
+                    history.state()
+                )
+        for model_id in sorted(self._dirty_models):
+            population = self.populations[model_id]
+            entries = out.setdefault(POPULATION_PARTITION, {})
+            entries[f"pop\x1f{model_id}\x1fpending"] = _encoder.encode(population.pending_state())
+            if population.dirty_published:
+                entries[f"pop\x1f{model_id}\x1fpublished"] = _encoder.encode(population.published_state())
+                population.dirty_published = False
         self._dirty.clear()
+        self._dirty_clients.clear()
+        self._dirty_models.clear()
         return out
 
     def _encode_session(self, session: _Session) -> bytes:
@@ -314,28 +470,31 @@ class SessionDetector:
                 "n": session.n,
                 "ips": session.ips,
                 "kind_max": session.kind_max,
-                "signals": {s.name: s.to_state() for s in session.signals},
             }
         )
 
     def restore(self, partition: int, entries: dict[str, bytes]) -> None:
-        """Load the checkpointed state of one partition (sessions, client histories, watermark)."""
+        """Load the checkpointed state of one partition (sessions, client histories, watermark), or
+        with partition -1 the per-model population baselines."""
         for key, blob in entries.items():
             if key == "__watermark__":
                 self.watermarks[partition] = float(_decoder.decode(blob))
+            elif key.startswith("pop\x1f"):
+                _, model_id, part = key.split("\x1f")
+                population = self._population(model_id)
+                if part == "published":
+                    population.load_published(_decoder.decode(blob))
+                else:
+                    population.load_pending(_decoder.decode(blob))
             elif key.startswith("client\x1f"):
                 _, model_id, client_id = key.split("\x1f")
-                history = _ClientHistory(partition)
-                history.queries, history.sessions, history.open_session = _decoder.decode(blob)
+                history = _ClientHistory(partition, client_id, [t() for t in self.signal_types], len(self.specs))
+                history.load(_decoder.decode(blob))
                 self.clients[(model_id, client_id)] = history
             else:
                 model_id, client_id, session_id = key.split("\x1f")
                 data = _decoder.decode(blob)
-                signals = [t() for t in self.signal_types]
-                for signal in signals:
-                    if signal.name in data["signals"]:
-                        signal.load_state(data["signals"][signal.name])
-                session = _Session(model_id, client_id, session_id, partition, data["first_seen"], signals)
+                session = _Session(model_id, client_id, session_id, partition, data["first_seen"])
                 session.last_seen = data["last_seen"]
                 session.n = data["n"]
                 session.ips = list(data["ips"])
@@ -343,8 +502,9 @@ class SessionDetector:
                 self.sessions[(model_id, client_id, session_id)] = session
 
     def drop_partitions(self, partitions: Iterable[int]) -> None:
-        """Forget the state of partitions this worker no longer owns (after they were checkpointed)."""
-        gone = set(partitions)
+        """Forget the state of partitions this worker no longer owns (after they were checkpointed).
+        The population baselines (partition -1) are shared and stay."""
+        gone = set(partitions) - {POPULATION_PARTITION}
         self.sessions = {k: s for k, s in self.sessions.items() if s.partition not in gone}
         self.clients = {k: c for k, c in self.clients.items() if c.partition not in gone}
         for partition in gone:
@@ -356,17 +516,31 @@ class SessionDetector:
         return sorted(scored, key=lambda s: s.score, reverse=True)[:limit]
 
 
-def _block(chunk: list[QueryRecord]) -> QueryBlock:
+def _block(chunk: list[QueryRecord], population: ModelPopulation, history: _ClientHistory) -> QueryBlock:
     nan = float("nan")
     vectors = [r.vector for r in chunk]
+    matrix = np.stack(vectors) if all(v is not None for v in vectors) else None  # type: ignore[arg-type]
+    labels = [r.label for r in chunk]
+    z = zp = exact = None
+    if matrix is not None:
+        exact = exact_hashes(matrix)
+        if population.frame is not None and population.frame.centre.shape == (matrix.shape[1],):
+            z = population.frame.standardise(matrix)
+            zp = population.frame.project(z)
     return QueryBlock(
         ts=np.fromiter((r.ts for r in chunk), dtype=np.float64, count=len(chunk)),
-        vectors=np.stack(vectors) if all(v is not None for v in vectors) else None,  # type: ignore[arg-type]
+        vectors=matrix,
         margins=np.fromiter(
             (nan if r.margin is None else r.margin for r in chunk), dtype=np.float32, count=len(chunk)
         ),
         confidences=np.fromiter(
             (nan if r.confidence is None else r.confidence for r in chunk), dtype=np.float32, count=len(chunk)
         ),
-        labels=[r.label for r in chunk],
+        labels=labels,
+        label_codes=label_codes(labels),
+        z=z,
+        zp=zp,
+        exact=exact,
+        population=population,
+        client_hash=history.hash,
     )

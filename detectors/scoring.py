@@ -1,53 +1,128 @@
-"""Turn a session's signal values into one score per attack kind, with the reasons behind it."""
+"""Turn a client's signal values into one calibrated score per attack kind, with the reasons behind it.
+
+Calibration is per model and population-relative, not hand-tuned: for each signal value the model's
+population baseline (histograms of client values at a similar query count, learned from the stream)
+gives a tail probability p — the empirical distribution up to its 90th percentile and an exponential
+tail beyond it whose rate is set by the robust spread q90 - q50. A kind's p is the *second* smallest
+of its signals' p (two independent lines of evidence must agree; a kind with a single available signal
+uses that one, ``volume`` always needs two). The score maps p onto [0, 1] so that the alert threshold
+corresponds to the false-alarm budget: score = threshold · log(1/p) / log(1/budget), capped at 1. A
+score of 0.9 thus means p = budget^(0.9/threshold), and severity follows from the score.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
+from detectors.population import ModelPopulation, bucket_floor, bucket_of, tail_probability
+from detectors.scores import ATTACK_KINDS
 from detectors.signals import SessionSignal
+
+
+# Signals that may back up another signal but never raise a kind on their own: a heavy, honest batch
+# scorer is the most common reason for a high rate. Likewise near-duplicate streams: sensors and other smooth streams are honest near-duplicate sources
+# (the known false-positive case of Blacklight-style detectors).
+CORROBORATING_ONLY = frozenset({"query_rate_per_min", "near_duplicate_share"})
 
 
 class KindScores:
     """Scores in [0, 1] per attack kind, plus the reasons (signals that contributed most)."""
 
-    __slots__ = ("reasons", "scores", "signals")
+    __slots__ = ("reasons", "scores", "signals", "warming_up")
 
-    def __init__(self, scores: dict[str, float], signals: dict[str, float], reasons: list[str]) -> None:
+    def __init__(
+        self, scores: dict[str, float], signals: dict[str, float], reasons: list[str], warming_up: bool = False
+    ) -> None:
         self.scores = scores
         self.signals = signals
         self.reasons = reasons
+        self.warming_up = warming_up
 
 
-class HeuristicScorer:
-    """First scorer: saturating transforms of the signals, each damped by how much evidence there is.
+class CalibratedScorer:
+    """Population-calibrated per-kind scores at a false-alarm budget (see the module docstring)."""
 
-    The constants are deliberately simple; a calibrated, population-relative scorer replaces this
-    class behind the same ``score`` method.
-    """
+    def __init__(
+        self,
+        specs: Sequence[tuple[str, tuple[str, ...], str, float]],
+        *,
+        alert_threshold: float = 0.8,
+        false_alarm_budget: float = 1e-3,
+    ) -> None:
+        self.specs = list(specs)
+        self.names = [s[0] for s in self.specs]
+        self.scales = [s[2] for s in self.specs]
+        self.threshold = alert_threshold
+        self.budget = false_alarm_budget
 
-    def __init__(self, reason_floor: float = 0.5) -> None:
-        self.reason_floor = reason_floor
+    def score(
+        self,
+        values: np.ndarray,
+        signals: Sequence[SessionSignal],
+        population: ModelPopulation | None,
+        client_queries: int,
+    ) -> KindScores:
+        bucket = bucket_of(client_queries)
+        signals_by_index: list[tuple[SessionSignal, int]] = [
+            (sig, i) for sig in signals for i in range(len(sig.OUTPUTS))
+        ]
+        value_of = values
+        per_kind: dict[str, list[tuple[float, int, str]]] = {k: [] for k in ATTACK_KINDS}
+        warming = population is None
+        shown: dict[str, float] = {}
+        texts: dict[int, tuple[int, float, float, float, float]] = {}
+        for s, (name, kinds, scale, floor) in enumerate(self.specs):
+            value = float(values[s])
+            if math.isnan(value):
+                continue
+            shown[name] = value
+            if population is None:
+                continue
+            base = population.baseline(s, bucket)
+            if base is None:
+                warming = True
+                continue
+            wb, q50, q75, total = base
+            if scale == "log":  # rates and counts: compare orders of magnitude
+                p = tail_probability(math.log10(max(value, 1e-3)), math.log10(q50), math.log10(q75), floor)
+            else:  # shares: the spread is at least the binomial noise of this many queries
+                noise = math.sqrt(max(q75, 1.0 / client_queries) * (1.0 - min(q75, 0.99)) / client_queries)
+                p = tail_probability(value, q50, q75, max(floor, noise))
+            for kind in kinds:
+                per_kind[kind].append((p, s, ""))
+            texts[s] = (wb, q50, q75, total, p)
+        scores: dict[str, float] = {}
+        reasons: list[tuple[float, str]] = []
+        log_budget = math.log(1.0 / self.budget)
+        for kind, found in per_kind.items():
+            found.sort()
+            if not found or (kind == "volume" and len(found) < 2):
+                scores[kind] = 0.0
+                continue
+            # Two signals must agree, or one must be extreme enough for both (p ≤ budget² / m).
+            lone = [p for p, s, _ in found if self.names[s] not in CORROBORATING_ONLY]
+            single = math.sqrt(len(found) * lone[0]) if lone else 1.0
+            p_kind = max(min(found[1][0] if len(found) >= 2 else 1.0, single), 1e-300)
+            value = min(1.0, self.threshold * math.log(1.0 / p_kind) / log_budget)
+            scores[kind] = round(value, 6)
+            if value >= 0.5 * self.threshold:
+                reasons.extend(
+                    (value - 1e-3 * rank, f"{kind}: {self._reason(signals_by_index[s], texts[s], value_of[s], s)}")
+                    for rank, (p, s, _) in enumerate(found[:2])
+                    if p <= max(p_kind, found[0][0])
+                )
+        reasons.sort(key=lambda item: -item[0])
+        return KindScores(scores, shown, [r for _, r in reasons], warming)
 
-    def score(self, signals: Sequence[SessionSignal], n_queries: int) -> KindScores:
-        values = {s.name: s.value() for s in signals}
-        by_name = {s.name: s for s in signals}
-        evidence_small = 1.0 - math.exp(-n_queries / 10.0)
-        evidence_large = 1.0 - math.exp(-n_queries / 200.0)
-        parts: dict[str, dict[str, float]] = {"volume": {}, "extraction": {}, "boundary_probing": {}}
-        if "query_rate_per_min" in values:
-            rate = values["query_rate_per_min"]
-            parts["volume"]["query_rate_per_min"] = rate / (rate + 120.0) * evidence_large
-        if "distinct_input_cells" in values and n_queries:
-            ratio = min(values["distinct_input_cells"] / n_queries, 1.0)
-            parts["extraction"]["distinct_input_cells"] = ratio * evidence_large
-        for name in ("low_margin_share", "near_duplicate_share"):
-            if name in values:
-                parts["boundary_probing"][name] = values[name] * evidence_small
-        scores = {kind: max(p.values(), default=0.0) for kind, p in parts.items()}
-        contributions = sorted(
-            ((v, name) for p in parts.values() for name, v in p.items() if v >= self.reason_floor),
-            reverse=True,
+    def _reason(
+        self, signal: tuple[SessionSignal, int], base: tuple[int, float, float, float, float], value: float, s: int
+    ) -> str:
+        sig, i = signal
+        wb, q50, q75, total, p = base
+        return (
+            f"{sig.evidence(i)}; {self.names[s]} = {value:.3g} where the model's {total:.0f} clients at "
+            f"{bucket_floor(wb)}+ queries have median {q50:.3g}, 75th percentile {q75:.3g} (tail p≈{p:.0e})"
         )
-        reasons = [f"{by_name[name].kind}: {by_name[name].evidence()}" for _, name in contributions]
-        return KindScores(scores, values, reasons)

@@ -1,47 +1,103 @@
-"""Per-session signals: small estimators with bounded state and one consistent API.
+"""Per-client signals: small estimators with bounded state and one consistent API.
 
 Every signal follows the same protocol, in the spirit of River's ``learn_one`` / ``score_one`` but
-vectorised over a block of queries: ``learn_block(block)`` folds a session's queries from one
-micro-batch into the state (numpy over the whole block, no Python loop per value), ``value()``
-reads the current signal value and ``evidence()`` explains it in words. State is fixed-size, so a
-session costs the same bytes after ten queries or ten million.
+vectorised over a block of queries: ``learn_block(block)`` folds a client's queries from one chunk
+into the state (numpy over the whole block, no Python loop per value), ``values()`` reads the current
+signal values (NaN: not available, e.g. no input vectors or label-only outputs) and ``evidence(i)``
+explains value ``i`` in words. State is fixed-size, so a client costs the same bytes after ten queries
+or ten million.
+
+Signals live on the (model, client) history, not on one session, so pausing between sessions does
+not start clean. Everything accumulated is exact under re-chunking (integer counters, fixed-point
+sums, per-query computations that do not depend on the block's shape): the alerts of a replay must
+not depend on how the stream was cut into batches.
+
+Which attack kind each value is evidence for, and how it is calibrated, is declared in ``OUTPUTS``:
+(value name, kinds, histogram scale "unit" for shares in [0, 1] or "log", spread floor).
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import msgspec
 import numpy as np
+from scipy.stats import shapiro
+
+from detectors.population import ModelPopulation, mix64
+
+FIXED = 1_000_000  # fixed-point scale for exact sums of per-query floats
 
 
 class QueryBlock(msgspec.Struct, gc=False):
-    """One session's queries from one micro-batch, in columns."""
+    """One client's queries from one chunk, in columns, plus what the model's population gives."""
 
     ts: np.ndarray  # float64 event times, epoch seconds
     vectors: np.ndarray | None  # float32 (n, d) where every query had an input vector, else None
     margins: np.ndarray  # float32 top-1 minus top-2 probability; NaN where unknown
     confidences: np.ndarray  # float32 top-1 probability; NaN where unknown
     labels: list[str | None]
+    label_codes: np.ndarray | None = None  # uint32 per query (0: no label)
+    z: np.ndarray | None = None  # standardised inputs (model frame), when the model is warm
+    zp: np.ndarray | None = None  # z projected to ≤ 32 dims
+    exact: np.ndarray | None = None  # uint64 content hash of each raw vector
+    population: ModelPopulation | None = None
+    client_hash: int = 0
 
     def __len__(self) -> int:
         return len(self.ts)
 
 
+def label_codes(labels: list[str | None]) -> np.ndarray:
+    """A stable small code per label (0 = no label)."""
+    out = np.zeros(len(labels), dtype=np.uint32)
+    cache: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        if label is None:
+            continue
+        code = cache.get(label)
+        if code is None:
+            code = int(label) + 1 if label.isdigit() and len(label) < 6 else (
+                (sum(label.encode()) * 2654435761 + len(label)) & 0x7FFFFFFF
+            ) | 1
+            cache[label] = code
+        out[i] = code
+    return out
+
+
+def exact_hashes(vectors: np.ndarray) -> np.ndarray:
+    """A 64-bit content hash per vector (equal vectors, equal hashes); order-free, exact."""
+    words = np.ascontiguousarray(vectors, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = mix64(words + np.arange(words.shape[1], dtype=np.uint64)[None, :] * np.uint64(0x9E3779B1))
+        return mixed.sum(axis=1, dtype=np.uint64)
+
+
+def bcast_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b without BLAS, so each row's result does not depend on how many rows there are."""
+    return (a[:, :, None] * b[None, :, :]).sum(axis=1)
+
+
+def bcast_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between rows of a and rows of b, per-pair exact."""
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2))
+
+
 class SessionSignal:
-    """Base class: a named signal that is evidence for one attack kind."""
+    """Base class: one or more named values that are evidence for attack kinds."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]
+    OUTPUTS: ClassVar[tuple[tuple[str, tuple[str, ...], str, float], ...]]
     __slots__: tuple[str, ...] = ()
 
     def learn_block(self, block: QueryBlock) -> None:
         raise NotImplementedError
 
-    def value(self) -> float:
+    def values(self) -> list[float]:
         raise NotImplementedError
 
-    def evidence(self) -> str:
+    def evidence(self, i: int) -> str:
         raise NotImplementedError
 
     def state_bytes(self) -> int:
@@ -56,35 +112,15 @@ class SessionSignal:
 
     def load_state(self, state: dict[str, object]) -> None:
         for slot in self.__slots__:
-            setattr(self, slot, state[slot])
+            if slot in state:
+                setattr(self, slot, state[slot])
 
 
-class QueryRateSignal(SessionSignal):
-    """Queries per minute of event time over the session so far."""
-
-    name = "query_rate_per_min"
-    kind = "volume"
-    __slots__ = ("first_ts", "last_ts", "n")
-
-    def __init__(self) -> None:
-        self.first_ts = float("inf")
-        self.last_ts = float("-inf")
-        self.n = 0
-
-    def learn_block(self, block: QueryBlock) -> None:
-        self.first_ts = min(self.first_ts, float(block.ts.min()))
-        self.last_ts = max(self.last_ts, float(block.ts.max()))
-        self.n += len(block)
-
-    def value(self) -> float:
-        # A floor of one minute keeps a handful of queries in the same second from looking like a flood.
-        span_min = max((self.last_ts - self.first_ts) / 60.0, 1.0)
-        return self.n / span_min
-
-    def evidence(self) -> str:
-        return f"{self.value():.0f} queries/min over {self.n} queries"
+def _share(num: int, den: int) -> float:
+    return num / den if den else float("nan")
 
 
+# --------------------------------------------------------------------------------------- extraction
 class HyperLogLog:
     """A 2^p-register HyperLogLog over 64-bit hashes, updated with numpy (p=8: 256 bytes, ~6.5% error)."""
 
@@ -96,7 +132,6 @@ class HyperLogLog:
         hashes = hashes.astype(np.uint64, copy=False)
         index = (hashes >> np.uint64(64 - self.p)).astype(np.int64)
         rest = (hashes << np.uint64(self.p)) | np.uint64(1 << (self.p - 1))
-        # Rank = position of the first set bit in the remaining bits (1-based).
         rank = (64 - np.floor(np.log2(rest.astype(np.float64))).astype(np.int64)).astype(np.uint8)
         np.maximum.at(self.registers, index, rank)
 
@@ -106,82 +141,339 @@ class HyperLogLog:
         estimate = alpha * m * m / float(np.sum(np.exp2(-self.registers.astype(np.float64))))
         zeros = int(np.count_nonzero(self.registers == 0))
         if estimate <= 2.5 * m and zeros:
-            return m * float(np.log(m / zeros))  # linear counting for small cardinalities
+            return m * float(np.log(m / zeros))
         return estimate
 
 
-def _mix64(values: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: spreads structured integers (cell codes) over all 64 bits."""
-    with np.errstate(over="ignore"):
-        z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+_PLANES: dict[int, np.ndarray] = {}
 
 
-class InputCellHasher:
-    """Random-hyperplane LSH: maps input vectors to cells (one 64-bit code per vector).
-
-    Shared by all sessions of a model (the hyperplanes are a function of the dimension and a fixed
-    seed), so that cells are comparable across clients and across restarts.
-    """
-
-    def __init__(self, dim: int, bits: int = 24, seed: int = 20261129) -> None:
-        rng = np.random.default_rng(seed + dim)
-        self.planes = rng.standard_normal((dim, bits)).astype(np.float32)
-        self.weights = (np.uint64(1) << np.arange(bits, dtype=np.uint64)).astype(np.uint64)
-
-    def cells(self, vectors: np.ndarray) -> np.ndarray:
-        centred = vectors - vectors.mean(axis=1, keepdims=True) if vectors.shape[1] > 1 else vectors
-        bits = (centred @ self.planes) > 0
-        return _mix64(bits.astype(np.uint64) @ self.weights)
+def lsh_cells(zp: np.ndarray, bits: int = 12) -> np.ndarray:
+    """Random-hyperplane LSH cells (through the model's centre) as 64-bit hashes."""
+    dim = zp.shape[1]
+    planes = _PLANES.get(dim)
+    if planes is None:
+        planes = _PLANES.setdefault(dim, np.random.default_rng(7 + dim).standard_normal((dim, bits)).astype(np.float32))
+    code = (bcast_matmul(zp, planes) > 0).astype(np.uint64) @ (np.uint64(1) << np.arange(bits, dtype=np.uint64))
+    return mix64(code)
 
 
-class DistinctInputCellsSignal(SessionSignal):
-    """How many distinct LSH input cells a session has touched (HyperLogLog), and how fast it grows.
+class CellCoverageSignal(SessionSignal):
+    """Distinct LSH input cells (HyperLogLog) per query: extraction has to cover the input space."""
 
-    Model extraction has to cover the input space; an ordinary client asks about the inputs its
-    business produces, which fall in comparatively few cells.
-    """
-
-    name = "distinct_input_cells"
-    kind = "extraction"
+    name = "cells"
+    OUTPUTS = (("cell_coverage", ("extraction",), "unit", 0.02),)
     __slots__ = ("registers", "n")
-    hasher_for: ClassVar[dict[int, InputCellHasher]] = {}
 
     def __init__(self) -> None:
         self.registers = np.zeros(256, dtype=np.uint8)
         self.n = 0
 
     def learn_block(self, block: QueryBlock) -> None:
-        if block.vectors is None:
+        if block.zp is None:
             return
-        dim = block.vectors.shape[1]
-        hasher = self.hasher_for.get(dim)
-        if hasher is None:
-            hasher = self.hasher_for.setdefault(dim, InputCellHasher(dim))
-        HyperLogLog(registers=self.registers).add_hashes(hasher.cells(block.vectors))
+        HyperLogLog(registers=self.registers).add_hashes(lsh_cells(block.zp))
         self.n += len(block)
 
     def distinct(self) -> float:
         return HyperLogLog(registers=self.registers).count() if self.n else 0.0
 
-    def value(self) -> float:
-        return self.distinct()
+    def values(self) -> list[float]:
+        return [round(min(self.distinct() / self.n, 1.0), 4) if self.n >= 5 else float("nan")]
 
-    def evidence(self) -> str:
+    def evidence(self, i: int) -> str:
         return f"{self.distinct():.0f} distinct input cells in {self.n} queries"
 
 
+class ClassCoverageSignal(SessionSignal):
+    """Effective number of predicted classes (exp of the label entropy): an extraction attack wants
+    every class; a client's own business usually produces a few. Works with label-only outputs and
+    without input vectors."""
+
+    name = "classes"
+    OUTPUTS = (("effective_classes", ("extraction",), "log", 0.03),)
+    __slots__ = ("counts", "n")
+    BINS: ClassVar[int] = 64
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(self.BINS, dtype=np.int64)
+        self.n = 0
+
+    def learn_block(self, block: QueryBlock) -> None:
+        codes = block.label_codes
+        if codes is None:
+            return
+        known = codes[codes > 0]
+        np.add.at(self.counts, (known % self.BINS).astype(np.int64), 1)
+        self.n += len(known)
+
+    def values(self) -> list[float]:
+        if self.n < 5:
+            return [float("nan")]
+        p = self.counts[self.counts > 0] / self.n
+        return [round(float(np.exp(-(p * np.log(p)).sum())), 4)]
+
+    def evidence(self, i: int) -> str:
+        return (f"predicted labels spread over {self.values()[0]:.1f} effective classes "
+                f"({int((self.counts > 0).sum())} seen) in {self.n} queries")
+
+
+class OutOfDistributionSignal(SessionSignal):
+    """Share of queries farther from every other client's inputs than 97% of the model's reference
+    inputs are from each other (leave-one-client-out nearest neighbour in the model's frame)."""
+
+    name = "ood"
+    OUTPUTS = (("ood_share", ("extraction", "adversarial_input"), "unit", 0.01),)
+    __slots__ = ("n", "far")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.far = 0
+
+    def learn_block(self, block: QueryBlock) -> None:
+        pop = block.population
+        if block.zp is None or pop is None or not pop.inputs_ready:
+            return
+        nn = _nn_other(pop, block.zp, block.client_hash)
+        self.far += int((nn > pop.ood_radius).sum())
+        self.n += len(block)
+
+    def values(self) -> list[float]:
+        return [_share(self.far, self.n) if self.n >= 5 else float("nan")]
+
+    def evidence(self, i: int) -> str:
+        return f"{self.far} of {self.n} queries are out of the model's input distribution"
+
+
+def _nn_other(pop: ModelPopulation, zp: np.ndarray, client: int) -> np.ndarray:
+    d = bcast_dist(zp, pop.sample)
+    d[:, pop.sample_clients == np.uint64(client)] = np.inf
+    return d.min(axis=1)
+
+
+class PradaSignal(SessionSignal):
+    """PRADA (Juuti et al. 2019): each query's minimum distance to the client's earlier queries of the
+    same predicted class; natural queries give a roughly normal distribution of those distances,
+    synthetic extraction queries do not (Shapiro–Wilk W drops). Bounded: earlier queries are a ring of
+    the last ``RING`` distinct queries, distances a ring of the last ``KEEP``. Value: 1 - W."""
+
+    name = "prada"
+    OUTPUTS = (("prada_nonnormality", ("extraction",), "unit", 0.01),)
+    RING: ClassVar[int] = 48
+    KEEP: ClassVar[int] = 128
+    __slots__ = ("ring", "ring_labels", "filled", "cursor", "dists", "d_filled", "d_cursor", "_cache")
+
+    def __init__(self) -> None:
+        self.ring = np.zeros((0, 0), dtype=np.float16)
+        self.ring_labels = np.zeros(self.RING, dtype=np.uint32)
+        self.filled = 0
+        self.cursor = 0
+        self.dists = np.zeros(self.KEEP, dtype=np.float16)
+        self.d_filled = 0
+        self.d_cursor = 0
+        self._cache = -1.0
+
+    def learn_block(self, block: QueryBlock) -> None:
+        if block.zp is None:
+            return
+        zp = block.zp.astype(np.float16).astype(np.float32)
+        codes = block.label_codes if block.label_codes is not None else np.zeros(len(block), dtype=np.uint32)
+        if self.ring.shape[1:] != (zp.shape[1],):
+            self.ring = np.zeros((self.RING, zp.shape[1]), dtype=np.float16)
+            self.filled = self.cursor = 0
+        order = (np.arange(self.filled) + (self.cursor - self.filled)) % self.RING
+        hist = np.concatenate([self.ring[order].astype(np.float32), zp])
+        hist_labels = np.concatenate([self.ring_labels[order], codes])
+        n, offset = len(zp), self.filled
+        d = bcast_dist(zp, hist)
+        j = np.arange(len(hist))[None, :]
+        pos = (offset + np.arange(n))[:, None]
+        valid = (j < pos) & (j >= pos - self.RING) & (hist_labels[None, :] == codes[:, None])
+        d = np.where(valid, d, np.inf)
+        dmin = d.min(axis=1)
+        keep = np.isfinite(dmin) & (dmin > 1e-6)  # exact repeats (retries) carry no information
+        new = dmin[keep].astype(np.float16)
+        for value in new[-self.KEEP :]:  # at most KEEP small writes per block
+            self.dists[self.d_cursor] = value
+            self.d_cursor = (self.d_cursor + 1) % self.KEEP
+        self.d_filled = min(self.d_filled + len(new), self.KEEP)
+        if len(new):
+            self._cache = -1.0
+        fresh = zp[np.concatenate([[True], np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0])]
+        fresh_codes = codes[np.concatenate([[True], np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0])]
+        for k in range(max(0, len(fresh) - self.RING), len(fresh)):
+            self.ring[self.cursor] = fresh[k]
+            self.ring_labels[self.cursor] = fresh_codes[k]
+            self.cursor = (self.cursor + 1) % self.RING
+            self.filled = min(self.filled + 1, self.RING)
+
+    def values(self) -> list[float]:
+        if self.d_filled < 20:
+            return [float("nan")]
+        if self._cache < 0:
+            sample = self.dists[: self.d_filled].astype(np.float64)
+            w = float(shapiro(np.sort(sample)).statistic) if float(sample.std()) > 1e-9 else 0.0
+            self._cache = round(1.0 - w, 4)
+        return [self._cache]
+
+    def evidence(self, i: int) -> str:
+        value = self.values()[0]
+        return f"Shapiro–Wilk W = {1 - value:.3f} on {self.d_filled} nearest-earlier-query distances (PRADA)"
+
+
+# ---------------------------------------------------------------------------------- boundary probing
+_FP_STEP = 0.5  # quantisation step, in units of the feature's population standard deviation
+
+
+def fingerprints(z: np.ndarray) -> np.ndarray:
+    """Blacklight-style content fingerprints: quantise, hash overlapping windows of features at two
+    grid offsets. Near-identical inputs share most hashes; one changed feature touches ≤ 2 windows."""
+    n, d = z.shape
+    w = max(2, math.ceil(d / 8)) if d >= 2 else 1
+    stride = max(1, w // 2)
+    starts = np.arange(0, max(d - w, 0) + 1, stride)
+    if len(starts) > 16:
+        starts = starts[np.linspace(0, len(starts) - 1, 16).astype(np.int64)]
+    cols = starts[:, None] + np.arange(w)[None, :]
+    out = []
+    for offset in (0.0, 0.5):
+        q = np.floor(z / _FP_STEP + offset).astype(np.int64).astype(np.uint64)
+        windows = q[:, cols]  # (n, W, w)
+        with np.errstate(over="ignore"):
+            mixed = mix64(windows + (np.arange(w, dtype=np.uint64) * np.uint64(0x632BE59BD9B4E019))[None, None, :])
+            code = mixed.sum(axis=2, dtype=np.uint64) + starts.astype(np.uint64)[None, :] * np.uint64(0x85EBCA6B)
+        out.append(mix64(code + np.uint64(int(offset * 2))))
+    return (np.concatenate(out, axis=1) >> np.uint64(32)).astype(np.uint32)
+
+
+class NearDuplicateChainSignal(SessionSignal):
+    """Near-duplicate chains from content fingerprints (Blacklight, Li et al. 2022), and label flips
+    among near-identical inputs. A fixed ring of the client's last ``RING`` fingerprints bounds the
+    state. Exact repeats (retries) are not near-duplicates: they carry nothing new for an attacker."""
+
+    name = "neardup"
+    OUTPUTS = (
+        ("near_duplicate_share", ("boundary_probing",), "unit", 0.02),
+        ("label_flip_share", ("boundary_probing",), "unit", 0.01),
+    )
+    RING: ClassVar[int] = 32
+    __slots__ = ("ring", "ring_exact", "ring_labels", "filled", "cursor", "n", "near", "flips")
+
+    def __init__(self) -> None:
+        self.ring = np.zeros((0, 0), dtype=np.uint32)
+        self.ring_exact = np.zeros(self.RING, dtype=np.uint64)
+        self.ring_labels = np.zeros(self.RING, dtype=np.uint32)
+        self.filled = 0
+        self.cursor = 0
+        self.n = 0
+        self.near = 0
+        self.flips = 0
+
+    def learn_block(self, block: QueryBlock) -> None:
+        if block.z is None or block.exact is None:
+            return
+        fp = fingerprints(block.z)
+        codes = block.label_codes if block.label_codes is not None else np.zeros(len(block), dtype=np.uint32)
+        if self.ring.shape[1:] != (fp.shape[1],):
+            self.ring = np.zeros((self.RING, fp.shape[1]), dtype=np.uint32)
+            self.filled = self.cursor = 0
+        order = (np.arange(self.filled) + (self.cursor - self.filled)) % self.RING
+        hist = np.concatenate([self.ring[order], fp])
+        hist_exact = np.concatenate([self.ring_exact[order], block.exact])
+        hist_labels = np.concatenate([self.ring_labels[order], codes])
+        n, k, offset = len(fp), fp.shape[1], self.filled
+        # A hash encodes its window and grid offset, so it can only match the same slot of another print.
+        shared = (fp[:, None, :] == hist[None, :, :]).sum(axis=2)
+        j = np.arange(len(hist))[None, :]
+        pos = (offset + np.arange(n))[:, None]
+        valid = (j < pos) & (j >= pos - self.RING) & (hist_exact[None, :] != block.exact[:, None])
+        match = valid & (shared * 2 >= k)
+        near = match.any(axis=1)
+        latest = np.where(match, j, -1).max(axis=1)
+        flipped = near & (hist_labels[np.maximum(latest, 0)] != codes) & (codes > 0)
+        self.near += int(near.sum())
+        self.flips += int(flipped.sum())
+        self.n += n
+        for i in range(max(0, n - self.RING), n):
+            self.ring[self.cursor] = fp[i]
+            self.ring_exact[self.cursor] = block.exact[i]
+            self.ring_labels[self.cursor] = codes[i]
+            self.cursor = (self.cursor + 1) % self.RING
+            self.filled = min(self.filled + 1, self.RING)
+
+    def values(self) -> list[float]:
+        if self.n < 5:
+            return [float("nan"), float("nan")]
+        return [self.near / self.n, self.flips / self.n]
+
+    def evidence(self, i: int) -> str:
+        if i == 0:
+            return f"{self.near} of {self.n} queries are near-duplicates of a recent query (content fingerprints)"
+        return f"{self.flips} of {self.n} queries flip the predicted label of a near-identical recent query"
+
+
+class StepGeometrySignal(SessionSignal):
+    """The geometry of consecutive steps: binary searches halve their step (HopSkipJump, boundary
+    walks), coordinate-wise attacks change few features at a time (SimBA, Square). A sensor stream
+    moves every feature a little; a retry moves nothing (not counted)."""
+
+    name = "steps"
+    OUTPUTS = (
+        ("halving_step_share", ("boundary_probing",), "unit", 0.01),
+        ("sparse_step_share", ("boundary_probing",), "unit", 0.01),
+    )
+    __slots__ = ("last", "last_step", "moves", "halving", "sparse")
+
+    def __init__(self) -> None:
+        self.last = np.zeros(0, dtype=np.float32)
+        self.last_step = 0.0
+        self.moves = 0
+        self.halving = 0
+        self.sparse = 0
+
+    def learn_block(self, block: QueryBlock) -> None:
+        if block.z is None:
+            return
+        z = block.z
+        prev = np.concatenate([self.last[None, :], z[:-1]]) if len(self.last) == z.shape[1] else z[:-1]
+        cur = z if len(self.last) == z.shape[1] else z[1:]
+        if len(cur) == 0:
+            self.last = z[-1].copy()
+            return
+        diff = cur - prev
+        changed = np.abs(diff) > 1e-6
+        n_changed = changed.sum(axis=1)
+        steps = np.sqrt((diff * diff).sum(axis=1)).astype(np.float64)
+        moved = n_changed > 0
+        # Step ratios over consecutive *moving* steps, carried across blocks.
+        mv = steps[moved]
+        chain = np.concatenate([[self.last_step], mv]) if self.last_step > 0 else mv
+        ratio = chain[1:] / np.maximum(chain[:-1], 1e-12)
+        self.halving += int(((ratio > 0.45) & (ratio < 0.55)).sum())
+        d = z.shape[1]
+        self.sparse += int((moved & (n_changed <= max(1, d // 10)) & (n_changed < d)).sum())
+        self.moves += int(moved.sum())
+        if len(mv):
+            self.last_step = float(mv[-1])
+        self.last = z[-1].copy()
+
+    def values(self) -> list[float]:
+        if self.moves < 5:
+            return [float("nan"), float("nan")]
+        return [self.halving / self.moves, self.sparse / self.moves]
+
+    def evidence(self, i: int) -> str:
+        if i == 0:
+            return f"{self.halving} of {self.moves} steps halve the previous step (binary search)"
+        return f"{self.sparse} of {self.moves} steps change only a few features (coordinate-wise search)"
+
+
 class LowMarginShareSignal(SessionSignal):
-    """Share of queries whose top-1 minus top-2 probability is under ``threshold``.
+    """Share of queries whose top-1 minus top-2 probability is under ``threshold``: boundary attacks
+    spend their queries right at the decision boundary."""
 
-    Boundary attacks spend their queries right at the decision boundary, where the margin is tiny;
-    ordinary traffic sits mostly far from it.
-    """
-
-    name = "low_margin_share"
-    kind = "boundary_probing"
+    name = "margin"
+    OUTPUTS = (("low_margin_share", ("boundary_probing",), "unit", 0.01),)
     threshold: ClassVar[float] = 0.1
     __slots__ = ("known", "low")
 
@@ -194,71 +486,100 @@ class LowMarginShareSignal(SessionSignal):
         self.known += int(known.sum())
         self.low += int((block.margins[known] < self.threshold).sum())
 
-    def value(self) -> float:
-        return self.low / self.known if self.known else 0.0
+    def values(self) -> list[float]:
+        return [self.low / self.known if self.known >= 5 else float("nan")]
 
-    def evidence(self) -> str:
+    def evidence(self, i: int) -> str:
         return f"{self.low} of {self.known} outputs within {self.threshold} of the decision boundary"
 
 
-class NearDuplicateShareSignal(SessionSignal):
-    """Share of queries that lie within a tiny relative distance of one of the session's recent queries.
+# --------------------------------------------------------------------------------- adversarial input
+class InputShapeSignal(SessionSignal):
+    """Per-query input statistics against the model's population: share of features pinned at the
+    population's bounds (clipped perturbations) and high-frequency energy (roughness: energy of
+    differences between neighbouring features relative to the input's own energy)."""
 
-    Decision-based attacks (HopSkipJump, Boundary Attack) walk in small steps, so each query is
-    a near-copy of a recent one. A fixed ring of the last ``ring_size`` vectors bounds the state.
-    Exact repeats (retries) are not counted: they carry no new information for an attacker.
-    """
-
-    name = "near_duplicate_share"
-    kind = "boundary_probing"
-    ring_size: ClassVar[int] = 16
-    relative_radius: ClassVar[float] = 0.05
-    __slots__ = ("ring", "filled", "cursor", "n", "near")
+    name = "shape"
+    OUTPUTS = (
+        ("pinned_feature_share", ("adversarial_input",), "unit", 0.01),
+        ("roughness", ("adversarial_input",), "log", 0.03),
+    )
+    __slots__ = ("n", "pinned", "rough")
 
     def __init__(self) -> None:
-        self.ring = np.zeros((0, 0), dtype=np.float32)
-        self.filled = 0
-        self.cursor = 0
         self.n = 0
-        self.near = 0
+        self.pinned = 0  # fixed-point sums
+        self.rough = 0
 
     def learn_block(self, block: QueryBlock) -> None:
-        if block.vectors is None:
+        pop = block.population
+        if block.vectors is None or block.z is None or pop is None or pop.low is None or pop.high is None:
             return
-        vectors = block.vectors
-        if self.ring.shape[1] != vectors.shape[1]:
-            self.ring = np.zeros((self.ring_size, vectors.shape[1]), dtype=np.float32)
-            self.filled = self.cursor = 0
-        # Each query is compared with the ring as it stood before the block plus the block's earlier
-        # queries: one distance matrix for the whole block.
-        history = np.concatenate([self.ring[: self.filled], vectors])
-        dists = np.linalg.norm(vectors[:, None, :] - history[None, :, :], axis=2)
-        offset = self.filled
-        n = len(vectors)
-        idx = np.arange(n)
-        # Only earlier queries count, within the last ring_size of them.
-        earlier = np.arange(len(history))[None, :] < (offset + idx)[:, None]
-        recent = np.arange(len(history))[None, :] >= (offset + idx - self.ring_size)[:, None]
-        valid = earlier & recent
-        scale = np.linalg.norm(vectors, axis=1) + 1e-6
-        close = (dists <= self.relative_radius * scale[:, None]) & (dists > 1e-9) & valid
-        self.near += int(close.any(axis=1).sum())
-        self.n += n
-        for vector in vectors[-self.ring_size :]:
-            self.ring[self.cursor] = vector
-            self.cursor = (self.cursor + 1) % self.ring_size
-            self.filled = min(self.filled + 1, self.ring_size)
+        x = block.vectors
+        span = np.maximum(pop.high - pop.low, 1e-9)
+        tol = 1e-3 * span
+        at_bound = ((x <= pop.low + tol) | (x >= pop.high - tol)) & (span > 1e-6)
+        pinned = at_bound.mean(axis=1)
+        z = block.z
+        if z.shape[1] > 1:
+            num = (np.diff(z, axis=1) ** 2).sum(axis=1)
+            den = ((z - z.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) * 2.0 + 1e-6
+            rough = num / den
+        else:
+            rough = np.zeros(len(z))
+        self.pinned += int(np.round(pinned * FIXED).sum())
+        self.rough += int(np.round(rough * FIXED).sum())
+        self.n += len(block)
 
-    def value(self) -> float:
-        return self.near / self.n if self.n else 0.0
+    def values(self) -> list[float]:
+        if self.n < 5:
+            return [float("nan"), float("nan")]
+        return [self.pinned / FIXED / self.n, self.rough / FIXED / self.n]
 
-    def evidence(self) -> str:
-        return f"{self.near} of {self.n} queries are small steps from a recent query"
+    def evidence(self, i: int) -> str:
+        if i == 0:
+            return f"on average {100 * self.values()[0]:.0f}% of features at the model's input bounds ({self.n} queries)"
+        return f"mean input roughness {self.values()[1]:.2f} over {self.n} queries"
+
+
+# -------------------------------------------------------------------------------------------- volume
+class QueryRateSignal(SessionSignal):
+    """Queries per minute of event time over the client's recent sessions."""
+
+    name = "rate"
+    OUTPUTS = (("query_rate_per_min", ("volume", "extraction"), "log", 0.1),)
+    __slots__ = ("first_ts", "last_ts", "n")
+
+    def __init__(self) -> None:
+        self.first_ts = float("inf")
+        self.last_ts = float("-inf")
+        self.n = 0
+
+    def learn_block(self, block: QueryBlock) -> None:
+        self.first_ts = min(self.first_ts, float(block.ts.min()))
+        self.last_ts = max(self.last_ts, float(block.ts.max()))
+        self.n += len(block)
+
+    def values(self) -> list[float]:
+        span_min = max((self.last_ts - self.first_ts) / 60.0, 1.0)
+        return [round(self.n / span_min, 4) if self.n >= 5 else float("nan")]
+
+    def evidence(self, i: int) -> str:
+        return f"{self.values()[0]:.0f} queries/min over {self.n} queries"
 
 
 DEFAULT_SIGNALS: tuple[type[SessionSignal], ...] = (
-    QueryRateSignal,
-    DistinctInputCellsSignal,
+    CellCoverageSignal,
+    ClassCoverageSignal,
+    OutOfDistributionSignal,
+    PradaSignal,
+    NearDuplicateChainSignal,
+    StepGeometrySignal,
     LowMarginShareSignal,
-    NearDuplicateShareSignal,
+    InputShapeSignal,
+    QueryRateSignal,
 )
+
+
+def output_specs(signal_types: tuple[type[SessionSignal], ...]) -> list[tuple[str, tuple[str, ...], str, float]]:
+    return [spec for t in signal_types for spec in t.OUTPUTS]

@@ -22,7 +22,9 @@ from typing import Any
 import msgspec
 
 from alerting.alert import Alert
-from alerting.policy import ThresholdPolicy
+from alerting.dispatch import DeliverySettings, Dispatcher
+from alerting.outbox import StoreOutbox
+from alerting.policy import ROLLUP_KEY, AlertPolicy, PolicySettings
 from alerting.sinks import AlertSink
 from detectors.engine import SessionDetector
 from detectors.scores import SessionScore
@@ -33,6 +35,9 @@ from probewatch.config import Config
 from storage import BatchStats, Store, StoredBatch
 
 log = logging.getLogger("probewatch")
+
+# Checkpoint entries under this partition are model-wide (population baselines), not per client.
+POPULATION_PARTITION = -1
 
 
 class RunSummary(msgspec.Struct):
@@ -98,25 +103,58 @@ class Pipeline:
             allowed_lateness_s=config.sessions.allowed_lateness_s,
             max_open_sessions=config.sessions.max_open_sessions,
         )
-        self.policy = ThresholdPolicy(config.detection.alert_threshold)
+        self.policy = AlertPolicy(policy_settings(config))
+        # Alerts are in the outbox (written by write_batch) before they are handed to the dispatcher,
+        # which delivers them in the background; what it could not deliver it finds there again.
+        self.outbox = StoreOutbox(store, redeliver_max_age_s=config.alerting.redeliver_max_age_s)
+        self.dispatcher = Dispatcher(sinks, self.outbox, delivery_settings(config))
         self.summary = RunSummary()
         # Next source offset not yet folded into the checkpointed state, per partition.
         self.applied_positions: dict[int, int] = {}
         self._version = time.time_ns()
         self._source: Source | None = None
         self._dlq_reasons: Counter[str] = Counter()
+        self._population_restored = False
 
     # ------------------------------------------------------------------ partition ownership (Kafka)
     def on_partitions_assigned(self, partitions: list[int]) -> None:
         if not self.checkpoint_state:
             return
-        states, positions = self.store.load_state(partitions)
-        for partition in partitions:
+        # Partition -1 holds model-wide state (population baselines); it is restored once, on the
+        # first assignment, and never dropped, since every partition's sessions are scored against it.
+        wanted = list(partitions) if self._population_restored else [*partitions, POPULATION_PARTITION]
+        self._population_restored = True
+        states, positions = self.store.load_state(wanted)
+        for partition in wanted:
             self.detector.restore(partition, states.get(partition, {}))
             if partition in positions:
                 self.applied_positions[partition] = positions[partition]
         restored = sum(len(v) for v in states.values())
         log.info("restored %d state entries for partitions %s (positions %s)", restored, partitions, positions)
+        self._restore_incidents(partitions)
+
+    def _restore_incidents(self, partitions: list[int]) -> None:
+        """Rebuild the open incidents of the clients whose state this worker now owns from the outbox
+        (the roll-up goes with partition 0), and have receivers that re-send active alerts adopt them."""
+        settings = self.policy.settings
+        horizon = 2 * max(settings.cooldown_s, settings.renotify_s, settings.resolve_after_s) + 3600.0
+        try:
+            stored = self.outbox.latest_alerts(horizon)
+        except Exception as exc:  # alerting must not stop the pipeline from starting
+            log.error("cannot read open incidents from the outbox: %s", exc)
+            return
+        owned = set(partitions)
+        clients = self.detector.clients
+
+        def keep(alert: Alert) -> bool:
+            if alert.dedup_key == ROLLUP_KEY:
+                return 0 in owned
+            history = clients.get((alert.model_id, alert.client_id))
+            return history is not None and history.partition in owned
+
+        count = self.policy.restore(stored, keep)
+        self.dispatcher.seed(self.policy.open_alerts())
+        log.info("restored %d open incidents for partitions %s from the outbox", count, partitions)
 
     def on_partitions_revoked(self, partitions: list[int]) -> None:
         # Every batch was checkpointed before the poll that revokes, so the state can simply go.
@@ -127,6 +165,7 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------- run
     def run(self, source: Source) -> RunSummary:
         self._source = source
+        self.dispatcher.start()  # at once: it delivers what the outbox holds undelivered
         started = time.monotonic()
         last_progress = 0.0
         with _stop_on_signals(source):
@@ -218,19 +257,38 @@ class Pipeline:
             self.applied_positions[partition] = position
 
     def _deliver(self, alerts: list[Alert]) -> None:
-        if not alerts:
-            return
-        for sink in self.sinks:
-            try:
-                sink.send(alerts)
-            except Exception as exc:  # a receiver's failure must never stop the pipeline
-                log.error("alert sink %s failed: %s", sink.name, exc)
+        # Never blocks and never raises: one background lane per receiver (alerting/dispatch.py).
+        self.dispatcher.submit(alerts)
 
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        # Flush alerts for a bounded time; what is left stays in the outbox for the next start.
+        self.dispatcher.close(self.config.alerting.shutdown_timeout_s)
         self.dead_letters.close()
         self.store.close()
+
+
+def policy_settings(config: Config) -> PolicySettings:
+    a = config.alerting
+    return PolicySettings(
+        threshold=a.threshold or config.detection.alert_threshold,
+        cooldown_s=a.cooldown_s,
+        renotify_s=a.renotify_s,
+        resolve_after_s=a.resolve_after_s,
+        max_per_minute=a.max_per_minute,
+        suppress_clients=list(a.suppress_clients),
+        suppress_models=list(a.suppress_models),
+    )
+
+
+def delivery_settings(config: Config) -> DeliverySettings:
+    a = config.alerting
+    return DeliverySettings(
+        queue_max=a.queue_max,
+        backoff_initial_s=a.retry_initial_s,
+        backoff_max_s=a.retry_max_s,
+        sweep_s=a.sweep_s,
+        shutdown_timeout_s=a.shutdown_timeout_s,
+    )
 
 
 def _batch_id(batch: list[RawMessage]) -> str:

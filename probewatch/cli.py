@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--defaults", action="store_true", help="print the built-in defaults as TOML-like text")
     cfg.set_defaults(handler=cmd_config)
 
+    alerts = sub.add_parser("alerts", help="alert receivers: send a test alert through each one")
+    alerts_sub = alerts.add_subparsers(dest="alerts_command", metavar="ACTION")
+    alerts_sub.required = True
+    alerts_test = alerts_sub.add_parser(
+        "test",
+        help="send a test alert through every configured receiver and report each (exit 1 if any failed)",
+    )
+    _add_common(alerts_test)
+    alerts_test.add_argument("--receiver", action="append", metavar="NAME", help="only this one (repeatable)")
+    alerts_test.add_argument("--severity", choices=["info", "warning", "high", "critical"], default="warning")
+    alerts_test.add_argument("--resolve", action="store_true", help="resolve the test alert afterwards")
+    alerts_test.set_defaults(handler=cmd_alerts_test)
+
     sim = sub.add_parser(
         "simulate",
         help="write realistic query-log traffic (benign clients and attackers) as JSON lines",
@@ -129,6 +142,47 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     stats = write_simulation(plan, args.out, args.truth)
     print(f"wrote {stats['records']} records from {stats['clients']} clients to {args.out}", file=sys.stderr)
     return 0
+
+
+def cmd_alerts_test(args: argparse.Namespace) -> int:
+    """Send one test alert (labelled as a test) through each configured receiver; report each."""
+    import time
+
+    import msgspec
+
+    from alerting.alert import severity_rank
+    from alerting.dispatch import deliver_now, test_alert
+    from probewatch.wiring import build_alert_sinks
+
+    config = _load(args)
+    receivers = [r for r in build_alert_sinks(config) if not args.receiver or r.name in args.receiver]
+    if not receivers:
+        print("probewatch: no alert receivers configured (see [alerting.receivers.<name>])", file=sys.stderr)
+        return 1
+    failed = 0
+    for receiver in receivers:
+        floor = getattr(receiver, "min_severity", "info")
+        severity = args.severity if severity_rank(args.severity) >= severity_rank(floor) else floor
+        alert = test_alert(severity)
+        started = time.monotonic()
+        try:
+            deliver_now(receiver, [alert])
+            if args.resolve:
+                # Alertmanager holds a resolve until min_firing_s; send it now, a test needs no page.
+                if hasattr(receiver, "min_firing_s"):
+                    receiver.min_firing_s = 0.0
+                resolved = msgspec.structs.replace(alert, status="resolved", alert_id=alert.alert_id + "-r", seq=1)
+                deliver_now(receiver, [resolved])
+        except Exception as exc:
+            failed += 1
+            print(f"  FAIL  {receiver.name:<20} {type(receiver).__name__}: {exc}")
+        else:
+            took = time.monotonic() - started
+            print(f"  ok    {receiver.name:<20} {type(receiver).__name__} ({severity}, {took:.2f} s)")
+        finally:
+            receiver.close()
+    print(f"{len(receivers) - failed} of {len(receivers)} receivers took the test alert")
+    return 1 if failed else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

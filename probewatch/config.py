@@ -121,10 +121,90 @@ class DetectionConfig(_Section):
     input_dims: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+SeverityName = Literal["info", "warning", "high", "critical"]
+
+
+class AlertReceiverConfig(_Section):
+    """One alert receiver, a named table ``[alerting.receivers.<name>]`` (so any field can also come
+    from ``PROBEWATCH__ALERTING__RECEIVERS__<NAME>__<FIELD>``, and secrets from ``*_file``)."""
+
+    type: Literal["alertmanager", "pagerduty", "webhook", "slack", "kafka", "jsonl", "console"]
+    # Alerts below this severity are not sent to this receiver (recorded as skipped).
+    min_severity: SeverityName = "info"
+    enabled: bool = True
+    # alertmanager: base URL (http://host:9093); pagerduty: the Events API v2 endpoint;
+    # webhook/slack: the URL to POST to.
+    url: str = ""
+    timeout_s: float = 5.0
+    # alertmanager: active alerts are re-sent every refresh_s with endsAt = now + ttl_s; a resolve
+    # waits until the alert has been firing there for min_firing_s (> the route's group_wait).
+    refresh_s: float = 60.0
+    ttl_s: float = 300.0
+    min_firing_s: float = 45.0
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    # pagerduty
+    routing_key: str = ""
+    routing_key_file: str = ""
+    source: str = "probewatch"
+    rate_per_minute: float = 100.0
+    # webhook / slack: optional HMAC-SHA256 signature (X-Probewatch-Signature) and extra headers.
+    hmac_secret: str = ""
+    hmac_secret_file: str = ""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    # kafka: topic; bootstrap servers and security default to the [kafka] section.
+    topic: str = "probewatch.alerts"
+    bootstrap_servers: str = ""
+    # jsonl
+    path: str = ""
+
+
 class AlertingConfig(_Section):
     console: bool = True
     jsonl_path: str = ""
     grafana_base_url: str = ""
+    runbook_url: str = ""
+    # The alert policy; durations are EVENT time (the scores' event_time). threshold 0 means
+    # detection.alert_threshold.
+    threshold: float = 0.0
+    cooldown_s: float = 600.0
+    renotify_s: float = 3600.0
+    resolve_after_s: float = 1800.0
+    max_per_minute: int = 20
+    suppress_clients: list[str] = msgspec.field(default_factory=list)
+    suppress_models: list[str] = msgspec.field(default_factory=list)
+    receivers: dict[str, AlertReceiverConfig] = msgspec.field(default_factory=dict)
+    # Delivery (wall clock): per-receiver queue, retry backoff, outbox sweep, flush at shutdown.
+    queue_max: int = 10_000
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+    sweep_s: float = 30.0
+    shutdown_timeout_s: float = 10.0
+    # The outbox sweep redelivers alerts at most this old (event time vs the wall clock), so a new
+    # receiver does not get the whole history; 0 = no bound (e.g. replaying old logs).
+    redeliver_max_age_s: float = 86_400.0
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if not 0.0 <= self.threshold <= 1.0:
+            out.append("alerting.threshold must be in [0, 1] (0: detection.alert_threshold)")
+        for key in ("cooldown_s", "renotify_s", "resolve_after_s", "retry_initial_s", "sweep_s"):
+            if getattr(self, key) < 0:
+                out.append(f"alerting.{key} must be >= 0")
+        if self.resolve_after_s <= 0:
+            out.append("alerting.resolve_after_s must be > 0")
+        if self.max_per_minute < 0 or self.queue_max <= 0:
+            out.append("alerting.max_per_minute must be >= 0 and alerting.queue_max > 0")
+        for name, r in self.receivers.items():
+            where = f"alerting.receivers.{name}"
+            if r.type in ("alertmanager", "webhook", "slack") and not r.url:
+                out.append(f"{where}.url is required for a {r.type} receiver")
+            if r.type == "pagerduty" and not r.routing_key:
+                out.append(f"{where}.routing_key (or routing_key_file) is required for pagerduty")
+            if r.type == "jsonl" and not r.path:
+                out.append(f"{where}.path is required for a jsonl receiver")
+            if r.url and not r.url.startswith(("http://", "https://")):
+                out.append(f"{where}.url must start with http:// or https://")
+        return out
 
 
 class MetricsConfig(_Section):
@@ -168,6 +248,7 @@ class Config(_Section):
                 problems.append(f"{key} must be positive, got {value}")
         if self.sessions.inactivity_gap_s <= 0 or self.sessions.allowed_lateness_s < 0:
             problems.append("sessions.inactivity_gap_s must be > 0 and sessions.allowed_lateness_s >= 0")
+        problems.extend(self.alerting.problems())
         if not self.storage.database.isidentifier():
             problems.append(f"storage.database must be a plain identifier, got {self.storage.database!r}")
         if problems:
@@ -249,16 +330,20 @@ def load_config(
     return config
 
 
+_SECRET_KEYS = ("password", "token", "secret", "routing_key", "authorization", "api_key", "apikey")
+
+
+def _is_secret(key: str) -> bool:
+    return any(s in key.lower() for s in _SECRET_KEYS)
+
+
 def redacted(config: Config) -> dict[str, Any]:
     """The configuration as a dict with every secret replaced, safe to log."""
     tree: dict[str, Any] = msgspec.to_builtins(config)
 
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
-            return {
-                k: ("***" if v and any(s in k for s in ("password", "token", "secret", "routing_key")) else scrub(v))
-                for k, v in node.items()
-            }
+            return {k: ("***" if v and _is_secret(k) else scrub(v)) for k, v in node.items()}
         return node
 
     result: dict[str, Any] = scrub(tree)

@@ -6,22 +6,99 @@ import logging
 import sys
 from typing import Any
 
+from alerting.receivers import AlertmanagerReceiver, KafkaReceiver, PagerDutyReceiver, WebhookReceiver
+from alerting.render import AlertFormatter
 from alerting.sinks import AlertSink, ConsoleSink, JsonLinesSink
 from ingest.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
 from ingest.sources import FileSource, KafkaSource, Source, kafka_security_options
 from probewatch.app import Pipeline, RunSummary
-from probewatch.config import Config
+from probewatch.config import AlertReceiverConfig, Config, ConfigError
 from storage import open_store
 
 log = logging.getLogger("probewatch")
 
 
+def alert_formatter(config: Config) -> AlertFormatter:
+    threshold = config.alerting.threshold or config.detection.alert_threshold
+    return AlertFormatter(config.alerting.grafana_base_url, config.alerting.runbook_url, threshold)
+
+
+def _build_receiver(name: str, r: AlertReceiverConfig, config: Config, formatter: AlertFormatter) -> Any:
+    if r.type == "alertmanager":
+        return AlertmanagerReceiver(
+            name,
+            r.url,
+            formatter,
+            min_severity=r.min_severity,
+            timeout_s=r.timeout_s,
+            refresh_s=r.refresh_s,
+            ttl_s=r.ttl_s,
+            min_firing_s=r.min_firing_s,
+            extra_labels=r.labels,
+        )
+    if r.type == "pagerduty":
+        return PagerDutyReceiver(
+            name,
+            r.routing_key,
+            formatter,
+            url=r.url or "https://events.pagerduty.com/v2/enqueue",
+            source=r.source,
+            min_severity=r.min_severity,
+            timeout_s=r.timeout_s,
+            rate_per_minute=r.rate_per_minute,
+        )
+    if r.type in ("webhook", "slack"):
+        return WebhookReceiver(
+            name,
+            r.url,
+            formatter,
+            format="slack" if r.type == "slack" else "json",
+            hmac_secret=r.hmac_secret,
+            headers=r.headers,
+            min_severity=r.min_severity,
+            timeout_s=r.timeout_s,
+        )
+    if r.type == "kafka":
+
+        def producer() -> Any:  # made at the first send: a Kafka down at start-up is an outage
+            from kafka import KafkaProducer
+
+            return KafkaProducer(
+                bootstrap_servers=(r.bootstrap_servers or config.kafka.bootstrap_servers).split(","),
+                client_id=f"{config.kafka.client_id}-alerts",
+                acks="all",
+                linger_ms=5,
+                **kafka_security_options(config.kafka),
+            )
+
+        return KafkaReceiver(
+            name, producer, r.topic, formatter, min_severity=r.min_severity, timeout_s=r.timeout_s
+        )
+    if r.type == "jsonl":
+        sink = JsonLinesSink(r.path)
+        sink.name, sink.min_severity = name, r.min_severity
+        return sink
+    console = ConsoleSink(min_severity=r.min_severity, formatter=formatter)
+    console.name = name
+    return console
+
+
 def build_alert_sinks(config: Config) -> list[AlertSink]:
+    """Every configured receiver: ``[alerting] console / jsonl_path`` and each enabled
+    ``[alerting.receivers.<name>]``. A receiver's name keys its delivery state in the outbox, so
+    renaming one makes it a new receiver."""
+    formatter = alert_formatter(config)
     sinks: list[AlertSink] = []
     if config.alerting.console:
-        sinks.append(ConsoleSink())
+        sinks.append(ConsoleSink(formatter=formatter))
     if config.alerting.jsonl_path:
         sinks.append(JsonLinesSink(config.alerting.jsonl_path))
+    for name, receiver in sorted(config.alerting.receivers.items()):
+        if receiver.enabled:
+            sinks.append(_build_receiver(name, receiver, config, formatter))
+    names = [sink.name for sink in sinks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"alert receiver names must be distinct (console and jsonl are taken): {names}")
     return sinks
 
 

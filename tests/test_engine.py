@@ -17,14 +17,19 @@ from probewatch.simulate import SimulationPlan, write_simulation
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> list[QueryRecord]:
     path = tmp_path_factory.mktemp("sim") / "logs.jsonl"
-    write_simulation(SimulationPlan(benign_clients=10, attackers_per_kind=2, queries_per_client=200), str(path))
+    # Enough benign clients for the population baselines to warm up, and attackers that get caught.
+    write_simulation(SimulationPlan(benign_clients=24, attackers_per_kind=1, queries_per_client=120), str(path))
     messages = [(line, SourcePosition("f", 0, i), None) for i, line in enumerate(Path(path).read_bytes().splitlines())]
     records, _ = RecordDecoder().decode_batch(messages)
     return records
 
 
+def small_detector() -> SessionDetector:
+    return SessionDetector(min_queries=10, epoch_records=200, min_population=8)
+
+
 def run(records: list[QueryRecord], batch: int, detector: SessionDetector | None = None) -> list[Alert]:
-    detector = detector or SessionDetector()
+    detector = detector or small_detector()
     policy = ThresholdPolicy(detector.alert_threshold)
     alerts = []
     for i in range(0, len(records), batch):
@@ -51,10 +56,11 @@ def test_alerts_do_not_depend_on_batch_boundaries(simulated: list[QueryRecord]) 
 def test_checkpoint_restore_continues_exactly(simulated: list[QueryRecord]) -> None:
     reference = run(simulated, 500)
     half = len(simulated) // 2
-    first = SessionDetector()
+    first = small_detector()
     alerts = run(simulated[:half], 500, first)
     checkpoint = first.take_checkpoint()
-    second = SessionDetector()
+    assert -1 in checkpoint  # the population baselines travel with the checkpoint
+    second = small_detector()
     for partition, entries in checkpoint.items():
         second.restore(partition, {k: v for k, v in entries.items() if v is not None})
     alerts += run(simulated[half:], 500, second)

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Local ClickHouse server (Debian's clickhouse-server 18.16) for development and the
+# integration tests: native 127.0.0.1:19000, HTTP 127.0.0.1:18123, everything under the run dir.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+RUN_ROOT="${PROBEWATCH_RUN_DIR:-$HOME/.cache/probewatch/run}"
+RUN="$RUN_ROOT/clickhouse"
+PIDFILE="$RUN/clickhouse.pid"
+LOG="$RUN/log/stdout.log"
+SERVER=/usr/sbin/clickhouse-server
+CLIENT=clickhouse-client
+HOST=127.0.0.1
+TCP_PORT="${PROBEWATCH_CLICKHOUSE_PORT:-19000}"
+HTTP_PORT="${PROBEWATCH_CLICKHOUSE_HTTP_PORT:-18123}"
+START_TIMEOUT="${CLICKHOUSE_START_TIMEOUT:-60}"
+STOP_TIMEOUT="${CLICKHOUSE_STOP_TIMEOUT:-30}"
+
+usage() {
+  cat <<EOF
+Usage: $(basename "$0") {install|start|stop|restart|status|reset|logs}
+
+Local ClickHouse (Debian clickhouse-server) on $HOST:$TCP_PORT (native) and $HOST:$HTTP_PORT (HTTP).
+
+  install   apt-get install clickhouse-server clickhouse-client when $SERVER is missing
+  start     render deploy/local/clickhouse/*.xml into $RUN and start the server;
+            waits until 'SELECT 1' answers (no-op when already running;
+            timeout \$CLICKHOUSE_START_TIMEOUT=${START_TIMEOUT}s)
+  stop      SIGTERM, wait up to \$CLICKHOUSE_STOP_TIMEOUT=${STOP_TIMEOUT}s, then SIGKILL (data is kept)
+  restart   stop + start
+  status    exit 0 when running and answering, 3 otherwise
+  reset     stop and wipe all databases
+  logs      print the tail of the server logs
+
+Environment: PROBEWATCH_RUN_DIR (runtime dir: $RUN)
+EOF
+}
+
+log() { printf '[clickhouse] %s\n' "$*"; }
+die() { printf '[clickhouse] ERROR: %s\n' "$*" >&2; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.1fs", e - s }'; }
+
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+pid_alive() {
+  local pid
+  [[ -f "$PIDFILE" ]] || return 1
+  pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
+  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && grep -qa 'clickhouse' "/proc/$pid/cmdline" 2>/dev/null
+}
+
+probe() { timeout 10 "$CLIENT" --host "$HOST" --port "$TCP_PORT" -q 'SELECT 1' >/dev/null 2>&1; }
+
+cmd_install() {
+  local t0
+  t0="$(now)"
+  if [[ -x "$SERVER" ]] && command -v "$CLIENT" >/dev/null 2>&1; then
+    # shellcheck disable=SC2016  # ${Version} is dpkg-query's format, not a shell variable
+    log "already installed: clickhouse-server $(dpkg-query -W -f '${Version}' clickhouse-server 2>/dev/null || echo '?')"
+    return 0
+  fi
+  log "installing clickhouse-server clickhouse-client with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -q clickhouse-server clickhouse-client; then
+    log "apt-get install failed; running apt-get update and retrying"
+    apt-get update -q && apt-get install -y -q clickhouse-server clickhouse-client
+  fi
+  [[ -x "$SERVER" ]] || die "$SERVER still missing after apt-get install"
+  log "installed in $(elapsed "$t0")"
+}
+
+render_config() {
+  mkdir -p "$RUN/data" "$RUN/tmp" "$RUN/user_files" "$RUN/format_schemas" "$RUN/log"
+  local f
+  for f in config.xml users.xml; do
+    sed -e "s|@CH_DIR@|$RUN|g" -e "s|@TCP_PORT@|$TCP_PORT|g" -e "s|@HTTP_PORT@|$HTTP_PORT|g" \
+      "$HERE/clickhouse/$f" >"$RUN/$f"
+  done
+}
+
+tail_log() {
+  local f
+  for f in "$LOG" "$RUN/log/server.err.log"; do
+    [[ -s "$f" ]] || continue
+    printf -- '----- last lines of %s -----\n' "$f" >&2
+    tail -n 40 "$f" >&2
+  done
+}
+
+cmd_start() {
+  local t0 pid
+  t0="$(now)"
+  if pid_alive; then
+    log "already running (pid $(cat "$PIDFILE")) on $HOST:$TCP_PORT"
+    return 0
+  fi
+  [[ -x "$SERVER" ]] || cmd_install
+  for p in "$TCP_PORT" "$HTTP_PORT"; do
+    port_open "$p" && die "port $HOST:$p is already in use by another process (not ours: no live pid in $PIDFILE)"
+  done
+  render_config
+  log "starting ClickHouse on $HOST:$TCP_PORT / http $HOST:$HTTP_PORT (data: $RUN/data)"
+  rm -f "$PIDFILE"
+  : >"$LOG"
+  # setsid: own session, so the server outlives the calling shell; cd so that relative
+  # paths the server may resolve land in the run dir. The inner shell execs the server,
+  # so the pid it records is the server's.
+  # shellcheck disable=SC2016  # $$ and $1 are for the inner shell
+  setsid bash -c 'echo $$ >"$1"; cd "$2"; shift 2; exec "$@"' _ "$PIDFILE" "$RUN" \
+    "$SERVER" --config-file="$RUN/config.xml" </dev/null >>"$LOG" 2>&1 &
+  for _ in $(seq 50); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
+  pid="$(cat "$PIDFILE" 2>/dev/null || true)"
+  local deadline=$((SECONDS + START_TIMEOUT))
+  while ((SECONDS < deadline)); do
+    if ! pid_alive; then
+      tail_log
+      die "ClickHouse exited during startup (see logs above)"
+    fi
+    if probe; then
+      log "ready on $HOST:$TCP_PORT (pid $pid) in $(elapsed "$t0")"
+      return 0
+    fi
+    sleep 0.3
+  done
+  tail_log
+  die "ClickHouse did not answer on $HOST:$TCP_PORT within ${START_TIMEOUT}s (pid $pid; logs in $RUN/log)"
+}
+
+cmd_stop() {
+  local t0 pid
+  t0="$(now)"
+  if ! pid_alive; then
+    rm -f "$PIDFILE"
+    log "not running"
+    return 0
+  fi
+  pid="$(cat "$PIDFILE")"
+  log "stopping (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + STOP_TIMEOUT))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "still alive after ${STOP_TIMEOUT}s: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  fi
+  rm -f "$PIDFILE"
+  log "stopped in $(elapsed "$t0")"
+}
+
+cmd_status() {
+  if pid_alive && probe; then
+    log "running (pid $(cat "$PIDFILE")) on $HOST:$TCP_PORT"
+    return 0
+  elif pid_alive; then
+    log "process running (pid $(cat "$PIDFILE")) but not answering on $HOST:$TCP_PORT"
+    return 3
+  fi
+  log "not running"
+  return 3
+}
+
+cmd_reset() {
+  cmd_stop
+  rm -rf "$RUN/data" "$RUN/tmp"
+  log "wiped $RUN/data"
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  restart) cmd_stop; cmd_start ;;
+  status) cmd_status ;;
+  reset) cmd_reset ;;
+  logs) tail_log 2>&1 ;;
+  -h | --help | help) usage ;;
+  *) usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,319 @@
+"""Per-model population baselines: what normal clients of a model look like, learned from the stream.
+
+Two things per model, both bounded and checkpointed under partition ``-1``:
+
+* an input *frame* and *reference sample* — per-feature centre/scale (frozen once warm, so LSH cells
+  and content fingerprints stay comparable for the model's lifetime), per-feature bounds, and a
+  bottom-k hash sample of recent inputs (capped per client and epoch) used for out-of-distribution
+  tests;
+* per signal and per client-query-count bucket, a histogram of client signal values (the
+  "population"), from which the calibrated tail probabilities come.
+
+Determinism: shared state is read from the *published* snapshot only; new evidence goes into a
+*pending* accumulator whose updates commute (integer-valued histogram counts, a bottom-k sample by
+hash), and pending is folded into the published snapshot at fixed points of the model's own record
+stream (every ``epoch_records`` records). So a replay of the log, however it is cut into batches,
+reads exactly the baselines the live stream read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+N_BINS = 200
+LOG_LO, LOG_HI = -3.0, 6.0  # log10 range of "log"-scaled signal values
+# Client query-count buckets: [5,10), [10,20), ..., [5120, inf)
+BUCKET_EDGES = np.array([10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120], dtype=np.int64)
+N_BUCKETS = len(BUCKET_EDGES) + 1
+BUCKET_WIDTHS = np.diff(np.concatenate([[5], BUCKET_EDGES, [BUCKET_EDGES[-1] * 2]])).astype(np.float64)
+PROJ_DIMS = 32  # inputs with more features are projected (fixed random projection) for distances
+SAMPLE_SIZE = 384
+SAMPLE_PER_CLIENT_EPOCH = 12
+
+
+def bucket_of(n: int) -> int:
+    return int(np.searchsorted(BUCKET_EDGES, n, side="right"))
+
+
+def bucket_floor(b: int) -> int:
+    return 5 if b == 0 else int(BUCKET_EDGES[b - 1])
+
+
+def mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads structured integers over all 64 bits."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def text_hash(text: str) -> int:
+    """A stable 63-bit hash of a string (Python's hash() is salted per process)."""
+    value = 1469598103934665603
+    for byte in text.encode():
+        value = ((value ^ byte) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return int(mix64(np.array([value], dtype=np.uint64))[0] >> np.uint64(1))
+
+
+def to_bin(values: np.ndarray, scale: str) -> np.ndarray:
+    values = np.nan_to_num(values, nan=0.0)
+    if scale == "unit":
+        pos = np.clip(values, 0.0, 1.0) * N_BINS
+    else:
+        pos = (np.log10(np.maximum(values, 10**LOG_LO)) - LOG_LO) / (LOG_HI - LOG_LO) * N_BINS
+    return np.clip(pos.astype(np.int64), 0, N_BINS - 1)
+
+
+def from_bin(index: float, scale: str) -> float:
+    """Value at a (fractional) bin position."""
+    if scale == "unit":
+        return index / N_BINS
+    return float(10 ** (LOG_LO + index / N_BINS * (LOG_HI - LOG_LO)))
+
+
+class Frame:
+    """The model's input coordinate frame: z = (x - centre) / scale, projected to ≤ PROJ_DIMS."""
+
+    __slots__ = ("centre", "proj", "scale")
+
+    def __init__(self, centre: np.ndarray, scale: np.ndarray) -> None:
+        self.centre = centre.astype(np.float32)
+        self.scale = scale.astype(np.float32)
+        d = len(centre)
+        if d > PROJ_DIMS:
+            rng = np.random.default_rng(20261129 + d)
+            self.proj: np.ndarray | None = (rng.standard_normal((d, PROJ_DIMS)) / math.sqrt(PROJ_DIMS)).astype(
+                np.float32
+            )
+        else:
+            self.proj = None
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.centre) / self.scale).astype(np.float32)
+
+    def project(self, z: np.ndarray) -> np.ndarray:
+        if self.proj is None:
+            return z
+        # Broadcast, not BLAS: a row's result must not depend on how many rows come with it.
+        return (z[:, :, None] * self.proj[None, :, :]).sum(axis=1)
+
+
+class ModelPopulation:
+    """Published and pending population baselines of one model."""
+
+    def __init__(self, model_id: str, n_signals: int, *, epoch_records: int = 500, decay: float = 0.98,
+                 min_clients: int = 16) -> None:
+        self.model_id = model_id
+        self.n_signals = n_signals
+        self.epoch_records = epoch_records
+        self.decay = decay
+        self.min_clients = min_clients
+        self.records = 0
+        self.epochs = 0
+        self.hist = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
+        self.pending = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
+        # Input frame and reference sample (absent for models whose records carry no vectors).
+        self.frame: Frame | None = None
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+        self.sample = np.zeros((0, 0), dtype=np.float32)  # projected z of the reference sample
+        self.sample_clients = np.zeros(0, dtype=np.uint64)
+        self.sample_norms = np.zeros(0, dtype=np.float32)
+        self.ood_radius = float("inf")
+        self.p_raw = np.zeros((0, 0), dtype=np.float32)  # pending raw inputs (bottom-k by hash)
+        self.p_hash = np.zeros(0, dtype=np.uint64)
+        self.p_clients = np.zeros(0, dtype=np.uint64)
+        self.s_raw = np.zeros((0, 0), dtype=np.float32)  # published raw inputs (for bounds / frame)
+        self.s_hash = np.zeros(0, dtype=np.uint64)
+        self.s_clients = np.zeros(0, dtype=np.uint64)
+        self.dirty_published = True
+        self.scales: list[str] = ["unit"] * n_signals
+        self._log_mask: np.ndarray | None = None
+        self.table = np.full((n_signals, N_BUCKETS, 4), np.nan)  # warm bucket, q50, q75, clients
+
+    # -------------------------------------------------------------------------------------- stream
+    def count(self, n: int) -> bool:
+        """Count ``n`` records of the model; True when that completes an epoch (caller publishes)."""
+        before = self.records // self.epoch_records
+        self.records += n
+        return self.records // self.epoch_records > before
+
+    def records_to_epoch_end(self) -> int:
+        return self.epoch_records - self.records % self.epoch_records
+
+    def add_inputs(self, raw: np.ndarray, hashes: np.ndarray, client: int) -> None:
+        """Offer inputs to the pending reference sample (bottom-k by hash: order does not matter)."""
+        if self.p_raw.shape[1:] != raw.shape[1:]:
+            if len(self.p_raw):
+                return  # a vector of another width: the decoder dead-letters those; ignore
+            self.p_raw = np.zeros((0, raw.shape[1]), dtype=np.float32)
+        self.p_raw = np.concatenate([self.p_raw, raw.astype(np.float32)])
+        self.p_hash = np.concatenate([self.p_hash, hashes.astype(np.uint64)])
+        self.p_clients = np.concatenate([self.p_clients, np.full(len(raw), client, dtype=np.uint64)])
+        if len(self.p_hash) > 2 * SAMPLE_SIZE:
+            self._trim_pending()
+
+    def _trim_pending(self) -> None:
+        keep = np.lexsort((self.p_clients, self.p_hash))[:SAMPLE_SIZE]
+        self.p_raw, self.p_hash, self.p_clients = self.p_raw[keep], self.p_hash[keep], self.p_clients[keep]
+
+    def add_values(self, values: np.ndarray, bucket: int, scales: list[str], weight: int) -> None:
+        """One client's signal values (NaN: unavailable), weighted by the queries they stand for."""
+        self.scales = scales
+        if weight <= 0:
+            return
+        if self._log_mask is None or len(self._log_mask) != len(values):
+            self._log_mask = np.array([sc == "log" for sc in scales])
+        ok = ~np.isnan(values)
+        bins = np.where(self._log_mask, to_bin(values, "log"), to_bin(values, "unit"))
+        idx = np.nonzero(ok)[0]
+        self.pending[idx, bucket, bins[idx]] += float(weight)
+
+    def publish(self) -> None:
+        """Fold pending evidence into the published baselines (at a fixed point of the stream)."""
+        self.epochs += 1
+        self.hist = self.hist * self.decay + self.pending
+        self.pending = np.zeros_like(self.pending)
+        self._refresh_table()
+        if len(self.p_hash):
+            self._trim_pending()
+            # Half of the reference sample is renewed each epoch: recent inputs, with a memory.
+            old = np.lexsort((self.s_clients, self.s_hash))[: SAMPLE_SIZE - min(len(self.p_hash), SAMPLE_SIZE // 2)]
+            new = np.lexsort((self.p_clients, self.p_hash))[: SAMPLE_SIZE - len(old)]
+            if self.s_raw.shape[1:] != self.p_raw.shape[1:]:
+                self.s_raw = np.zeros((0, self.p_raw.shape[1]), dtype=np.float32)
+                old = old[:0]
+            self.s_raw = np.concatenate([self.s_raw[old], self.p_raw[new]])
+            self.s_hash = np.concatenate([self.s_hash[old], self.p_hash[new]])
+            self.s_clients = np.concatenate([self.s_clients[old], self.p_clients[new]])
+            self.p_raw = self.p_raw[:0]
+            self.p_hash = self.p_hash[:0]
+            self.p_clients = self.p_clients[:0]
+            self._refresh_inputs()
+        self.dirty_published = True
+
+    def _refresh_inputs(self) -> None:
+        raw = self.s_raw
+        if len(np.unique(self.s_clients)) < max(4, self.min_clients // 2) or len(raw) < 64:
+            return
+        if self.frame is None:  # frozen from here on: cells and fingerprints must stay comparable
+            scale = raw.std(axis=0)
+            floor = max(float(scale.mean()) * 0.05, 1e-6)
+            self.frame = Frame(np.median(raw, axis=0), np.maximum(scale, floor))
+        self.low = raw.min(axis=0)
+        self.high = raw.max(axis=0)
+        z = self.frame.project(self.frame.standardise(raw))
+        self.sample = z
+        self.sample_norms = np.linalg.norm(z, axis=1).astype(np.float32)
+        # Leave-one-client-out nearest-neighbour distances inside the sample: the radius of "normal".
+        d = _pairwise(z, z)
+        d[self.s_clients[:, None] == self.s_clients[None, :]] = np.inf
+        nn = d.min(axis=1)
+        nn = nn[np.isfinite(nn)]
+        self.ood_radius = float(np.quantile(nn, 0.97)) if len(nn) else float("inf")
+
+    def _refresh_table(self) -> None:
+        """Per signal and bucket: the warm bucket to use and its median, upper quartile and size."""
+        # Weights are queries; a client passing through a bucket contributes about its width.
+        totals = self.hist.sum(axis=2) / BUCKET_WIDTHS[None, :]
+        cum = np.cumsum(self.hist, axis=2) / BUCKET_WIDTHS[None, :, None]
+        table = np.full((self.n_signals, N_BUCKETS, 4), np.nan)
+        for s in range(self.n_signals):
+            warm = -1
+            for b in range(N_BUCKETS):
+                if totals[s, b] >= self.min_clients:
+                    warm = b
+                if warm < 0:
+                    continue
+                q50 = from_bin(int(np.searchsorted(cum[s, warm], 0.5 * totals[s, warm])) + 0.5, self.scales[s])
+                q75 = from_bin(int(np.searchsorted(cum[s, warm], 0.75 * totals[s, warm])) + 0.5, self.scales[s])
+                table[s, b] = (warm, q50, q75, totals[s, warm])
+        self.table = table
+
+    # -------------------------------------------------------------------------------------- reading
+    @property
+    def inputs_ready(self) -> bool:
+        return self.frame is not None and len(self.sample) > 0
+
+    def nn_other(self, z: np.ndarray, client: int) -> np.ndarray:
+        """Distance from each (projected) query to the nearest reference input of another client."""
+        d = _pairwise(z, self.sample)
+        d[:, self.sample_clients == np.uint64(client)] = np.inf
+        return d.min(axis=1)
+
+    def baseline(self, s: int, bucket: int) -> tuple[int, float, float, float] | None:
+        """(bucket used, median, upper quartile, clients) of signal ``s`` for a client in ``bucket``:
+        the highest bucket at or below it with enough clients; None while warming up."""
+        row = self.table[s, bucket]
+        if math.isnan(row[0]):
+            return None
+        return int(row[0]), float(row[1]), float(row[2]), float(row[3])
+
+    # ----------------------------------------------------------------------------------- checkpoint
+    def published_state(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "scales": self.scales,
+            "hist_idx": np.stack(np.nonzero(self.hist)).astype(np.int32),
+            "hist_val": self.hist[np.nonzero(self.hist)],
+            "frame": None if self.frame is None else [self.frame.centre, self.frame.scale],
+            "s_raw": self.s_raw,
+            "s_hash": self.s_hash,
+            "s_clients": self.s_clients,
+        }
+
+    def pending_state(self) -> dict[str, Any]:
+        nz = np.nonzero(self.pending)
+        return {
+            "records": self.records,
+            "pending_idx": np.stack(nz).astype(np.int32) if len(nz[0]) else np.zeros((3, 0), dtype=np.int32),
+            "pending_val": self.pending[nz].astype(np.float32),
+            "p_raw": self.p_raw,
+            "p_hash": self.p_hash,
+            "p_clients": self.p_clients,
+        }
+
+    def load_published(self, data: dict[str, Any]) -> None:
+        self.epochs = int(data["epochs"])
+        self.hist = np.zeros((self.n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
+        idx = np.asarray(data["hist_idx"], dtype=np.int64)
+        if idx.shape[1]:
+            self.hist[idx[0], idx[1], idx[2]] = np.asarray(data["hist_val"], dtype=np.float64)
+        self.scales = list(data["scales"])
+        self._refresh_table()
+        if data["frame"] is not None:
+            self.frame = Frame(np.asarray(data["frame"][0]), np.asarray(data["frame"][1]))
+        self.s_raw, self.s_hash, self.s_clients = data["s_raw"], data["s_hash"], data["s_clients"]
+        self._refresh_inputs()
+        self.dirty_published = False
+
+    def load_pending(self, data: dict[str, Any]) -> None:
+        self.records = int(data["records"])
+        self.pending = np.zeros_like(self.hist)
+        idx = np.asarray(data["pending_idx"], dtype=np.int64)
+        if idx.shape[1]:
+            self.pending[idx[0], idx[1], idx[2]] = np.asarray(data["pending_val"], dtype=np.float64)
+        self.p_raw, self.p_hash, self.p_clients = data["p_raw"], data["p_hash"], data["p_clients"]
+
+    def nbytes(self) -> int:
+        return int(self.hist.nbytes + self.pending.nbytes + self.s_raw.nbytes + self.p_raw.nbytes + self.sample.nbytes)
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sq = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * (a @ b.T)
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def tail_probability(value: float, q50: float, q75: float, floor: float) -> float:
+    """P(a population value ≥ ``value``): an exponential tail beyond the upper quartile whose rate
+    is fixed by the robust spread q75 - q50 (for an exponential tail, the value doubles its odds every
+    spread). Quartiles, not extreme quantiles, so that up to a quarter of the population may be
+    attackers (or odd) without moving the baseline much."""
+    if value <= q75:
+        return 0.5 if value > q50 else 1.0
+    spread = max(q75 - q50, floor)
+    return 0.25 * 2.0 ** (-(value - q75) / spread)

@@ -1,0 +1,5 @@
+import sys
+
+from probewatch.cli import main
+
+sys.exit(main())
