@@ -24,8 +24,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from detectors.scores import SessionScore
 from detectors.population import ModelPopulation, bucket_of, mix64, text_hash
+from detectors.scores import SessionScore
 from detectors.scoring import CalibratedScorer
 from detectors.signals import (
     DEFAULT_SIGNALS,
@@ -196,7 +196,9 @@ class SessionDetector:
         self.signal_types = tuple(signal_types)
         self.specs = output_specs(self.signal_types)
         self.scales = [spec[2] for spec in self.specs]
-        self.scorer = CalibratedScorer(self.specs, alert_threshold=alert_threshold, false_alarm_budget=false_alarm_budget)
+        self.scorer = CalibratedScorer(
+            self.specs, alert_threshold=alert_threshold, false_alarm_budget=false_alarm_budget
+        )
         self.epoch_records = epoch_records
         self.min_population = min_population
         self.sessions: dict[SessionKey, _Session] = {}
@@ -278,8 +280,10 @@ class SessionDetector:
             # The open session's last_seen has not yet seen this batch's records: count them too.
             segments = runs.get(client_key)
             pending = next((run for k, run in reversed(segments) if k == key), None) if segments else None
-            last_seen = max(session.last_seen, pending[-1].ts) if session and pending else (
-                session.last_seen if session else None
+            last_seen = (
+                max(session.last_seen, pending[-1].ts)
+                if session and pending
+                else (session.last_seen if session else None)
             )
             if session is not None and last_seen is not None and record.ts - last_seen > self.gap:
                 if segments:
@@ -317,7 +321,11 @@ class SessionDetector:
             session.last_seen = max(session.last_seen, float(block.ts.max()))
             session.first_seen = min(session.first_seen, float(block.ts.min()))
             for record in chunk:
-                if record.source_ip and record.source_ip not in session.ips and len(session.ips) < MAX_SOURCE_IPS:
+                if (
+                    record.source_ip
+                    and record.source_ip not in session.ips
+                    and len(session.ips) < MAX_SOURCE_IPS
+                ):
                     session.ips.append(record.source_ip)
             if session.n == target:
                 latest = self._evaluate(session, history)
@@ -352,7 +360,9 @@ class SessionDetector:
             # The values join the population of their query-count bucket, weighted by the queries
             # since the client's previous evaluation (integers: the sums do not depend on order), so
             # every client weighs the same in every bucket it passes through.
-            population.add_values(values, bucket_of(history.queries), self.scales, history.queries - history.last_bucket)
+            population.add_values(
+                values, bucket_of(history.queries), self.scales, history.queries - history.last_bucket
+            )
             self._dirty_models.add(session.model_id)
         history.last_bucket = history.queries
         history.last_values = values
@@ -447,8 +457,8 @@ class SessionDetector:
         for model_id, client_id in self._dirty_clients:
             history = self.clients.get((model_id, client_id))
             if history is not None:
-                out.setdefault(history.partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = _encoder.encode(
-                    history.state()
+                out.setdefault(history.partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = (
+                    _encoder.encode(history.state())
                 )
         for model_id in sorted(self._dirty_models):
             population = self.populations[model_id]
@@ -488,7 +498,9 @@ class SessionDetector:
                     population.load_pending(_decoder.decode(blob))
             elif key.startswith("client\x1f"):
                 _, model_id, client_id = key.split("\x1f")
-                history = _ClientHistory(partition, client_id, [t() for t in self.signal_types], len(self.specs))
+                history = _ClientHistory(
+                    partition, client_id, [t() for t in self.signal_types], len(self.specs)
+                )
                 history.load(_decoder.decode(blob))
                 self.clients[(model_id, client_id)] = history
             else:

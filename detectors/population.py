@@ -86,9 +86,9 @@ class Frame:
         d = len(centre)
         if d > PROJ_DIMS:
             rng = np.random.default_rng(20261129 + d)
-            self.proj: np.ndarray | None = (rng.standard_normal((d, PROJ_DIMS)) / math.sqrt(PROJ_DIMS)).astype(
-                np.float32
-            )
+            self.proj: np.ndarray | None = (
+                rng.standard_normal((d, PROJ_DIMS)) / math.sqrt(PROJ_DIMS)
+            ).astype(np.float32)
         else:
             self.proj = None
 
@@ -105,8 +105,15 @@ class Frame:
 class ModelPopulation:
     """Published and pending population baselines of one model."""
 
-    def __init__(self, model_id: str, n_signals: int, *, epoch_records: int = 500, decay: float = 0.98,
-                 min_clients: int = 16) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        n_signals: int,
+        *,
+        epoch_records: int = 500,
+        decay: float = 0.98,
+        min_clients: int = 16,
+    ) -> None:
         self.model_id = model_id
         self.n_signals = n_signals
         self.epoch_records = epoch_records
@@ -137,13 +144,11 @@ class ModelPopulation:
 
     # -------------------------------------------------------------------------------------- stream
     def count(self, n: int) -> bool:
-        """Count ``n`` records of the model; True when that completes an epoch (caller publishes)."""
-        before = self.records // self.epoch_records
+        """Count ``n`` records of the model; True when that completes an epoch (caller publishes).
+        Epochs double from ``epoch_records`` (fast warm-up) up to 16 times that, then stay."""
+        before = self.records
         self.records += n
-        return self.records // self.epoch_records > before
-
-    def records_to_epoch_end(self) -> int:
-        return self.epoch_records - self.records % self.epoch_records
+        return _epoch_index(self.records, self.epoch_records) > _epoch_index(before, self.epoch_records)
 
     def add_inputs(self, raw: np.ndarray, hashes: np.ndarray, client: int) -> None:
         """Offer inputs to the pending reference sample (bottom-k by hash: order does not matter)."""
@@ -182,7 +187,9 @@ class ModelPopulation:
         if len(self.p_hash):
             self._trim_pending()
             # Half of the reference sample is renewed each epoch: recent inputs, with a memory.
-            old = np.lexsort((self.s_clients, self.s_hash))[: SAMPLE_SIZE - min(len(self.p_hash), SAMPLE_SIZE // 2)]
+            old = np.lexsort((self.s_clients, self.s_hash))[
+                : SAMPLE_SIZE - min(len(self.p_hash), SAMPLE_SIZE // 2)
+            ]
             new = np.lexsort((self.p_clients, self.p_hash))[: SAMPLE_SIZE - len(old)]
             if self.s_raw.shape[1:] != self.p_raw.shape[1:]:
                 self.s_raw = np.zeros((0, self.p_raw.shape[1]), dtype=np.float32)
@@ -229,8 +236,12 @@ class ModelPopulation:
                     warm = b
                 if warm < 0:
                     continue
-                q50 = from_bin(int(np.searchsorted(cum[s, warm], 0.5 * totals[s, warm])) + 0.5, self.scales[s])
-                q75 = from_bin(int(np.searchsorted(cum[s, warm], 0.75 * totals[s, warm])) + 0.5, self.scales[s])
+                q50 = from_bin(
+                    int(np.searchsorted(cum[s, warm], 0.5 * totals[s, warm])) + 0.5, self.scales[s]
+                )
+                q75 = from_bin(
+                    int(np.searchsorted(cum[s, warm], 0.75 * totals[s, warm])) + 0.5, self.scales[s]
+                )
                 table[s, b] = (warm, q50, q75, totals[s, warm])
         self.table = table
 
@@ -300,7 +311,21 @@ class ModelPopulation:
         self.p_raw, self.p_hash, self.p_clients = data["p_raw"], data["p_hash"], data["p_clients"]
 
     def nbytes(self) -> int:
-        return int(self.hist.nbytes + self.pending.nbytes + self.s_raw.nbytes + self.p_raw.nbytes + self.sample.nbytes)
+        return int(
+            self.hist.nbytes
+            + self.pending.nbytes
+            + self.s_raw.nbytes
+            + self.p_raw.nbytes
+            + self.sample.nbytes
+        )
+
+
+def _epoch_index(records: int, first: int) -> int:
+    """Epoch boundaries at first·(1, 2, 4, 8, 16), then every 16·first records."""
+    cap = 16 * first
+    if records < cap:
+        return int(math.floor(math.log2(records / first))) + 1 if records >= first else 0
+    return 5 + (records - cap) // cap
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -21,7 +21,6 @@ from detectors.population import ModelPopulation, bucket_floor, bucket_of, tail_
 from detectors.scores import ATTACK_KINDS
 from detectors.signals import SessionSignal
 
-
 # Signals that may back up another signal but never raise a kind on their own: a heavy, honest batch
 # scorer is the most common reason for a high rate. Likewise near-duplicate streams: sensors and other smooth streams are honest near-duplicate sources
 # (the known false-positive case of Blacklight-style detectors).
@@ -34,7 +33,11 @@ class KindScores:
     __slots__ = ("reasons", "scores", "signals", "warming_up")
 
     def __init__(
-        self, scores: dict[str, float], signals: dict[str, float], reasons: list[str], warming_up: bool = False
+        self,
+        scores: dict[str, float],
+        signals: dict[str, float],
+        reasons: list[str],
+        warming_up: bool = False,
     ) -> None:
         self.scores = scores
         self.signals = signals
@@ -110,7 +113,10 @@ class CalibratedScorer:
             scores[kind] = round(value, 6)
             if value >= 0.5 * self.threshold:
                 reasons.extend(
-                    (value - 1e-3 * rank, f"{kind}: {self._reason(signals_by_index[s], texts[s], value_of[s], s)}")
+                    (
+                        value - 1e-3 * rank,
+                        f"{kind}: {self._reason(signals_by_index[s], texts[s], value_of[s], s)}",
+                    )
                     for rank, (p, s, _) in enumerate(found[:2])
                     if p <= max(p_kind, found[0][0])
                 )
@@ -118,7 +124,11 @@ class CalibratedScorer:
         return KindScores(scores, shown, [r for _, r in reasons], warming)
 
     def _reason(
-        self, signal: tuple[SessionSignal, int], base: tuple[int, float, float, float, float], value: float, s: int
+        self,
+        signal: tuple[SessionSignal, int],
+        base: tuple[int, float, float, float, float],
+        value: float,
+        s: int,
     ) -> str:
         sig, i = signal
         wb, q50, q75, total, p = base

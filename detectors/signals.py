@@ -58,9 +58,11 @@ def label_codes(labels: list[str | None]) -> np.ndarray:
             continue
         code = cache.get(label)
         if code is None:
-            code = int(label) + 1 if label.isdigit() and len(label) < 6 else (
-                (sum(label.encode()) * 2654435761 + len(label)) & 0x7FFFFFFF
-            ) | 1
+            code = (
+                int(label) + 1
+                if label.isdigit() and len(label) < 6
+                else ((sum(label.encode()) * 2654435761 + len(label)) & 0x7FFFFFFF) | 1
+            )
             cache[label] = code
         out[i] = code
     return out
@@ -153,8 +155,12 @@ def lsh_cells(zp: np.ndarray, bits: int = 12) -> np.ndarray:
     dim = zp.shape[1]
     planes = _PLANES.get(dim)
     if planes is None:
-        planes = _PLANES.setdefault(dim, np.random.default_rng(7 + dim).standard_normal((dim, bits)).astype(np.float32))
-    code = (bcast_matmul(zp, planes) > 0).astype(np.uint64) @ (np.uint64(1) << np.arange(bits, dtype=np.uint64))
+        planes = _PLANES.setdefault(
+            dim, np.random.default_rng(7 + dim).standard_normal((dim, bits)).astype(np.float32)
+        )
+    code = (bcast_matmul(zp, planes) > 0).astype(np.uint64) @ (
+        np.uint64(1) << np.arange(bits, dtype=np.uint64)
+    )
     return mix64(code)
 
 
@@ -163,7 +169,7 @@ class CellCoverageSignal(SessionSignal):
 
     name = "cells"
     OUTPUTS = (("cell_coverage", ("extraction",), "unit", 0.02),)
-    __slots__ = ("registers", "n")
+    __slots__ = ("n", "registers")
 
     def __init__(self) -> None:
         self.registers = np.zeros(256, dtype=np.uint8)
@@ -214,8 +220,10 @@ class ClassCoverageSignal(SessionSignal):
         return [round(float(np.exp(-(p * np.log(p)).sum())), 4)]
 
     def evidence(self, i: int) -> str:
-        return (f"predicted labels spread over {self.values()[0]:.1f} effective classes "
-                f"({int((self.counts > 0).sum())} seen) in {self.n} queries")
+        return (
+            f"predicted labels spread over {self.values()[0]:.1f} effective classes "
+            f"({int((self.counts > 0).sum())} seen) in {self.n} queries"
+        )
 
 
 class OutOfDistributionSignal(SessionSignal):
@@ -224,7 +232,7 @@ class OutOfDistributionSignal(SessionSignal):
 
     name = "ood"
     OUTPUTS = (("ood_share", ("extraction", "adversarial_input"), "unit", 0.01),)
-    __slots__ = ("n", "far")
+    __slots__ = ("far", "n")
 
     def __init__(self) -> None:
         self.n = 0
@@ -261,7 +269,17 @@ class PradaSignal(SessionSignal):
     OUTPUTS = (("prada_nonnormality", ("extraction",), "unit", 0.01),)
     RING: ClassVar[int] = 48
     KEEP: ClassVar[int] = 128
-    __slots__ = ("ring", "ring_labels", "filled", "cursor", "dists", "d_filled", "d_cursor", "_cache")
+    __slots__ = (
+        "_cache",
+        "cursor",
+        "d_cursor",
+        "d_filled",
+        "d_total",
+        "dists",
+        "filled",
+        "ring",
+        "ring_labels",
+    )
 
     def __init__(self) -> None:
         self.ring = np.zeros((0, 0), dtype=np.float16)
@@ -271,6 +289,7 @@ class PradaSignal(SessionSignal):
         self.dists = np.zeros(self.KEEP, dtype=np.float16)
         self.d_filled = 0
         self.d_cursor = 0
+        self.d_total = 0
         self._cache = -1.0
 
     def learn_block(self, block: QueryBlock) -> None:
@@ -297,8 +316,9 @@ class PradaSignal(SessionSignal):
             self.dists[self.d_cursor] = value
             self.d_cursor = (self.d_cursor + 1) % self.KEEP
         self.d_filled = min(self.d_filled + len(new), self.KEEP)
-        if len(new):
-            self._cache = -1.0
+        if len(new) and (self.d_total // 8) != ((self.d_total + len(new)) // 8):
+            self._cache = -1.0  # W is recomputed every 8 new distances (a fixed, count-based schedule)
+        self.d_total += len(new)
         fresh = zp[np.concatenate([[True], np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0])]
         fresh_codes = codes[np.concatenate([[True], np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0])]
         for k in range(max(0, len(fresh) - self.RING), len(fresh)):
@@ -340,8 +360,12 @@ def fingerprints(z: np.ndarray) -> np.ndarray:
         q = np.floor(z / _FP_STEP + offset).astype(np.int64).astype(np.uint64)
         windows = q[:, cols]  # (n, W, w)
         with np.errstate(over="ignore"):
-            mixed = mix64(windows + (np.arange(w, dtype=np.uint64) * np.uint64(0x632BE59BD9B4E019))[None, None, :])
-            code = mixed.sum(axis=2, dtype=np.uint64) + starts.astype(np.uint64)[None, :] * np.uint64(0x85EBCA6B)
+            mixed = mix64(
+                windows + (np.arange(w, dtype=np.uint64) * np.uint64(0x632BE59BD9B4E019))[None, None, :]
+            )
+            code = mixed.sum(axis=2, dtype=np.uint64) + starts.astype(np.uint64)[None, :] * np.uint64(
+                0x85EBCA6B
+            )
         out.append(mix64(code + np.uint64(int(offset * 2))))
     return (np.concatenate(out, axis=1) >> np.uint64(32)).astype(np.uint32)
 
@@ -357,7 +381,7 @@ class NearDuplicateChainSignal(SessionSignal):
         ("label_flip_share", ("boundary_probing",), "unit", 0.01),
     )
     RING: ClassVar[int] = 32
-    __slots__ = ("ring", "ring_exact", "ring_labels", "filled", "cursor", "n", "near", "flips")
+    __slots__ = ("cursor", "filled", "flips", "n", "near", "ring", "ring_exact", "ring_labels")
 
     def __init__(self) -> None:
         self.ring = np.zeros((0, 0), dtype=np.uint32)
@@ -422,7 +446,7 @@ class StepGeometrySignal(SessionSignal):
         ("halving_step_share", ("boundary_probing",), "unit", 0.01),
         ("sparse_step_share", ("boundary_probing",), "unit", 0.01),
     )
-    __slots__ = ("last", "last_step", "moves", "halving", "sparse")
+    __slots__ = ("halving", "last", "last_step", "moves", "sparse")
 
     def __init__(self) -> None:
         self.last = np.zeros(0, dtype=np.float32)
@@ -581,5 +605,7 @@ DEFAULT_SIGNALS: tuple[type[SessionSignal], ...] = (
 )
 
 
-def output_specs(signal_types: tuple[type[SessionSignal], ...]) -> list[tuple[str, tuple[str, ...], str, float]]:
+def output_specs(
+    signal_types: tuple[type[SessionSignal], ...],
+) -> list[tuple[str, tuple[str, ...], str, float]]:
     return [spec for t in signal_types for spec in t.OUTPUTS]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import math
-from datetime import datetime
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -159,14 +159,18 @@ class RecordDecoder:
         records: list[QueryRecord] = []
         for i, (record, _, payload, key) in enumerate(accepted):
             if i in rejected:
-                letters.append(DeadLetter(reason=rejected[i], payload=payload, position=record.position, key=key))
+                letters.append(
+                    DeadLetter(reason=rejected[i], payload=payload, position=record.position, key=key)
+                )
             else:
                 records.append(record)
         return records, letters
 
     def _decode_fields(self, payload: bytes, position: SourcePosition) -> tuple[QueryRecord, _WireRecord]:
         if len(payload) > self.max_record_bytes:
-            raise InvalidRecord(f"record is {len(payload)} bytes, over the {self.max_record_bytes}-byte limit")
+            raise InvalidRecord(
+                f"record is {len(payload)} bytes, over the {self.max_record_bytes}-byte limit"
+            )
         if not payload.strip():
             raise InvalidRecord("empty record")
         wire = self._decoder.decode(payload)
@@ -206,10 +210,14 @@ class RecordDecoder:
             if not vector:
                 raise InvalidRecord("input.vector is empty")
             if len(vector) > self.max_vector_len:
-                raise InvalidRecord(f"input.vector has {len(vector)} values, over the {self.max_vector_len} limit")
+                raise InvalidRecord(
+                    f"input.vector has {len(vector)} values, over the {self.max_vector_len} limit"
+                )
             expected = self.input_dims.setdefault(wire.model_id, len(vector))
             if len(vector) != expected:
-                raise InvalidRecord(f"input.vector has {len(vector)} values; model {wire.model_id!r} takes {expected}")
+                raise InvalidRecord(
+                    f"input.vector has {len(vector)} values; model {wire.model_id!r} takes {expected}"
+                )
         return record, wire
 
     @staticmethod
@@ -226,12 +234,14 @@ class RecordDecoder:
                 lists.append(values)
         return groups
 
-    def _attach_vectors(self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]) -> dict[int, str]:
+    def _attach_vectors(
+        self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]
+    ) -> dict[int, str]:
         rejected: dict[int, str] = {}
         for rows, lists in self._by_length(accepted, "vector").values():
             with np.errstate(over="ignore"):  # values beyond float32 become Inf and are rejected below
                 matrix = np.asarray(lists, dtype=np.float32)
-            finite = np.isfinite(matrix).all(axis=1)
+            finite = np.asarray(np.isfinite(matrix).all(axis=1))
             for j, i in enumerate(rows):
                 if finite[j]:
                     accepted[i][0].vector = matrix[j]
@@ -239,12 +249,18 @@ class RecordDecoder:
                     rejected[i] = "input.vector contains NaN or Inf (or values beyond float32)"
         return rejected
 
-    def _attach_outputs(self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]) -> dict[int, str]:
+    def _attach_outputs(
+        self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]
+    ) -> dict[int, str]:
         rejected: dict[int, str] = {}
         for width, (rows, lists) in self._by_length(accepted, "probs").items():
             with np.errstate(over="ignore"):
                 matrix = np.asarray(lists, dtype=np.float32)
-            valid = np.isfinite(matrix).all(axis=1) & (matrix >= -1e-6).all(axis=1) & (matrix <= 1 + 1e-6).all(axis=1)
+            valid = np.asarray(
+                np.isfinite(matrix).all(axis=1)
+                & (matrix >= -1e-6).all(axis=1)
+                & (matrix <= 1 + 1e-6).all(axis=1)
+            )
             top = matrix.argmax(axis=1)
             confidence = matrix[np.arange(len(rows)), top]
             margin = confidence - np.partition(matrix, -2, axis=1)[:, -2] if width > 1 else None

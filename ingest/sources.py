@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 import msgspec
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
@@ -68,7 +68,7 @@ class FileSource:
         self._raw = raw
         if raw.read(2) == b"\x1f\x8b":
             raw.seek(0)
-            return gzip.GzipFile(fileobj=raw)
+            return cast(IO[bytes], gzip.GzipFile(fileobj=raw))
         raw.seek(0)
         return raw
 
@@ -212,4 +212,3 @@ class _RebalanceListener(ConsumerRebalanceListener):
         log.info("partitions assigned: %s", partitions)
         if self.source._on_assigned and partitions:
             self.source._on_assigned(partitions)
-

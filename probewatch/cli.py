@@ -89,16 +89,46 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate",
         help="write realistic query-log traffic (benign clients and attackers) as JSON lines",
-        description="Generate query-log records against a real model, with a ground-truth file of who attacked.",
+        description="Generate query-log records against a real model, with a ground-truth file of who "
+        "attacked. The default victim ('gaussian') needs numpy only; the scikit-learn victims (digits, "
+        "breast_cancer, wine) need `pip install 'probewatch[simulate]'`, which also brings IBM's "
+        "adversarial-robustness-toolbox (HopSkipJump and Boundary Attack then run through ART; everything "
+        "else uses the built-in numpy implementations, and the truth file says which).",
     )
     sim.add_argument("--out", required=True, metavar="PATH", help="output JSON lines (.gz to compress)")
     sim.add_argument("--truth", metavar="PATH", help="write client ground truth (JSON lines) here")
+    sim.add_argument("--victim", default="gaussian", help="gaussian (numpy only), digits, breast_cancer, wine")
     sim.add_argument("--benign-clients", type=int, default=40)
-    sim.add_argument("--attackers", type=int, default=4, help="attackers per attack kind")
+    sim.add_argument("--attackers", type=int, default=4, help="attackers per attack variant")
+    sim.add_argument(
+        "--attacks",
+        default="random,hopskipjump",
+        help="comma-separated attack variants, or 'all': random, knockoff, copycat (extraction); "
+        "hopskipjump, boundary, simba, square (boundary probing); transfer (adversarial inputs)",
+    )
+    sim.add_argument("--modes", default="", help="extra attackers: comma-separated slow, interleaved, sybil")
+    sim.add_argument("--outputs", choices=["probs", "label"], default="probs", help="label: label-only outputs")
+    sim.add_argument("--no-vectors", action="store_true", help="omit input.vector from the records")
+    sim.add_argument("--art", choices=["auto", "yes", "no"], default="auto", help="ART for HSJ / Boundary")
     sim.add_argument("--queries", type=int, default=400, help="queries per client (about)")
     sim.add_argument("--seed", type=int, default=7)
     sim.add_argument("--malformed", type=int, default=20, help="malformed records mixed in (for the DLQ)")
     sim.set_defaults(handler=cmd_simulate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="measure the detectors on a labelled log (detection, false positives, queries to detection)",
+        description="Run the detectors (SessionDetector + ThresholdPolicy, no storage) over a query log and "
+        "compare with the ground truth written by `probewatch simulate --truth`.",
+    )
+    ev.add_argument("--input", required=True, metavar="LOGS", help="JSON lines (.gz ok)")
+    ev.add_argument("--truth", required=True, metavar="LABELS", help="ground-truth JSON lines")
+    ev.add_argument("--threshold", type=float, default=0.8, help="alert threshold (as detection.alert_threshold)")
+    ev.add_argument("--min-queries", type=int, default=10, help="queries in a session before it may alert")
+    ev.add_argument("--budget", type=float, default=1e-3, help="false-alarm budget per evaluation and kind")
+    ev.add_argument("--batch", type=int, default=2000, help="records per micro-batch")
+    ev.add_argument("--json", action="store_true", help="print the full report as JSON")
+    ev.set_defaults(handler=cmd_eval)
     return parser
 
 
@@ -129,18 +159,57 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from probewatch.simulate import SimulationPlan, write_simulation
+    from probewatch.simulate import ATTACK_VARIANTS, MissingExtra, SimulationPlan, write_simulation
 
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    names = [a for a in args.attacks.split(",") if a]
+    attacks = tuple(ATTACK_VARIANTS) if args.attacks == "all" else tuple(names)
     plan = SimulationPlan(
         benign_clients=args.benign_clients,
         attackers_per_kind=args.attackers,
         queries_per_client=args.queries,
         malformed=args.malformed,
         seed=args.seed,
+        victim=args.victim,
+        attacks=attacks,
+        modes=tuple(m for m in args.modes.split(",") if m),
+        outputs=args.outputs,
+        include_vectors=not args.no_vectors,
+        use_art=args.art,
     )
-    stats = write_simulation(plan, args.out, args.truth)
-    print(f"wrote {stats['records']} records from {stats['clients']} clients to {args.out}", file=sys.stderr)
+    try:
+        stats = write_simulation(plan, args.out, args.truth)
+    except (MissingExtra, ValueError) as exc:
+        print(f"probewatch: {exc}", file=sys.stderr)
+        return 2
+    impl = ", ".join(f"{k}={v}" for k, v in stats["implementations"].items())
+    print(
+        f"wrote {stats['records']} records from {stats['clients']} clients to {args.out} "
+        f"(victim {stats['victim']}; attacks: {impl})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from probewatch.evaluate import evaluate, format_report
+
+    report = evaluate(
+        args.input,
+        args.truth,
+        batch_records=args.batch,
+        detector_options={
+            "alert_threshold": args.threshold,
+            "min_queries": args.min_queries,
+            "false_alarm_budget": args.budget,
+        },
+    )
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
+    else:
+        print(format_report(report))
     return 0
 
 

@@ -64,9 +64,11 @@ class EvalReport(msgspec.Struct):
 
     def detection_rate(self) -> float:
         groups = _groups(self.attackers())
-        return sum(any(o.first_alert_queries is not None for o in g) for g in groups.values()) / len(groups) if (
-            groups
-        ) else 0.0
+        return (
+            sum(any(o.first_alert_queries is not None for o in g) for g in groups.values()) / len(groups)
+            if (groups)
+            else 0.0
+        )
 
 
 def _groups(outcomes: list[ClientOutcome]) -> dict[str, list[ClientOutcome]]:
@@ -107,7 +109,11 @@ def evaluate(
     decoder = RecordDecoder()
     outcomes = {
         key: ClientOutcome(
-            client_id=key[1], model_id=key[0], label=row["label"], variant=row.get("variant", ""), group=row.get("group")
+            client_id=key[1],
+            model_id=key[0],
+            label=row["label"],
+            variant=row.get("variant", ""),
+            group=row.get("group"),
         )
         for key, row in truth.items()
     }
@@ -116,7 +122,10 @@ def evaluate(
     state_sizes: list[int] = []
     busy = 0.0
     for start in range(0, len(lines), batch_records):
-        messages = [(line, SourcePosition("eval", 0, start + i), None) for i, line in enumerate(lines[start : start + batch_records])]
+        messages = [
+            (line, SourcePosition("eval", 0, start + i), None)
+            for i, line in enumerate(lines[start : start + batch_records])
+        ]
         records, letters = decoder.decode_batch(messages)
         dead += len(letters)
         records_total += len(messages)
@@ -190,13 +199,20 @@ def format_report(report: EvalReport) -> str:
             groups = _groups(group)
             detected = sum(any(o.first_alert_queries is not None for o in g) for g in groups.values())
             right = sum(any(o.right_kind_queries is not None for o in g) for g in groups.values())
-            qtd = [min(o.first_alert_queries for o in g if o.first_alert_queries is not None)
-                   for g in groups.values() if any(o.first_alert_queries is not None for o in g)]
-            out.append(f"{name:<34}{f'{detected}/{len(groups)}':>10}{f'{right}/{len(groups)}':>12}{_qtd(qtd):>36}")
+            qtd = [
+                min(o.first_alert_queries for o in g if o.first_alert_queries is not None)
+                for g in groups.values()
+                if any(o.first_alert_queries is not None for o in g)
+            ]
+            out.append(
+                f"{name:<34}{f'{detected}/{len(groups)}':>10}{f'{right}/{len(groups)}':>12}{_qtd(qtd):>36}"
+            )
     benign = report.benign()
     flagged = [o for o in benign if o.first_alert_queries is not None]
     out.append("")
-    out.append(f"benign clients flagged: {len(flagged)}/{len(benign)} (FP rate {report.false_positive_rate():.1%})")
+    out.append(
+        f"benign clients flagged: {len(flagged)}/{len(benign)} (FP rate {report.false_positive_rate():.1%})"
+    )
     for variant in sorted({o.variant for o in benign}):
         members = [o for o in benign if o.variant == variant]
         fp = [o for o in members if o.first_alert_queries is not None]

@@ -396,7 +396,9 @@ def _square(v: Victim, rng: np.random.Generator, n: int) -> np.ndarray:
         size = max(1, int(round(v.dim * 0.3 * 0.9 ** (it // 10))))
         start = int(rng.integers(0, v.dim - size + 1))
         cand = x.copy()
-        cand[start : start + size] = x0[start : start + size] + eps[start : start + size] * rng.choice([-1.0, 1.0])
+        cand[start : start + size] = x0[start : start + size] + eps[start : start + size] * rng.choice(
+            [-1.0, 1.0]
+        )
         cand = v.clip(cand)
         loss = _margin_loss(oracle.probs(cand)[0], y0)
         if loss < best:
@@ -455,7 +457,9 @@ def _art_evasion(variant: str, v: Victim, rng: np.random.Generator, n: int) -> n
         def fit(self, x: np.ndarray, y: np.ndarray) -> None:  # ART's interface; never called here
             raise NotImplementedError
 
-    classifier = ScikitlearnClassifier(_Logged(v.sklearn_model), clip_values=(float(v.low.min()), float(v.high.max())))
+    classifier = ScikitlearnClassifier(
+        _Logged(v.sklearn_model), clip_values=(float(v.low.min()), float(v.high.max()))
+    )
     seed = int(rng.integers(0, 2**31 - 1))
     np_state = np.random.get_state()
     np.random.seed(seed)  # ART draws from numpy's global generator
@@ -465,8 +469,9 @@ def _art_evasion(variant: str, v: Victim, rng: np.random.Generator, n: int) -> n
             if variant == "hopskipjump":
                 attack: Any = HopSkipJump(classifier, max_iter=50, max_eval=100, init_eval=10, verbose=False)
             else:
-                attack = BoundaryAttack(classifier, targeted=False, max_iter=200, num_trial=5, sample_size=5,
-                                        verbose=False)
+                attack = BoundaryAttack(
+                    classifier, targeted=False, max_iter=200, num_trial=5, sample_size=5, verbose=False
+                )
             before = len(queries)
             attack.generate(x0)
             if len(queries) == before:
@@ -485,7 +490,9 @@ NUMPY_ATTACKS: dict[str, Callable[[Victim, np.random.Generator, int], np.ndarray
 }
 
 
-def attack_queries(variant: str, v: Victim, rng: np.random.Generator, n: int, use_art: bool) -> tuple[np.ndarray, str]:
+def attack_queries(
+    variant: str, v: Victim, rng: np.random.Generator, n: int, use_art: bool
+) -> tuple[np.ndarray, str]:
     """The queries one attacker sends, and which implementation made them ("art" or "numpy")."""
     if variant in EXTRACTION:
         return _extraction(variant, v, rng, n), "numpy"
@@ -500,7 +507,13 @@ def _iso(ts: float) -> str:
 
 
 def _records(
-    client: str, ip: str, x: np.ndarray, ts: np.ndarray, v: Victim, rng: np.random.Generator, plan: SimulationPlan
+    client: str,
+    ip: str,
+    x: np.ndarray,
+    ts: np.ndarray,
+    v: Victim,
+    rng: np.random.Generator,
+    plan: SimulationPlan,
 ) -> Iterator[tuple[float, dict[str, Any]]]:
     probs = v.predict_proba(x)
     for i in range(len(x)):
@@ -548,7 +561,9 @@ def write_simulation(plan: SimulationPlan, out: str, truth: str | None = None) -
     victim = make_victim(plan, rng)
     use_art = plan.use_art == "yes" or (plan.use_art == "auto" and art_available())
     if plan.use_art == "yes" and not art_available():
-        raise MissingExtra("use_art='yes' needs adversarial-robustness-toolbox: pip install 'probewatch[simulate]'")
+        raise MissingExtra(
+            "use_art='yes' needs adversarial-robustness-toolbox: pip install 'probewatch[simulate]'"
+        )
     unknown = [a for a in plan.attacks if a not in ATTACK_VARIANTS]
     if unknown:
         raise ValueError(f"unknown attack variant(s) {unknown}; choose from {', '.join(ATTACK_VARIANTS)}")
@@ -579,20 +594,42 @@ def write_simulation(plan: SimulationPlan, out: str, truth: str | None = None) -
                 if mode == "interleaved":  # the attacker's queries hidden among its ordinary traffic
                     cover, cover_ts = _benign("normal", victim, rng, len(x))
                     x = np.concatenate([x, cover])
-                    ts = np.concatenate([ts, start + (cover_ts - cover_ts.min()) * (ts.max() - start) / max(
-                        cover_ts.max() - cover_ts.min(), 1e-9)])
+                    ts = np.concatenate(
+                        [
+                            ts,
+                            start
+                            + (cover_ts - cover_ts.min())
+                            * (ts.max() - start)
+                            / max(cover_ts.max() - cover_ts.min(), 1e-9),
+                        ]
+                    )
                 if mode == "sybil":
                     keys = rng.integers(0, plan.sybil_keys, size=len(x))
                     for k in range(plan.sybil_keys):
                         sub = f"{client}-key{k}"
                         pick = keys == k
                         rows.extend(_records(sub, f"{ip_base}{20 + k}", x[pick], ts[pick], victim, rng, plan))
-                        labels.append({"client_id": sub, "model_id": plan.model_id, "label": kind,
-                                       "variant": f"{variant}-sybil", "impl": impl, "group": client})
+                        labels.append(
+                            {
+                                "client_id": sub,
+                                "model_id": plan.model_id,
+                                "label": kind,
+                                "variant": f"{variant}-sybil",
+                                "impl": impl,
+                                "group": client,
+                            }
+                        )
                     continue
                 rows.extend(_records(client, f"{ip_base}{10 + j}", x, ts, victim, rng, plan))
-                labels.append({"client_id": client, "model_id": plan.model_id, "label": kind,
-                               "variant": f"{variant}{'-' + mode if mode else ''}", "impl": impl})
+                labels.append(
+                    {
+                        "client_id": client,
+                        "model_id": plan.model_id,
+                        "label": kind,
+                        "variant": f"{variant}{'-' + mode if mode else ''}",
+                        "impl": impl,
+                    }
+                )
     rows.sort(key=lambda item: item[0])
     encoder = msgspec.json.Encoder()
     lines = [encoder.encode(r) for _, r in rows]

@@ -40,10 +40,12 @@ from storage.models import (
 )
 from storage.rows import sample_event
 from storage.schema import SCHEMA_VERSION
+from storage.sql import BindError
 
 __all__ = [
     "SCHEMA_VERSION",
     "BatchStats",
+    "BindError",
     "Delivery",
     "DeliveryStatus",
     "StorageError",

@@ -117,8 +117,11 @@ def sample_event(position: SourcePosition, rate: float) -> bool:
 
 
 def _pairs(mapping: Mapping[str, float]) -> tuple[list[str], list[float]]:
+    """Names (sorted, so replays write identical rows) and their values as floats."""
+    if not mapping:
+        return [], []
     names = sorted(mapping)
-    return names, [float(mapping[name]) for name in names]
+    return names, list(map(float, map(mapping.__getitem__, names)))
 
 
 class RowBuilder:

@@ -335,3 +335,42 @@ def test_alert_text_for_the_on_call_engineer() -> None:
         "Runbook:   https://runbooks.local/probewatch",
     ):
         assert needle in text, needle
+
+
+def test_cli_alerts_test_reports_each_receiver(
+    server: RecordingServer, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from probewatch.cli import main
+
+    secret = tmp_path / "routing_key"
+    secret.write_text("PDKEY-FROM-FILE\n")
+    config = tmp_path / "pw.toml"
+    config.write_text(
+        f"""
+[alerting]
+console = false
+[alerting.receivers.siem]
+type = "webhook"
+url = "{server.url}/hook"
+hmac_secret = "s3cret"
+[alerting.receivers.oncall]
+type = "pagerduty"
+url = "{server.url}/v2/enqueue"
+routing_key_file = "{secret}"
+min_severity = "high"
+"""
+    )
+    assert main(["alerts", "test", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "ok    oncall" in out and "ok    siem" in out and "2 of 2 receivers" in out
+    by_path = {r.path: r.json() for r in server.requests}
+    assert by_path["/v2/enqueue"]["routing_key"] == "PDKEY-FROM-FILE"
+    assert by_path["/v2/enqueue"]["payload"]["severity"] == "error"  # raised to the receiver's min (high)
+    assert by_path["/hook"]["alert"]["notification"] == "test"
+    server.script = [400]
+    assert main(["alerts", "test", "--config", str(config), "--receiver", "oncall"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  oncall" in out and "HTTP 400" in out and "PDKEY" not in out
+    assert main(["config", "--config", str(config)]) == 0
+    shown = capsys.readouterr().out
+    assert "PDKEY" not in shown and "s3cret" not in shown and '"routing_key": "***"' in shown

@@ -27,7 +27,7 @@ def test_toml_then_environment_then_overrides(tmp_path: Path) -> None:
 
 
 def test_errors_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="kafka.batch_max_records"):
+    with pytest.raises(ConfigError, match=r"kafka\.batch_max_records"):
         load_config(environ={"PROBEWATCH__KAFKA__BATCH_MAX_RECORDS": "many"})
     with pytest.raises(ConfigError, match="Object contains unknown field `batchsize`"):
         load_config(environ={"PROBEWATCH__KAFKA__BATCHSIZE": "1"})

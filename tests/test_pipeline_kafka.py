@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from clickhouse_driver import Client
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from probewatch.simulate import SimulationPlan, write_simulation
 
@@ -42,7 +42,10 @@ class Scenario:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     path = tmp_path_factory.mktemp("kafka") / "logs.jsonl"
-    write_simulation(SimulationPlan(benign_clients=12, attackers_per_kind=2, queries_per_client=150, malformed=15), str(path))
+    write_simulation(
+        SimulationPlan(benign_clients=12, attackers_per_kind=2, queries_per_client=150, malformed=15),
+        str(path),
+    )
     return Scenario(path)
 
 
@@ -138,14 +141,21 @@ def dlq_documents(bootstrap: str, topic: str) -> list[dict[str, object]]:
 
 
 def check_results(env: dict[str, str], scenario: Scenario) -> Client:
-    client = Client(host=env["PROBEWATCH__STORAGE__CLICKHOUSE__HOST"], port=int(env["PROBEWATCH__STORAGE__CLICKHOUSE__PORT"]))
+    client = Client(
+        host=env["PROBEWATCH__STORAGE__CLICKHOUSE__HOST"],
+        port=int(env["PROBEWATCH__STORAGE__CLICKHOUSE__PORT"]),
+    )
     db = env["PROBEWATCH__STORAGE__DATABASE"]
     # Every valid record is stored exactly once (as readers see it), under its own source offset.
     events = client.execute(f"SELECT source_partition, source_offset FROM {db}.events FINAL")
     assert len(events) == len(set(events)) == len(scenario.valid)
     # No session restarted from zero: each session's final query count covers all its records.
     expected = Counter(str(doc["client_id"]) for doc in scenario.valid)
-    stored = dict(client.execute(f"SELECT client_id, max(client_queries) FROM {db}.session_scores FINAL GROUP BY client_id"))
+    stored = dict(
+        client.execute(
+            f"SELECT client_id, max(client_queries) FROM {db}.session_scores FINAL GROUP BY client_id"
+        )
+    )
     assert stored == dict(expected)
     # Alerts: no duplicates as readers see them; every attacker alerted.
     alert_rows = client.execute(f"SELECT alert_id, client_id, status FROM {db}.alerts FINAL")
@@ -163,7 +173,11 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
     produce(kafka_bootstrap, topic, scenario)
     worker = Worker(pipeline_env, tmp_path / "worker.log")
     try:
-        wait_until(lambda: committed_total(kafka_bootstrap, group, topic, 3) == len(scenario.lines), 180, "all offsets committed")
+        wait_until(
+            lambda: committed_total(kafka_bootstrap, group, topic, 3) == len(scenario.lines),
+            180,
+            "all offsets committed",
+        )
     finally:
         code = worker.stop()
     assert code == 0, (tmp_path / "worker.log").read_text()[-3000:]
@@ -171,8 +185,20 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
     docs = dlq_documents(kafka_bootstrap, topic)
     assert sorted(str(d["payload"]).encode() for d in docs) == sorted(scenario.malformed)
     assert all(d["reason"] and "offset" in d["source"] for d in docs)  # type: ignore[operator]
-    alerts = [json.loads(line) for line in Path(pipeline_env["PROBEWATCH__ALERTING__JSONL_PATH"]).read_text().splitlines()]
-    assert {"client_id", "model_id", "kind", "score", "severity", "n_queries", "event_time", "reasons"} <= set(alerts[0])
+    alerts = [
+        json.loads(line)
+        for line in Path(pipeline_env["PROBEWATCH__ALERTING__JSONL_PATH"]).read_text().splitlines()
+    ]
+    assert {
+        "client_id",
+        "model_id",
+        "kind",
+        "score",
+        "severity",
+        "n_queries",
+        "event_time",
+        "reasons",
+    } <= set(alerts[0])
 
 
 def test_kill_and_restart_loses_nothing_and_stores_nothing_twice(
@@ -185,12 +211,20 @@ def test_kill_and_restart_loses_nothing_and_stores_nothing_twice(
     wait_until(lambda: committed_total(kafka_bootstrap, group, topic, 3) > 0, 120, "a first commit")
     first.stop(signal.SIGKILL)  # mid-stream, no chance to clean up
     done_before = committed_total(kafka_bootstrap, group, topic, 3)
-    assert done_before < len(scenario.lines), "the worker finished before it could be killed; make the batches smaller"
+    assert done_before < len(scenario.lines), (
+        "the worker finished before it could be killed; make the batches smaller"
+    )
     second = Worker(pipeline_env, tmp_path / "worker.log")
     try:
-        wait_until(lambda: committed_total(kafka_bootstrap, group, topic, 3) == len(scenario.lines), 180, "all offsets committed")
+        wait_until(
+            lambda: committed_total(kafka_bootstrap, group, topic, 3) == len(scenario.lines),
+            180,
+            "all offsets committed",
+        )
     finally:
         assert second.stop() == 0, (tmp_path / "worker.log").read_text()[-3000:]
     check_results(pipeline_env, scenario)
     payloads = {str(d["payload"]).encode() for d in dlq_documents(kafka_bootstrap, topic)}
-    assert payloads == set(scenario.malformed)  # at-least-once: a replay may repeat a dead letter, never lose one
+    assert payloads == set(
+        scenario.malformed
+    )  # at-least-once: a replay may repeat a dead letter, never lose one

@@ -40,7 +40,11 @@ def test_valid_record_is_normalised() -> None:
 
 @pytest.mark.parametrize(
     ("ts", "expected"),
-    [(1793491201.25, 1793491201.25), (1793491201250, 1793491201.25), ("2026-11-01T01:00:01.25+01:00", 1793491201.25)],
+    [
+        (1793491201.25, 1793491201.25),
+        (1793491201250, 1793491201.25),
+        ("2026-11-01T01:00:01.25+01:00", 1793491201.25),
+    ],
 )
 def test_event_time_forms(ts: object, expected: float) -> None:
     record = decode(good(ts=ts))
@@ -73,7 +77,10 @@ def test_label_only_and_score_outputs() -> None:
         (good(input={"vector": []}), "input.vector is empty"),
         (good(input={"vector": ["a"]}), "contract violation"),
         (good(input={"vector": [1e39]}), "NaN or Inf"),
-        (b'{"ts": 1793491201, "client_id": "a", "model_id": "m", "input": {"vector": [NaN]}}', "not valid JSON"),
+        (
+            b'{"ts": 1793491201, "client_id": "a", "model_id": "m", "input": {"vector": [NaN]}}',
+            "not valid JSON",
+        ),
         (b'{"ts": 1793491201, "client_id": "a", "model_id": "m", "latency_ms": 1e999}', "out of range"),
         (good(client_id="x" * 600), "longer than 512"),
     ],
@@ -99,14 +106,25 @@ def test_vector_length_is_fixed_per_model_by_first_record_or_config() -> None:
 def test_size_caps() -> None:
     decoder = RecordDecoder(max_record_bytes=200, max_vector_len=4)
     assert "byte limit" in decode(good(pad="x" * 300), decoder).reason  # type: ignore[union-attr]
-    assert "over the 4 limit" in decode(good(input={"vector": [1.0] * 5}), RecordDecoder(max_vector_len=4)).reason  # type: ignore[union-attr]
+    assert (
+        "over the 4 limit"
+        in decode(good(input={"vector": [1.0] * 5}), RecordDecoder(max_vector_len=4)).reason
+    )  # type: ignore[union-attr]
 
 
 def test_batch_keeps_every_message_exactly_once() -> None:
-    payloads = [good(), b"junk", good(output={"probs": [2.0, 0.1]}), good(client_id="b"), good(input={"vector": [1e39, 1, 1]})]
+    payloads = [
+        good(),
+        b"junk",
+        good(output={"probs": [2.0, 0.1]}),
+        good(client_id="b"),
+        good(input={"vector": [1e39, 1, 1]}),
+    ]
     messages = [(p, SourcePosition("t", 0, i), None) for i, p in enumerate(payloads)]
     records, letters = RecordDecoder().decode_batch(messages)
-    assert sorted([r.position.offset for r in records] + [x.position.offset for x in letters]) == list(range(5))
+    assert sorted([r.position.offset for r in records] + [x.position.offset for x in letters]) == list(
+        range(5)
+    )
     assert [r.position.offset for r in records] == [0, 3]
 
 

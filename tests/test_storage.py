@@ -16,6 +16,7 @@ import random
 import re
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,13 +62,10 @@ from storage.schema import (
 )
 from storage.sql import BindError, bind, quote_string, render_literal, validate_identifier
 
-try:  # the shared fixtures of tests/conftest.py (clickhouse_server fails loudly when the server is down)
-    from tests.conftest import unique_name
-except ImportError:  # pragma: no cover - conftest is not importable as a module in some layouts
-    import uuid
 
-    def unique_name(prefix: str) -> str:
-        return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+def unique_name(prefix: str) -> str:
+    """A database name no other test (run) uses."""
+    return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
 
 NOW = float(int(time.time())) + 0.25  # recent: TTL'd tables keep the rows on every backend

@@ -1,0 +1,170 @@
+"""Each signal's behaviour, bounded state, and the population calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from detectors.engine import SessionDetector
+from detectors.population import ModelPopulation, bucket_of, tail_probability
+from detectors.scoring import CalibratedScorer
+from detectors.signals import (
+    DEFAULT_SIGNALS,
+    CellCoverageSignal,
+    ClassCoverageSignal,
+    InputShapeSignal,
+    NearDuplicateChainSignal,
+    PradaSignal,
+    QueryBlock,
+    StepGeometrySignal,
+    exact_hashes,
+    label_codes,
+    output_specs,
+)
+from ingest.records import QueryRecord, SourcePosition
+
+
+def block(z: np.ndarray | None, labels: list[str | None] | None = None, pop: ModelPopulation | None = None) -> QueryBlock:
+    n = len(z) if z is not None else len(labels or [])
+    labels = labels if labels is not None else ["0"] * n
+    return QueryBlock(
+        ts=np.arange(n, dtype=np.float64),
+        vectors=None if z is None else z.astype(np.float32),
+        margins=np.full(n, np.nan, dtype=np.float32),
+        confidences=np.full(n, np.nan, dtype=np.float32),
+        labels=labels,
+        label_codes=label_codes(labels),
+        z=None if z is None else z.astype(np.float32),
+        zp=None if z is None else z.astype(np.float32),
+        exact=None if z is None else exact_hashes(z.astype(np.float32)),
+        population=pop,
+    )
+
+
+def test_cell_coverage_separates_space_filling_from_clustered_queries() -> None:
+    rng = np.random.default_rng(0)
+    spread, clustered = CellCoverageSignal(), CellCoverageSignal()
+    spread.learn_block(block(rng.uniform(-3, 3, size=(300, 8))))
+    clustered.learn_block(block(rng.normal(2.0, 0.2, size=(300, 8))))
+    assert spread.values()[0] > 0.5 > 0.2 > clustered.values()[0]
+
+
+def test_class_coverage_works_label_only_without_vectors() -> None:
+    one, every = ClassCoverageSignal(), ClassCoverageSignal()
+    one.learn_block(block(None, ["3"] * 100))
+    every.learn_block(block(None, [str(i % 10) for i in range(100)]))
+    assert one.values()[0] == 1.0
+    assert 9.5 < every.values()[0] <= 10.0
+
+
+def test_prada_flags_synthetic_queries_and_keeps_a_bounded_ring() -> None:
+    rng = np.random.default_rng(1)
+    natural, synthetic = PradaSignal(), PradaSignal()
+    natural.learn_block(block(rng.normal(size=(400, 8))))
+    # JbDA-like: a few seeds, each followed by tiny perturbations of itself
+    seeds = rng.normal(size=(8, 8))
+    queries = np.concatenate([s + rng.normal(0, 0.01, size=(50, 8)) * (1 + (i % 2) * 40) for i, s in enumerate(seeds)])
+    synthetic.learn_block(block(queries))
+    assert synthetic.values()[0] > natural.values()[0]
+    assert natural.ring.shape[0] == PradaSignal.RING and natural.dists.shape[0] == PradaSignal.KEEP
+
+
+def test_near_duplicates_exclude_retries_and_count_label_flips() -> None:
+    rng = np.random.default_rng(2)
+    walk = np.cumsum(rng.normal(0, 0.01, size=(100, 8)), axis=0)
+    sensor, retries, probe = NearDuplicateChainSignal(), NearDuplicateChainSignal(), NearDuplicateChainSignal()
+    sensor.learn_block(block(walk))
+    retries.learn_block(block(np.repeat(rng.normal(size=(20, 8)) * 3, 5, axis=0)))
+    probe.learn_block(block(walk, [str(i % 2) for i in range(100)]))  # labels alternate across tiny steps
+    assert sensor.values()[0] > 0.9 and sensor.values()[1] == 0.0
+    assert retries.values()[0] == 0.0  # identical re-sends are not near-duplicates
+    assert probe.values()[1] > 0.9
+
+
+def test_step_geometry_sees_binary_search_and_coordinate_wise_steps() -> None:
+    x0, x1 = np.zeros(8), np.ones(8)
+    lo, hi, seq = 0.0, 1.0, []
+    for k in range(40):  # bisection: every step half the previous one
+        mid = (lo + hi) / 2
+        seq.append(x0 + mid * (x1 - x0))
+        lo, hi = (mid, hi) if k % 2 else (lo, mid)
+    bisect = StepGeometrySignal()
+    bisect.learn_block(block(np.array(seq)))
+    simba = StepGeometrySignal()
+    rng = np.random.default_rng(3)
+    x, out = np.zeros(20), []
+    for i in rng.integers(0, 20, size=60):
+        x = x.copy()
+        x[i] += 0.3
+        out.append(x)
+    simba.learn_block(block(np.array(out)))
+    assert bisect.values()[0] > 0.9
+    assert simba.values()[1] > 0.9 and simba.values()[0] < 0.2
+
+
+def test_pinned_share_reads_the_population_bounds() -> None:
+    pop = ModelPopulation("m", 1)
+    pop.low, pop.high = np.zeros(8, dtype=np.float32), np.full(8, 16.0, dtype=np.float32)
+    clipped, natural = InputShapeSignal(), InputShapeSignal()
+    rng = np.random.default_rng(4)
+    clipped.learn_block(block(np.clip(rng.normal(8, 20, size=(50, 8)), 0, 16), pop=pop))
+    natural.learn_block(block(rng.uniform(4, 12, size=(50, 8)), pop=pop))
+    assert clipped.values()[0] > 0.5 > 0.01 > natural.values()[0]
+
+
+def test_state_per_client_is_bounded_and_kilobytes() -> None:
+    rng = np.random.default_rng(5)
+    detector = SessionDetector(epoch_records=500, min_population=2)
+    sizes = []
+    for n_batch in range(4):
+        vectors = rng.normal(size=(2000, 64)).astype(np.float32)
+        detector.process(
+            [
+                QueryRecord(
+                    ts=1.8e9 + n_batch * 2000 + i,
+                    client_id=f"c{i % 3}",
+                    model_id="m",
+                    position=SourcePosition("t", 0, n_batch * 2000 + i),
+                    vector=vectors[i],
+                    label=str(i % 7),
+                    margin=0.5,
+                )
+                for i in range(2000)
+            ]
+        )
+        sizes.append(max(c.nbytes() for c in detector.clients.values()))
+    assert sizes[1] == sizes[-1] < 16 * 1024
+    assert sum(p.nbytes() for p in detector.populations.values()) < 1024 * 1024
+
+
+def test_tail_probability_is_monotone_and_robust_to_spread() -> None:
+    ps = [tail_probability(v, 1.0, 2.0, 0.1) for v in (0.5, 1.5, 2.5, 4.0, 10.0)]
+    assert ps == sorted(ps, reverse=True) and ps[0] == 1.0 and ps[-1] < 1e-3
+    assert tail_probability(4.0, 1.0, 1.0, 0.5) < tail_probability(4.0, 1.0, 1.0, 1.0)  # floor sets the scale
+
+
+def test_alert_threshold_corresponds_to_the_false_alarm_budget() -> None:
+    """A population with an exponential tail: the value whose tail probability is the budget scores
+    exactly the threshold on every signal; twice as extreme evidence (p = budget²) scores 1."""
+    specs = output_specs(DEFAULT_SIGNALS)
+    pop = ModelPopulation("m", len(specs), min_clients=4)
+    pop.scales = [s[2] for s in specs]
+    rng = np.random.default_rng(6)
+    for value in rng.exponential(0.02, size=400):
+        pop.add_values(np.full(len(specs), value), bucket_of(100), pop.scales, weight=40)
+    pop.publish()
+    scorer = CalibratedScorer(specs, alert_threshold=0.8, false_alarm_budget=1e-3)
+    shares = [i for i, s in enumerate(specs) if s[2] == "unit" and "boundary_probing" in s[1]]
+    _, q50, q75, _ = pop.baseline(shares[0], bucket_of(100)) or (0, 0.0, 0.0, 0.0)
+    spread = max(q75 - q50, 0.01)
+    at_budget = q75 + spread * math.log2(0.25 / 1e-3)
+    values = np.full(len(specs), np.nan)
+    values[shares] = at_budget
+    signals = [t() for t in DEFAULT_SIGNALS]
+    result = scorer.score(values, signals, pop, client_queries=100_000)  # binomial noise negligible
+    assert abs(result.scores["boundary_probing"] - 0.8) < 0.02
+    values[shares] = q75 + spread * math.log2(0.25 / 1e-6)
+    assert scorer.score(values, signals, pop, client_queries=100_000).scores["boundary_probing"] >= 0.99
+    values[shares] = q50
+    assert scorer.score(values, signals, pop, client_queries=100_000).scores["boundary_probing"] < 0.1
