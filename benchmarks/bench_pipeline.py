@@ -32,7 +32,7 @@ from ingest.sources import KafkaSource
 from probewatch.app import Pipeline
 from probewatch.config import Config, load_config
 from probewatch.simulate import SimulationPlan, write_simulation
-from probewatch.wiring import build_alert_sinks, build_and_run
+from probewatch.wiring import build_alert_sinks, build_and_run, build_state_backend
 from storage import open_store
 
 
@@ -128,7 +128,7 @@ def bench_probewatch_kafka(
         store,
         FileDeadLetterSink(str(directory / "kafka-dlq.jsonl")),
         build_alert_sinks(config),
-        checkpoint_state=True,
+        state=build_state_backend(config, store),
     )
     source = KafkaSource(
         config.kafka, on_assigned=pipeline.on_partitions_assigned, on_revoked=pipeline.on_partitions_revoked

@@ -93,7 +93,9 @@ class Frame:
             self.proj = None
 
     def standardise(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.centre) / self.scale).astype(np.float32)
+        # float64 throughout: per-row results must not depend on the block's shape (float32 reductions
+        # can differ in the 7th digit with the number of rows).
+        return (x.astype(np.float64) - self.centre) / self.scale
 
     def project(self, z: np.ndarray) -> np.ndarray:
         if self.proj is None:

@@ -78,12 +78,13 @@ def exact_hashes(vectors: np.ndarray) -> np.ndarray:
 
 def bcast_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b without BLAS, so each row's result does not depend on how many rows there are."""
-    return (a[:, :, None] * b[None, :, :]).sum(axis=1)
+    return (a.astype(np.float64)[:, :, None] * b.astype(np.float64)[None, :, :]).sum(axis=1)
 
 
 def bcast_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distances between rows of a and rows of b, per-pair exact."""
-    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2))
+    diff = a.astype(np.float64)[:, None, :] - b.astype(np.float64)[None, :, :]
+    return np.sqrt((diff * diff).sum(axis=2))
 
 
 class SessionSignal:
@@ -449,7 +450,7 @@ class StepGeometrySignal(SessionSignal):
     __slots__ = ("halving", "last", "last_step", "moves", "sparse")
 
     def __init__(self) -> None:
-        self.last = np.zeros(0, dtype=np.float32)
+        self.last = np.zeros(0, dtype=np.float64)
         self.last_step = 0.0
         self.moves = 0
         self.halving = 0

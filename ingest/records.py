@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -86,6 +87,11 @@ class DeadLetter(msgspec.Struct, gc=False):
     key: bytes | None = None
 
 
+# Identifiers become parts of state keys (joined with \x1f) and of alert dedup keys: no control characters.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_KEY_FIELDS = ("client_id", "model_id", "session_id")
+
+
 class InvalidRecord(ValueError):
     """Raised inside the decoder only; turned into a DeadLetter before leaving it."""
 
@@ -156,6 +162,7 @@ class RecordDecoder:
             else:
                 accepted.append((record, wire, payload, key))
         rejected = self._attach_vectors(accepted) | self._attach_outputs(accepted)
+        self._check_dims(accepted, rejected)
         records: list[QueryRecord] = []
         for i, (record, _, payload, key) in enumerate(accepted):
             if i in rejected:
@@ -178,6 +185,10 @@ class RecordDecoder:
             value = getattr(wire, name)
             if value is not None and len(value) > self.max_string_len:
                 raise InvalidRecord(f"{name} is longer than {self.max_string_len} characters")
+        for name in _KEY_FIELDS:
+            value = getattr(wire, name)
+            if value is not None and _CONTROL_CHARS.search(value):
+                raise InvalidRecord(f"{name} contains control characters")
         if not wire.client_id.strip():
             raise InvalidRecord("client_id is empty")
         if not wire.model_id.strip():
@@ -196,6 +207,8 @@ class RecordDecoder:
         )
         output = wire.output
         if output is not None:
+            if isinstance(output.label, str) and len(output.label) > self.max_string_len:
+                raise InvalidRecord(f"output.label is longer than {self.max_string_len} characters")
             if output.probs is not None and not 0 < len(output.probs) <= self.max_classes:
                 raise InvalidRecord(f"output.probs must have 1..{self.max_classes} classes")
             if output.probs is None:
@@ -213,12 +226,21 @@ class RecordDecoder:
                 raise InvalidRecord(
                     f"input.vector has {len(vector)} values, over the {self.max_vector_len} limit"
                 )
-            expected = self.input_dims.setdefault(wire.model_id, len(vector))
-            if len(vector) != expected:
-                raise InvalidRecord(
-                    f"input.vector has {len(vector)} values; model {wire.model_id!r} takes {expected}"
-                )
         return record, wire
+
+    def _check_dims(
+        self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]], rejected: dict[int, str]
+    ) -> None:
+        """Vector length against the model's input dimension, in stream order, after the other checks,
+        so that a model's dimension is learned from its first *valid* vector (a record dead-lettered
+        for another reason cannot set it)."""
+        for i, (record, _, _, _) in enumerate(accepted):
+            if i in rejected or record.vector is None:
+                continue
+            size = len(record.vector)
+            expected = self.input_dims.setdefault(record.model_id, size)
+            if size != expected:
+                rejected[i] = f"input.vector has {size} values; model {record.model_id!r} takes {expected}"
 
     @staticmethod
     def _by_length(

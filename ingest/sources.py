@@ -15,6 +15,9 @@ from typing import IO, Any, Protocol, cast
 
 import msgspec
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.structs import OffsetAndMetadata
 
 from ingest.records import SourcePosition
@@ -22,6 +25,12 @@ from ingest.records import SourcePosition
 log = logging.getLogger(__name__)
 
 PartitionCallback = Callable[[list[int]], None]
+
+_ASSIGNORS: dict[str, Any] = {
+    "cooperative-sticky": CooperativeStickyAssignor,
+    "range": RangePartitionAssignor,
+    "roundrobin": RoundRobinPartitionAssignor,
+}
 
 
 class RawMessage(msgspec.Struct, gc=False):
@@ -53,10 +62,13 @@ class Source(Protocol):
 class FileSource:
     """JSON lines from a file (plain or gzip) or stdin ('-'). Line numbers are the offsets."""
 
-    def __init__(self, path: str, batch_max_records: int = 5000) -> None:
+    def __init__(self, path: str, batch_max_records: int = 5000, max_line_bytes: int | None = None) -> None:
         self.path = path
         self.name = "stdin" if path == "-" else path
         self.batch_max_records = batch_max_records
+        # Lines longer than this are not held in memory: only their first max_line_bytes + 1 bytes are
+        # passed on (so the decoder's size limit dead-letters them) and the rest is skipped.
+        self.max_line_bytes = max_line_bytes
         self._stopped = False
         self.total_bytes: int | None = None if path == "-" else Path(path).stat().st_size
         self._raw: IO[bytes] | None = None
@@ -81,7 +93,7 @@ class FileSource:
         stream = self._open()
         batch: list[RawMessage] = []
         try:
-            for line_no, line in enumerate(stream, start=1):
+            for line_no, line in enumerate(self._lines(stream), start=1):
                 line = line.rstrip(b"\r\n")
                 if not line.strip():
                     continue
@@ -98,6 +110,25 @@ class FileSource:
             log.error("input %s ended with a read error after the last full line: %s", self.name, exc)
             if batch:
                 yield batch
+
+    def _lines(self, stream: IO[bytes]) -> Iterator[bytes]:
+        limit = self.max_line_bytes
+        if limit is None:
+            yield from stream
+            return
+        while True:
+            line = stream.readline(limit + 1)
+            if not line:
+                return
+            if len(line) > limit and not line.endswith(b"\n"):
+                size = len(line)
+                while True:  # skip the rest of the over-long line, 1 MiB at a time
+                    rest = stream.readline(1 << 20)
+                    size += len(rest)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                log.warning("input %s: a line of %d bytes is over the %d-byte limit", self.name, size, limit)
+            yield line
 
     def commit(self, batch: list[RawMessage]) -> None:
         # A file has no consumer offsets; results are already durable when this is called.
@@ -152,6 +183,7 @@ class KafkaSource:
             enable_auto_commit=False,
             auto_offset_reset=config.auto_offset_reset,
             max_poll_records=config.batch_max_records,
+            partition_assignment_strategy=[_ASSIGNORS[config.assignment_strategy]],
             **kafka_security_options(config),
         )
         self._consumer.subscribe([config.topic], listener=_RebalanceListener(self))

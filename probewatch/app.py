@@ -31,6 +31,7 @@ from detectors.scores import SessionScore
 from ingest.deadletter import DeadLetterSink
 from ingest.records import RecordDecoder, SourcePosition
 from ingest.sources import RawMessage, Source
+from probewatch.changelog import StateBackend
 from probewatch.config import Config
 from storage import BatchStats, Store, StoredBatch
 
@@ -78,7 +79,7 @@ class Pipeline:
         dead_letters: DeadLetterSink,
         sinks: list[AlertSink],
         *,
-        checkpoint_state: bool,
+        state: StateBackend | None,
         detector: SessionDetector | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:
@@ -86,7 +87,8 @@ class Pipeline:
         self.store = store
         self.dead_letters = dead_letters
         self.sinks = sinks
-        self.checkpoint_state = checkpoint_state
+        # Where session state is checkpointed (None: not at all, e.g. a file run, which is a replay).
+        self.state = state
         self.progress = progress
         self.worker_id = f"{config.kafka.client_id}-{uuid.uuid4().hex[:8]}"
         self.decoder = RecordDecoder(
@@ -118,13 +120,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ partition ownership (Kafka)
     def on_partitions_assigned(self, partitions: list[int]) -> None:
-        if not self.checkpoint_state:
+        if self.state is None:
             return
         # Partition -1 holds model-wide state (population baselines); it is restored once, on the
         # first assignment, and never dropped, since every partition's sessions are scored against it.
         wanted = list(partitions) if self._population_restored else [*partitions, POPULATION_PARTITION]
         self._population_restored = True
-        states, positions = self.store.load_state(wanted)
+        states, positions = self.state.load_state(wanted)
         for partition in wanted:
             self.detector.restore(partition, states.get(partition, {}))
             if partition in positions:
@@ -228,8 +230,8 @@ class Pipeline:
                     ),
                 )
             )
-        if self.checkpoint_state:
-            self._checkpoint(max_offsets)
+        if self.state is not None:
+            self._checkpoint(self.state, max_offsets)
         source.commit(batch)
         self._deliver(alerts)
         self.summary.batches += 1
@@ -248,13 +250,14 @@ class Pipeline:
         )
         return alerts
 
-    def _checkpoint(self, max_offsets: dict[int, int]) -> None:
+    def _checkpoint(self, state: StateBackend, max_offsets: dict[int, int]) -> None:
         dirty = self.detector.take_checkpoint()
         self._version += 1
         for partition in set(dirty) | set(max_offsets):
             position = max(self.applied_positions.get(partition, 0), max_offsets.get(partition, -1) + 1)
-            self.store.save_state(partition, dirty.get(partition, {}), position, self._version)
+            state.save_state(partition, dirty.get(partition, {}), position, self._version)
             self.applied_positions[partition] = position
+        state.flush()
 
     def _deliver(self, alerts: list[Alert]) -> None:
         # Never blocks and never raises: one background lane per receiver (alerting/dispatch.py).
@@ -263,6 +266,8 @@ class Pipeline:
     def close(self) -> None:
         # Flush alerts for a bounded time; what is left stays in the outbox for the next start.
         self.dispatcher.close(self.config.alerting.shutdown_timeout_s)
+        if self.state is not None:
+            self.state.close()
         self.dead_letters.close()
         self.store.close()
 

@@ -45,6 +45,9 @@ class KafkaConfig(_Section):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     batch_max_records: int = 5000
     poll_timeout_ms: int = 500
+    # cooperative-sticky (KIP-429): a rebalance moves only the partitions that change owner, so the
+    # other workers keep consuming and keep their session state in memory.
+    assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     ssl_cafile: str = ""
     ssl_certfile: str = ""
@@ -100,6 +103,18 @@ class StorageConfig(_Section):
     retention_days: int = 30
     chdb: ChdbConfig = msgspec.field(default_factory=ChdbConfig)
     clickhouse: ClickHouseServerConfig = msgspec.field(default_factory=ClickHouseServerConfig)
+
+
+class StateConfig(_Section):
+    """Where a Kafka worker checkpoints session state, so that a partition's sessions move with it."""
+
+    # changelog: a compacted Kafka topic (the Kafka Streams way); clickhouse: the store's
+    # detector_state table. A file run keeps no checkpoints (it is a replay).
+    backend: Literal["changelog", "clickhouse"] = "changelog"
+    # Default "<topic>.changelog" when empty.
+    changelog_topic: str = ""
+    # -1: the broker's default.replication.factor.
+    changelog_replication_factor: int = -1
 
 
 class SessionConfig(_Section):
@@ -225,6 +240,7 @@ class Config(_Section):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     sessions: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
     detection: DetectionConfig = msgspec.field(default_factory=DetectionConfig)
     alerting: AlertingConfig = msgspec.field(default_factory=AlertingConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)

@@ -12,6 +12,7 @@ from alerting.sinks import AlertSink, ConsoleSink, JsonLinesSink
 from ingest.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
 from ingest.sources import FileSource, KafkaSource, Source, kafka_security_options
 from probewatch.app import Pipeline, RunSummary
+from probewatch.changelog import KafkaChangelog, StateBackend, StoreStateBackend
 from probewatch.config import AlertReceiverConfig, Config, ConfigError
 from storage import open_store
 
@@ -117,6 +118,24 @@ def _progress_printer() -> Any:
     return show
 
 
+def build_state_backend(config: Config, store: Any) -> StateBackend | None:
+    """Kafka workers checkpoint session state; a file run is a replay and keeps none."""
+    if config.source != "kafka":
+        return None
+    if config.state.backend == "clickhouse":
+        return StoreStateBackend(store)
+    return KafkaChangelog(
+        config.state.changelog_topic or f"{config.kafka.topic}.changelog",
+        config.kafka.topic,
+        {
+            "bootstrap_servers": config.kafka.bootstrap_servers.split(","),
+            "client_id": f"{config.kafka.client_id}-state",
+            **kafka_security_options(config.kafka),
+        },
+        replication_factor=config.state.changelog_replication_factor,
+    )
+
+
 def build_and_run(
     config: Config, *, input_path: str | None, dlq_path: str | None = None, progress: bool = False
 ) -> RunSummary:
@@ -143,7 +162,7 @@ def build_and_run(
         store,
         dead_letters,
         build_alert_sinks(config),
-        checkpoint_state=config.source == "kafka",
+        state=build_state_backend(config, store),
         progress=_progress_printer() if progress else None,
     )
     source: Source

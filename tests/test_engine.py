@@ -29,7 +29,7 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> list[QueryRecord]:
 
 
 def small_detector() -> SessionDetector:
-    return SessionDetector(min_queries=10, epoch_records=200, min_population=8)
+    return SessionDetector(min_queries=10, epoch_records=100, min_population=6)
 
 
 def run(records: list[QueryRecord], batch: int, detector: SessionDetector | None = None) -> list[Alert]:

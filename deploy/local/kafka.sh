@@ -56,7 +56,11 @@ pid_alive() {
   [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && grep -qa 'kafka.Kafka' "/proc/$pid/cmdline" 2>/dev/null
 }
 
-libs_ready() { [[ -f "$LIBS/.complete" ]] && compgen -G "$LIBS/kafka_2.13-$KAFKA_VERSION.jar" >/dev/null; }
+# The jars are complete when the stamp holds the sha256 of the pom they were resolved from.
+pom_sha() { sha256sum "$POM" | cut -d' ' -f1; }
+libs_ready() {
+  [[ -f "$LIBS/.complete" && -f "$LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]] && [[ "$(cat "$LIBS/.complete")" == "$(pom_sha)" ]]
+}
 
 apt_install() {
   export DEBIAN_FRONTEND=noninteractive
@@ -90,9 +94,12 @@ cmd_install() {
     rm -rf "$tmp"
     die "mvn dependency:copy-dependencies failed (is Maven Central reachable?)"
   fi
+  pom_sha >"$tmp/.complete"
   rm -rf "$LIBS"
-  mv "$tmp" "$LIBS"
-  touch "$LIBS/.complete"
+  if ! mv -T "$tmp" "$LIBS" 2>/dev/null; then # a concurrent install won the race
+    rm -rf "$tmp"
+    libs_ready || die "could not move the jars into $LIBS"
+  fi
   log "installed $(find "$LIBS" -name '*.jar' | wc -l) jars in $(elapsed "$t0")"
 }
 

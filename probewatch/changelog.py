@@ -1,0 +1,161 @@
+"""Session state checkpoints in a compacted Kafka changelog topic (the Kafka Streams / Quix Streams way).
+
+Each source partition has a changelog partition with the same number; a message is one state entry
+keyed ``<logical partition>\\x1f<state key>`` (the value is the entry, a tombstone deletes it) and
+the entry ``__position__`` records the source offset the state reflects. When a worker takes a
+partition over it replays that changelog partition to its end and continues where the previous owner
+stopped. Model-wide entries (logical partition -1, the population baselines) live in changelog
+partition 0, which every worker reads once at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+POSITION_KEY = "__position__"
+_SEP = "\x1f"
+
+
+class StateBackend(Protocol):
+    """Where the pipeline checkpoints detector state: the changelog topic, or the ClickHouse store."""
+
+    def save_state(self, partition: int, entries: dict[str, bytes | None], position: int, version: int) -> None: ...
+
+    def load_state(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]: ...
+
+    def flush(self) -> None:
+        """Make every saved entry durable; called before offsets are committed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StoreStateBackend:
+    """Checkpoints in the ClickHouse store's `detector_state` table (writes are durable at once)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def save_state(self, partition: int, entries: dict[str, bytes | None], position: int, version: int) -> None:
+        self.store.save_state(partition, entries, position, version)
+
+    def load_state(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
+        result: tuple[dict[int, dict[str, bytes]], dict[int, int]] = self.store.load_state(partitions)
+        return result
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None  # the store is closed by its owner
+
+
+class KafkaChangelog:
+    """A compacted changelog topic with as many partitions as the source topic."""
+
+    def __init__(
+        self, topic: str, source_topic: str, kafka_options: dict[str, Any], replication_factor: int = -1
+    ) -> None:
+        self.topic = topic
+        self.options = kafka_options
+        # -1: the broker's default.replication.factor (KIP-464).
+        self.replication_factor = replication_factor
+        self.partitions = self._ensure_topic(source_topic)
+        self.producer = KafkaProducer(acks="all", linger_ms=5, **kafka_options)
+
+    def _ensure_topic(self, source_topic: str) -> int:
+        admin = KafkaAdminClient(**self.options)
+        try:
+            described = admin.describe_topics([source_topic])
+            count = len(described[0]["partitions"]) if described and described[0].get("partitions") else 0
+            if count == 0:
+                raise RuntimeError(f"source topic {source_topic!r} does not exist (or has no partitions)")
+            try:
+                admin.create_topics(
+                    [
+                        NewTopic(
+                            self.topic,
+                            count,
+                            self.replication_factor,
+                            topic_configs={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                        )
+                    ]
+                )
+                log.info("created changelog topic %s with %d partitions", self.topic, count)
+            except TopicAlreadyExistsError:
+                pass
+            return count
+        finally:
+            admin.close()
+
+    def _physical(self, partition: int) -> int:
+        return max(partition, 0) % self.partitions
+
+    def save_state(self, partition: int, entries: dict[str, bytes | None], position: int, version: int) -> None:
+        physical = self._physical(partition)
+        for key, blob in entries.items():
+            self.producer.send(self.topic, key=f"{partition}{_SEP}{key}".encode(), value=blob, partition=physical)
+        self.producer.send(
+            self.topic,
+            key=f"{partition}{_SEP}{POSITION_KEY}".encode(),
+            value=str(position).encode(),
+            partition=physical,
+        )
+
+    def flush(self) -> None:
+        self.producer.flush()
+
+    def load_state(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
+        wanted = set(partitions)
+        states: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
+        positions: dict[int, int] = {}
+        physical = sorted({self._physical(p) for p in partitions})
+        if not physical:
+            return states, positions
+        started = time.monotonic()
+        consumer = KafkaConsumer(enable_auto_commit=False, group_id=None, **self.options)
+        try:
+            tps = [TopicPartition(self.topic, p) for p in physical]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            ends = consumer.end_offsets(tps)
+            remaining = {tp for tp in tps if ends[tp] > 0}
+            read = 0
+            while remaining:
+                for tp, messages in consumer.poll(timeout_ms=1000, max_records=10_000).items():
+                    for message in messages:
+                        read += 1
+                        logical_text, _, key = message.key.decode().partition(_SEP)
+                        logical = int(logical_text)
+                        if logical not in wanted:
+                            continue
+                        if key == POSITION_KEY:
+                            positions[logical] = int(message.value)
+                        elif message.value is None:
+                            states[logical].pop(key, None)
+                        else:
+                            states[logical][key] = message.value
+                    if consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+            log.info(
+                "replayed %d changelog messages of %s partitions %s in %.2f s",
+                read,
+                self.topic,
+                physical,
+                time.monotonic() - started,
+            )
+        finally:
+            consumer.close()
+        return states, positions
+
+    def close(self) -> None:
+        self.producer.flush()
+        self.producer.close()
