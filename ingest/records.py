@@ -136,9 +136,7 @@ class RecordDecoder:
         self.max_string_len = max_string_len
         self.input_dims: dict[str, int] = dict(input_dims or {})
 
-    def decode(
-        self, payload: bytes, position: SourcePosition, key: bytes | None = None
-    ) -> QueryRecord | DeadLetter:
+    def decode(self, payload: bytes, position: SourcePosition, key: bytes | None = None) -> QueryRecord | DeadLetter:
         """Decode one message (convenience over :meth:`decode_batch`)."""
         records, letters = self.decode_batch([(payload, position, key)])
         return records[0] if records else letters[0]
@@ -166,18 +164,14 @@ class RecordDecoder:
         records: list[QueryRecord] = []
         for i, (record, _, payload, key) in enumerate(accepted):
             if i in rejected:
-                letters.append(
-                    DeadLetter(reason=rejected[i], payload=payload, position=record.position, key=key)
-                )
+                letters.append(DeadLetter(reason=rejected[i], payload=payload, position=record.position, key=key))
             else:
                 records.append(record)
         return records, letters
 
     def _decode_fields(self, payload: bytes, position: SourcePosition) -> tuple[QueryRecord, _WireRecord]:
         if len(payload) > self.max_record_bytes:
-            raise InvalidRecord(
-                f"record is {len(payload)} bytes, over the {self.max_record_bytes}-byte limit"
-            )
+            raise InvalidRecord(f"record is {len(payload)} bytes, over the {self.max_record_bytes}-byte limit")
         if not payload.strip():
             raise InvalidRecord("empty record")
         wire = self._decoder.decode(payload)
@@ -223,9 +217,7 @@ class RecordDecoder:
             if not vector:
                 raise InvalidRecord("input.vector is empty")
             if len(vector) > self.max_vector_len:
-                raise InvalidRecord(
-                    f"input.vector has {len(vector)} values, over the {self.max_vector_len} limit"
-                )
+                raise InvalidRecord(f"input.vector has {len(vector)} values, over the {self.max_vector_len} limit")
         return record, wire
 
     def _check_dims(
@@ -256,9 +248,7 @@ class RecordDecoder:
                 lists.append(values)
         return groups
 
-    def _attach_vectors(
-        self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]
-    ) -> dict[int, str]:
+    def _attach_vectors(self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]) -> dict[int, str]:
         rejected: dict[int, str] = {}
         for rows, lists in self._by_length(accepted, "vector").values():
             with np.errstate(over="ignore"):  # values beyond float32 become Inf and are rejected below
@@ -271,17 +261,13 @@ class RecordDecoder:
                     rejected[i] = "input.vector contains NaN or Inf (or values beyond float32)"
         return rejected
 
-    def _attach_outputs(
-        self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]
-    ) -> dict[int, str]:
+    def _attach_outputs(self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]) -> dict[int, str]:
         rejected: dict[int, str] = {}
         for width, (rows, lists) in self._by_length(accepted, "probs").items():
             with np.errstate(over="ignore"):
                 matrix = np.asarray(lists, dtype=np.float32)
             valid = np.asarray(
-                np.isfinite(matrix).all(axis=1)
-                & (matrix >= -1e-6).all(axis=1)
-                & (matrix <= 1 + 1e-6).all(axis=1)
+                np.isfinite(matrix).all(axis=1) & (matrix >= -1e-6).all(axis=1) & (matrix <= 1 + 1e-6).all(axis=1)
             )
             top = matrix.argmax(axis=1)
             confidence = matrix[np.arange(len(rows)), top]

@@ -56,6 +56,9 @@ class Source(Protocol):
         """Ask :meth:`batches` to end after the current batch (safe from a signal handler)."""
         ...
 
+    @property
+    def stopped(self) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -137,6 +140,10 @@ class FileSource:
     def stop(self) -> None:
         self._stopped = True
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def close(self) -> None:
         if self._raw is not None:
             self._raw.close()
@@ -184,6 +191,8 @@ class KafkaSource:
             auto_offset_reset=config.auto_offset_reset,
             max_poll_records=config.batch_max_records,
             partition_assignment_strategy=[_ASSIGNORS[config.assignment_strategy]],
+            max_poll_interval_ms=config.max_poll_interval_ms,
+            session_timeout_ms=config.session_timeout_ms,
             **kafka_security_options(config),
         )
         self._consumer.subscribe([config.topic], listener=_RebalanceListener(self))
@@ -222,6 +231,10 @@ class KafkaSource:
 
     def stop(self) -> None:
         self._stopped = True
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def close(self) -> None:
         # Leaves the group at once so the partitions move to the other workers without waiting

@@ -9,6 +9,7 @@ checkpoint are skipped, so nothing is lost and nothing is counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -33,7 +34,8 @@ from ingest.records import RecordDecoder, SourcePosition
 from ingest.sources import RawMessage, Source
 from probewatch.changelog import StateBackend
 from probewatch.config import Config
-from storage import BatchStats, Store, StoredBatch
+from probewatch.metrics import PipelineMetrics
+from storage import BatchStats, StorageError, Store, StoredBatch
 
 log = logging.getLogger("probewatch")
 
@@ -117,6 +119,8 @@ class Pipeline:
         self._source: Source | None = None
         self._dlq_reasons: Counter[str] = Counter()
         self._population_restored = False
+        self.metrics = PipelineMetrics()
+        self._last_gauges = 0.0
 
     # ------------------------------------------------------------------ partition ownership (Kafka)
     def on_partitions_assigned(self, partitions: list[int]) -> None:
@@ -167,6 +171,7 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------- run
     def run(self, source: Source) -> RunSummary:
         self._source = source
+        self.metrics.ready = True
         self.dispatcher.start()  # at once: it delivers what the outbox holds undelivered
         started = time.monotonic()
         last_progress = 0.0
@@ -209,7 +214,7 @@ class Pipeline:
         batch_id = _batch_id(batch)
         store_started = time.perf_counter()
         if batch or scores:
-            self.store.write_batch(
+            self._write(
                 StoredBatch(
                     batch_id=batch_id,
                     scores=scores,
@@ -234,6 +239,7 @@ class Pipeline:
             self._checkpoint(self.state, max_offsets)
         source.commit(batch)
         self._deliver(alerts)
+        self._observe(batch, letters, scores, alerts, started)
         self.summary.batches += 1
         self.summary.records_read += len(batch)
         self.summary.dead_lettered += len(letters)
@@ -249,6 +255,60 @@ class Pipeline:
             (time.perf_counter() - store_started) * 1000.0,
         )
         return alerts
+
+    def _write(self, batch: StoredBatch) -> None:
+        """Write a batch, retrying while storage is down: the loop does not poll meanwhile, so the
+        source applies backpressure (Kafka keeps the records; memory stays at one batch). A stop
+        request ends the wait without committing, so the batch is replayed on the next start."""
+        delay = 0.5
+        while True:
+            try:
+                self.store.write_batch(batch)
+            except StorageError as exc:
+                self.metrics.storage_result(False)
+                if self._source is not None and self._source.stopped:
+                    raise
+                log.warning("storage write failed (%s); retrying in %.1f s, not consuming meanwhile", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            else:
+                if not self.metrics.storage_ok:
+                    log.info("storage is back; resuming")
+                self.metrics.storage_result(True)
+                return
+
+    def _observe(
+        self,
+        batch: list[RawMessage],
+        letters: list[Any],
+        scores: list[SessionScore],
+        alerts: list[Alert],
+        started: float,
+    ) -> None:
+        m = self.metrics
+        m.progressed()
+        if not batch:
+            return
+        m.batches.inc()
+        m.consumed.inc(len(batch))
+        for letter in letters:
+            m.dead_lettered.labels(reason_class(letter.reason)).inc()
+        m.scores.inc(len(scores))
+        for alert in alerts:
+            m.alerts.labels(alert.kind, alert.status).inc()
+        m.batch_latency.observe(time.perf_counter() - started)
+        now = time.monotonic()
+        if now - self._last_gauges >= 10.0:  # O(sessions) and a broker round trip: not every batch
+            self._last_gauges = now
+            m.open_sessions.set(len(self.detector.sessions))
+            m.state_bytes.set(self.detector.state_bytes())
+            lag = getattr(self._source, "lag", None)
+            if callable(lag):
+                try:
+                    for partition, behind in lag().items():
+                        m.lag.labels(str(partition)).set(behind)
+                except Exception as exc:  # metrics must never stop the pipeline
+                    log.debug("cannot read consumer lag: %s", exc)
 
     def _checkpoint(self, state: StateBackend, max_offsets: dict[int, int]) -> None:
         dirty = self.detector.take_checkpoint()
@@ -321,10 +381,9 @@ class _stop_on_signals:
 
     def __enter__(self) -> _stop_on_signals:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # Outside the main thread (tests) there is no signal handling.
+            with contextlib.suppress(ValueError):
                 self.previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not in the main thread (tests): no signal handling
-                pass
         return self
 
     def __exit__(self, *exc: object) -> None:

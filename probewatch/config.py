@@ -45,6 +45,10 @@ class KafkaConfig(_Section):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     batch_max_records: int = 5000
     poll_timeout_ms: int = 500
+    # How long the loop may go without polling before the group evicts this worker; long, because
+    # while storage is down the worker waits (backpressure) instead of polling more records.
+    max_poll_interval_ms: int = 1_800_000
+    session_timeout_ms: int = 10_000
     # cooperative-sticky (KIP-429): a rebalance moves only the partitions that change owner, so the
     # other workers keep consuming and keep their session state in memory.
     assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"

@@ -75,6 +75,9 @@ class SimulationPlan(msgspec.Struct):
     use_art: str = "auto"  # auto | yes | no
     model_id: str = MODEL_ID
     sybil_keys: int = 8
+    # Attackers start this long after the log does (a deployed model has a history of ordinary traffic;
+    # the detectors' population baselines warm up from it).
+    attack_delay_s: float = 1800.0
 
 
 class MissingExtra(RuntimeError):
@@ -588,7 +591,7 @@ def write_simulation(plan: SimulationPlan, out: str, truth: str | None = None) -
                 total = n * (plan.sybil_keys // 2) if mode == "sybil" else n
                 x, impl = attack_queries(variant, victim, rng, total, use_art)
                 implementations[variant] = impl
-                start = START + rng.uniform(0, 3600)
+                start = START + plan.attack_delay_s + rng.uniform(0, 3600)
                 ts = _attack_times(mode, rng, len(x), start)
                 ip_base = f"203.0.{113 + len(labels) % 100}."
                 if mode == "interleaved":  # the attacker's queries hidden among its ordinary traffic

@@ -14,6 +14,7 @@ from ingest.sources import FileSource, KafkaSource, Source, kafka_security_optio
 from probewatch.app import Pipeline, RunSummary
 from probewatch.changelog import KafkaChangelog, StateBackend, StoreStateBackend
 from probewatch.config import AlertReceiverConfig, Config, ConfigError
+from probewatch.metrics import MetricsServer
 from storage import open_store
 
 log = logging.getLogger("probewatch")
@@ -72,9 +73,7 @@ def _build_receiver(name: str, r: AlertReceiverConfig, config: Config, formatter
                 **kafka_security_options(config.kafka),
             )
 
-        return KafkaReceiver(
-            name, producer, r.topic, formatter, min_severity=r.min_severity, timeout_s=r.timeout_s
-        )
+        return KafkaReceiver(name, producer, r.topic, formatter, min_severity=r.min_severity, timeout_s=r.timeout_s)
     if r.type == "jsonl":
         sink = JsonLinesSink(r.path)
         sink.name, sink.min_severity = name, r.min_severity
@@ -182,11 +181,16 @@ def build_and_run(
     else:
         source = FileSource(input_path or "-", config.file.batch_max_records)
         log.info("reading %s (storage: %s)", source.name, config.storage.backend)
+    metrics_server = None
+    if config.metrics.port:
+        metrics_server = MetricsServer(pipeline.metrics, config.metrics.host, config.metrics.port).start()
     try:
         summary = pipeline.run(source)
     finally:
         source.close()
         pipeline.close()
+        if metrics_server is not None:
+            metrics_server.close()
         if producer is not None:
             producer.close()
     if progress:
