@@ -93,9 +93,7 @@ def _mark(alert: Alert) -> tuple[float, int, float, bool]:
 
 
 class _Lane(threading.Thread):
-    def __init__(
-        self, receiver: Any, outbox: Outbox | None, settings: DeliverySettings, rng: random.Random
-    ) -> None:
+    def __init__(self, receiver: Any, outbox: Outbox | None, settings: DeliverySettings, rng: random.Random) -> None:
         super().__init__(name=f"alerts-{receiver.name}", daemon=True)
         self.receiver = receiver
         self.outbox = outbox
@@ -152,11 +150,7 @@ class _Lane(threading.Thread):
                     now = time.monotonic()
                     ready = bool(self.queue) and now >= self.next_try
                     if self.stopping:
-                        if (
-                            not self.queue
-                            or now >= self.deadline
-                            or (self.attempts and self.next_try > self.deadline)
-                        ):
+                        if not self.queue or now >= self.deadline or (self.attempts and self.next_try > self.deadline):
                             self.stats.queued = len(self.queue)
                             return
                         if ready:
@@ -198,9 +192,7 @@ class _Lane(threading.Thread):
         alerts = [alert for alert, receiver in found if receiver == self.receiver.name]
         alerts.sort(key=lambda a: (a.event_time, a.first_seen, a.seq))
         if alerts:
-            log.info(
-                "alerts: %d undelivered alerts for %s found in the outbox", len(alerts), self.receiver.name
-            )
+            log.info("alerts: %d undelivered alerts for %s found in the outbox", len(alerts), self.receiver.name)
             self.offer(alerts, recovered=True)
 
     def _tick(self) -> None:
@@ -253,11 +245,7 @@ class _Lane(threading.Thread):
             if severity_rank(alert.severity) < self.min_rank:
                 rows.append(self._row(alert, "skipped"))
                 self.stats.skipped += 1
-            elif (
-                alert.notification != "test"
-                and alert.dedup_key in self.sent
-                and mark <= self.sent[alert.dedup_key]
-            ):
+            elif alert.notification != "test" and alert.dedup_key in self.sent and mark <= self.sent[alert.dedup_key]:
                 rows.append(self._row(alert, "superseded"))
                 self.stats.superseded += 1
             else:
@@ -315,9 +303,7 @@ class _Lane(threading.Thread):
                 self.sent[alert.dedup_key] = max(mark, self.sent.get(alert.dedup_key, mark))
         self.stats.delivered += len(alerts)
         if self.attempts:
-            log.info(
-                "alerts: %s delivering again after %d failed attempts", self.receiver.name, self.attempts
-            )
+            log.info("alerts: %s delivering again after %d failed attempts", self.receiver.name, self.attempts)
         self.attempts = 0
         self.next_try = 0.0
         self._finish(alerts)
@@ -368,6 +354,13 @@ class Dispatcher:
         for lane in self.lanes:
             if hasattr(lane.receiver, "seed"):
                 lane.receiver.seed(open_alerts)
+
+    def forget(self, dedup_keys: list[str]) -> None:
+        """Stop re-sending these incidents' active alerts (they moved to another worker)."""
+        if dedup_keys:
+            for lane in self.lanes:
+                if hasattr(lane.receiver, "forget"):
+                    lane.receiver.forget(dedup_keys)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every lane is idle (for tests and the CLI); False on timeout."""

@@ -338,9 +338,7 @@ class AlertPolicy:
         before = severity_rank(storm.severity)
         members.sort(key=lambda m: (-m.score, m.key))
         storm.score = max(storm.score, members[0].score)
-        storm.severity = max(
-            (m.severity for m in members), key=lambda sev: severity_rank(sev), default=storm.severity
-        )
+        storm.severity = max((m.severity for m in members), key=lambda sev: severity_rank(sev), default=storm.severity)
         if severity_rank(storm.severity) < before:
             storm.severity = SEVERITIES[before]
         storm.n_queries = sum(m.n_queries for m in members)
@@ -460,6 +458,19 @@ class AlertPolicy:
             self.incidents[key] = inc
             restored += 1
         return restored
+
+    def forget(self, owned_elsewhere: Callable[[str, str], bool]) -> list[str]:
+        """Drop the open incidents of (model, client) pairs now owned by another worker (after a
+        rebalance; it rebuilds them from the outbox). Returns their dedup keys."""
+        gone = [
+            key
+            for key, inc in self.incidents.items()
+            if key != ROLLUP_KEY and owned_elsewhere(inc.model_id, inc.client_id)
+        ]
+        for key in gone:
+            del self.incidents[key]
+            self.resolved.pop(key, None)
+        return gone
 
     def open_alerts(self) -> list[Alert]:
         """The latest notification of every open, notified incident (for receivers that need the

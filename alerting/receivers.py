@@ -114,9 +114,7 @@ class AlertmanagerReceiver:
         clock: Any = time.time,
     ) -> None:
         self.name = name
-        self.url = (
-            url.rstrip("/") + "/api/v2/alerts" if not url.rstrip("/").endswith("/api/v2/alerts") else url
-        )
+        self.url = url.rstrip("/") + "/api/v2/alerts" if not url.rstrip("/").endswith("/api/v2/alerts") else url
         self.formatter = formatter
         self.min_severity = min_severity
         self.timeout_s = timeout_s
@@ -215,11 +213,7 @@ class AlertmanagerReceiver:
         """Send held resolves that are due and re-send the active alerts every refresh_s."""
         with self._lock:
             now = self.clock()
-            due = [
-                a
-                for k, a in self.held.items()
-                if now - self.active.get(k, (a, {}, 0.0))[2] >= self.min_firing_s
-            ]
+            due = [a for k, a in self.held.items() if now - self.active.get(k, (a, {}, 0.0))[2] >= self.min_firing_s]
             postable = []
             for alert in due:
                 _, labels, _ = self.active.get(alert.dedup_key, (alert, self.labels(alert), 0.0))
@@ -249,6 +243,12 @@ class AlertmanagerReceiver:
                 if alert.status == "firing" and alert.dedup_key not in self.active:
                     self.active[alert.dedup_key] = (alert, self.labels(alert), now - self.min_firing_s)
             self._last_refresh = float("-inf")
+
+    def forget(self, dedup_keys: list[str]) -> None:
+        with self._lock:
+            for key in dedup_keys:
+                self.active.pop(key, None)
+                self.held.pop(key, None)
 
     def pending(self) -> int:
         return len(self.held)
@@ -301,9 +301,7 @@ class PagerDutyReceiver:
 
     def event(self, alert: Alert) -> dict[str, Any]:
         dedup_key = (
-            alert.dedup_key
-            if len(alert.dedup_key) <= 255
-            else hashlib.sha256(alert.dedup_key.encode()).hexdigest()
+            alert.dedup_key if len(alert.dedup_key) <= 255 else hashlib.sha256(alert.dedup_key.encode()).hexdigest()
         )
         if alert.status == "resolved":
             return {"routing_key": self._routing_key, "event_action": "resolve", "dedup_key": dedup_key}
@@ -422,9 +420,7 @@ class WebhookReceiver:
         )
 
     def signature(self, timestamp: str, body: bytes) -> str:
-        return (
-            "sha256=" + hmac.new(self._secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-        )
+        return "sha256=" + hmac.new(self._secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
     def send(self, alerts: list[Alert]) -> None:
         for i, alert in enumerate(alerts):
@@ -483,9 +479,7 @@ class KafkaReceiver:
             try:
                 self._producer = self._factory()
             except Exception as exc:
-                raise DeliveryError(
-                    f"kafka: cannot create the producer: {type(exc).__name__}: {exc}"
-                ) from None
+                raise DeliveryError(f"kafka: cannot create the producer: {type(exc).__name__}: {exc}") from None
         return self._producer
 
     def send(self, alerts: list[Alert]) -> None:
@@ -510,9 +504,7 @@ class KafkaReceiver:
                 try:
                     future.get(timeout=self.timeout_s)
                 except Exception as exc:
-                    raise DeliveryError(
-                        f"kafka: {type(exc).__name__}: {_short(str(exc))}", delivered=i
-                    ) from None
+                    raise DeliveryError(f"kafka: {type(exc).__name__}: {_short(str(exc))}", delivered=i) from None
         except DeliveryError:
             raise
         except Exception as exc:

@@ -23,9 +23,7 @@ ACTIONS: dict[str, str] = {
         "review the flagged inputs on the dashboard; block source IPs {ips}; revoke the API key of "
         "client {client} if confirmed"
     ),
-    "volume": (
-        "rate-limit client {client} (per-key quota); check with its owner whether a batch job runs under it"
-    ),
+    "volume": ("rate-limit client {client} (per-key quota); check with its owner whether a batch job runs under it"),
     ROLLUP_KIND: (
         "many clients at once — likely Sybil keys or a distributed attack: apply a per-model rate limit, "
         "block the source IP ranges, review the listed clients on the dashboard and revoke their keys"
@@ -65,9 +63,7 @@ class Rendered(msgspec.Struct, frozen=True):
 class AlertFormatter:
     """Renders alerts; ``grafana_base_url`` like ``https://grafana.example.com`` (no trailing /d/...)."""
 
-    def __init__(
-        self, grafana_base_url: str = "", runbook_url: str = "", threshold: float | None = None
-    ) -> None:
+    def __init__(self, grafana_base_url: str = "", runbook_url: str = "", threshold: float | None = None) -> None:
         self.grafana_base_url = grafana_base_url.rstrip("/")
         self.runbook_url = runbook_url
         self.threshold = threshold
@@ -80,9 +76,7 @@ class AlertFormatter:
         if alert.kind == ROLLUP_KIND or alert.client_id == "*":
             query = urlencode({"from": start_ms, "to": end})
             return f"{self.grafana_base_url}/d/probewatch-overview?{query}"
-        query = urlencode(
-            {"var-model": alert.model_id, "var-client": alert.client_id, "from": start_ms, "to": end}
-        )
+        query = urlencode({"var-model": alert.model_id, "var-client": alert.client_id, "from": start_ms, "to": end})
         return f"{self.grafana_base_url}/d/probewatch-client?{query}"
 
     def action(self, alert: Alert) -> str:
@@ -106,9 +100,7 @@ class AlertFormatter:
         threshold = f" (alert threshold {self.threshold:.2f})" if self.threshold is not None else ""
         state = "RESOLVED" if alert.status == "resolved" else "FIRING"
         note = _NOTIFICATION_WORDS.get(alert.notification, alert.notification)
-        lines.append(
-            f"Status:    {state} ({note}), severity {alert.severity}, score {alert.score:.2f}{threshold}"
-        )
+        lines.append(f"Status:    {state} ({note}), severity {alert.severity}, score {alert.score:.2f}{threshold}")
         span = alert.event_time - alert.first_seen
         ended = "ended" if alert.status == "resolved" else "latest evidence"
         last = when(alert.event_time)
@@ -123,9 +115,7 @@ class AlertFormatter:
             )
             lines.append(f"Queries:   {alert.n_queries:,} from these clients")
         else:
-            lines.append(
-                f"Who:       client {alert.client_id}, model {alert.model_id}, session {alert.session_id}"
-            )
+            lines.append(f"Who:       client {alert.client_id}, model {alert.model_id}, session {alert.session_id}")
             lines.append(f"Queries:   {alert.n_queries:,} from this client to this model")
         if alert.source_ips:
             more = f" (+{len(alert.source_ips) - 8} more)" if len(alert.source_ips) > 8 else ""

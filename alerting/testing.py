@@ -79,9 +79,7 @@ class RecordingServer:
         self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"recording-{self.port}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"recording-{self.port}", daemon=True)
         self._thread.start()
         return self
 

@@ -296,6 +296,7 @@ class Dashboard:
             "annotations": {"list": []},
             "links": [link.to_json() for link in self.links],
             "panels": [
-                panel.to_json(i + 1, grid, ds) for i, (panel, grid) in enumerate(zip(self.panels, self.layout()))
+                panel.to_json(i + 1, grid, ds)
+                for i, (panel, grid) in enumerate(zip(self.panels, self.layout(), strict=True))
             ],
         }

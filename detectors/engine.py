@@ -321,11 +321,7 @@ class SessionDetector:
             session.last_seen = max(session.last_seen, float(block.ts.max()))
             session.first_seen = min(session.first_seen, float(block.ts.min()))
             for record in chunk:
-                if (
-                    record.source_ip
-                    and record.source_ip not in session.ips
-                    and len(session.ips) < MAX_SOURCE_IPS
-                ):
+                if record.source_ip and record.source_ip not in session.ips and len(session.ips) < MAX_SOURCE_IPS:
                     session.ips.append(record.source_ip)
             if session.n == target:
                 latest = self._evaluate(session, history)
@@ -457,8 +453,8 @@ class SessionDetector:
         for model_id, client_id in self._dirty_clients:
             history = self.clients.get((model_id, client_id))
             if history is not None:
-                out.setdefault(history.partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = (
-                    _encoder.encode(history.state())
+                out.setdefault(history.partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = _encoder.encode(
+                    history.state()
                 )
         for model_id in sorted(self._dirty_models):
             population = self.populations[model_id]
@@ -498,9 +494,7 @@ class SessionDetector:
                     population.load_pending(_decoder.decode(blob))
             elif key.startswith("client\x1f"):
                 _, model_id, client_id = key.split("\x1f")
-                history = _ClientHistory(
-                    partition, client_id, [t() for t in self.signal_types], len(self.specs)
-                )
+                history = _ClientHistory(partition, client_id, [t() for t in self.signal_types], len(self.specs))
                 history.load(_decoder.decode(blob))
                 self.clients[(model_id, client_id)] = history
             else:
@@ -542,9 +536,7 @@ def _block(chunk: list[QueryRecord], population: ModelPopulation, history: _Clie
     return QueryBlock(
         ts=np.fromiter((r.ts for r in chunk), dtype=np.float64, count=len(chunk)),
         vectors=matrix,
-        margins=np.fromiter(
-            (nan if r.margin is None else r.margin for r in chunk), dtype=np.float32, count=len(chunk)
-        ),
+        margins=np.fromiter((nan if r.margin is None else r.margin for r in chunk), dtype=np.float32, count=len(chunk)),
         confidences=np.fromiter(
             (nan if r.confidence is None else r.confidence for r in chunk), dtype=np.float32, count=len(chunk)
         ),

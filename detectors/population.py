@@ -86,9 +86,9 @@ class Frame:
         d = len(centre)
         if d > PROJ_DIMS:
             rng = np.random.default_rng(20261129 + d)
-            self.proj: np.ndarray | None = (
-                rng.standard_normal((d, PROJ_DIMS)) / math.sqrt(PROJ_DIMS)
-            ).astype(np.float32)
+            self.proj: np.ndarray | None = (rng.standard_normal((d, PROJ_DIMS)) / math.sqrt(PROJ_DIMS)).astype(
+                np.float32
+            )
         else:
             self.proj = None
 
@@ -189,9 +189,7 @@ class ModelPopulation:
         if len(self.p_hash):
             self._trim_pending()
             # Half of the reference sample is renewed each epoch: recent inputs, with a memory.
-            old = np.lexsort((self.s_clients, self.s_hash))[
-                : SAMPLE_SIZE - min(len(self.p_hash), SAMPLE_SIZE // 2)
-            ]
+            old = np.lexsort((self.s_clients, self.s_hash))[: SAMPLE_SIZE - min(len(self.p_hash), SAMPLE_SIZE // 2)]
             new = np.lexsort((self.p_clients, self.p_hash))[: SAMPLE_SIZE - len(old)]
             if self.s_raw.shape[1:] != self.p_raw.shape[1:]:
                 self.s_raw = np.zeros((0, self.p_raw.shape[1]), dtype=np.float32)
@@ -238,12 +236,8 @@ class ModelPopulation:
                     warm = b
                 if warm < 0:
                     continue
-                q50 = from_bin(
-                    int(np.searchsorted(cum[s, warm], 0.5 * totals[s, warm])) + 0.5, self.scales[s]
-                )
-                q75 = from_bin(
-                    int(np.searchsorted(cum[s, warm], 0.75 * totals[s, warm])) + 0.5, self.scales[s]
-                )
+                q50 = from_bin(int(np.searchsorted(cum[s, warm], 0.5 * totals[s, warm])) + 0.5, self.scales[s])
+                q75 = from_bin(int(np.searchsorted(cum[s, warm], 0.75 * totals[s, warm])) + 0.5, self.scales[s])
                 table[s, b] = (warm, q50, q75, totals[s, warm])
         self.table = table
 
@@ -313,20 +307,14 @@ class ModelPopulation:
         self.p_raw, self.p_hash, self.p_clients = data["p_raw"], data["p_hash"], data["p_clients"]
 
     def nbytes(self) -> int:
-        return int(
-            self.hist.nbytes
-            + self.pending.nbytes
-            + self.s_raw.nbytes
-            + self.p_raw.nbytes
-            + self.sample.nbytes
-        )
+        return int(self.hist.nbytes + self.pending.nbytes + self.s_raw.nbytes + self.p_raw.nbytes + self.sample.nbytes)
 
 
 def _epoch_index(records: int, first: int) -> int:
     """Epoch boundaries at first·(1, 2, 4, 8, 16), then every 16·first records."""
     cap = 16 * first
     if records < cap:
-        return int(math.floor(math.log2(records / first))) + 1 if records >= first else 0
+        return math.floor(math.log2(records / first)) + 1 if records >= first else 0
     return 5 + (records - cap) // cap
 
 

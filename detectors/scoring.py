@@ -2,12 +2,19 @@
 
 Calibration is per model and population-relative, not hand-tuned: for each signal value the model's
 population baseline (histograms of client values at a similar query count, learned from the stream)
-gives a tail probability p — the empirical distribution up to its 90th percentile and an exponential
-tail beyond it whose rate is set by the robust spread q90 - q50. A kind's p is the *second* smallest
-of its signals' p (two independent lines of evidence must agree; a kind with a single available signal
-uses that one, ``volume`` always needs two). The score maps p onto [0, 1] so that the alert threshold
-corresponds to the false-alarm budget: score = threshold · log(1/p) / log(1/budget), capped at 1. A
-score of 0.9 thus means p = budget^(0.9/threshold), and severity follows from the score.
+gives a tail probability p — an exponential tail beyond the population's upper quartile whose rate is
+set by the robust spread q75 - q50 (at least a per-signal unit floor, and for shares the binomial
+noise of the client's query count).
+
+Each kind has *primary* signals — evidence specific to the attack (coverage for extraction; label
+flips, halving and coordinate-wise steps, low margins for boundary probing; clipped and rough inputs
+for adversarial inputs) — and *corroborating* ones that honest clients also produce (a high rate: batch
+scorers; near-duplicates: sensors; out-of-distribution inputs and irregular nearest-neighbour distances:
+drifting data). A kind's p is max(best primary p, best other p): two lines of evidence, one of them
+primary, must agree; or a primary signal alone must be extreme enough for both (p ≤ budget² / m).
+``volume`` never alerts alone. The score maps p onto [0, 1] so that the alert threshold corresponds to
+the false-alarm budget: score = threshold · log(1/p) / log(1/budget), capped at 1. A score of 0.9
+thus means p = budget^(0.9/threshold), and severity follows from the score.
 """
 
 from __future__ import annotations
@@ -21,10 +28,8 @@ from detectors.population import ModelPopulation, bucket_floor, bucket_of, tail_
 from detectors.scores import ATTACK_KINDS
 from detectors.signals import SessionSignal
 
-# Signals that may back up another signal but never raise a kind on their own: a heavy, honest batch
-# scorer is the most common reason for a high rate. Likewise near-duplicate streams: sensors and other smooth streams are honest near-duplicate sources
-# (the known false-positive case of Blacklight-style detectors).
-CORROBORATING_ONLY = frozenset({"query_rate_per_min", "near_duplicate_share"})
+# Signals that may back up a primary signal but never raise a kind on their own (see the docstring).
+CORROBORATING_ONLY = frozenset({"query_rate_per_min", "near_duplicate_share", "ood_share", "prada_nonnormality"})
 
 
 class KindScores:
@@ -105,10 +110,15 @@ class CalibratedScorer:
             if not found or (kind == "volume" and len(found) < 2):
                 scores[kind] = 0.0
                 continue
-            # Two signals must agree, or one must be extreme enough for both (p ≤ budget² / m).
-            lone = [p for p, s, _ in found if self.names[s] not in CORROBORATING_ONLY]
-            single = math.sqrt(len(found) * lone[0]) if lone else 1.0
-            p_kind = max(min(found[1][0] if len(found) >= 2 else 1.0, single), 1e-300)
+            primary = [item for item in found if self.names[item[1]] not in CORROBORATING_ONLY]
+            if not primary:
+                scores[kind] = 0.0
+                continue
+            p1 = primary[0]
+            others = [item for item in found if item is not p1]
+            single = math.sqrt(len(found) * p1[0])
+            p_kind = max(min(max(p1[0], others[0][0]) if others else 1.0, single), 1e-300)
+            found = [p1, *others]
             value = min(1.0, self.threshold * math.log(1.0 / p_kind) / log_budget)
             scores[kind] = round(value, 6)
             if value >= 0.5 * self.threshold:

@@ -156,12 +156,8 @@ def lsh_cells(zp: np.ndarray, bits: int = 12) -> np.ndarray:
     dim = zp.shape[1]
     planes = _PLANES.get(dim)
     if planes is None:
-        planes = _PLANES.setdefault(
-            dim, np.random.default_rng(7 + dim).standard_normal((dim, bits)).astype(np.float32)
-        )
-    code = (bcast_matmul(zp, planes) > 0).astype(np.uint64) @ (
-        np.uint64(1) << np.arange(bits, dtype=np.uint64)
-    )
+        planes = _PLANES.setdefault(dim, np.random.default_rng(7 + dim).standard_normal((dim, bits)).astype(np.float32))
+    code = (bcast_matmul(zp, planes) > 0).astype(np.uint64) @ (np.uint64(1) << np.arange(bits, dtype=np.uint64))
     return mix64(code)
 
 
@@ -349,7 +345,7 @@ _FP_STEP = 0.5  # quantisation step, in units of the feature's population standa
 def fingerprints(z: np.ndarray) -> np.ndarray:
     """Blacklight-style content fingerprints: quantise, hash overlapping windows of features at two
     grid offsets. Near-identical inputs share most hashes; one changed feature touches ≤ 2 windows."""
-    n, d = z.shape
+    d = z.shape[1]
     w = max(2, math.ceil(d / 8)) if d >= 2 else 1
     stride = max(1, w // 2)
     starts = np.arange(0, max(d - w, 0) + 1, stride)
@@ -361,12 +357,8 @@ def fingerprints(z: np.ndarray) -> np.ndarray:
         q = np.floor(z / _FP_STEP + offset).astype(np.int64).astype(np.uint64)
         windows = q[:, cols]  # (n, W, w)
         with np.errstate(over="ignore"):
-            mixed = mix64(
-                windows + (np.arange(w, dtype=np.uint64) * np.uint64(0x632BE59BD9B4E019))[None, None, :]
-            )
-            code = mixed.sum(axis=2, dtype=np.uint64) + starts.astype(np.uint64)[None, :] * np.uint64(
-                0x85EBCA6B
-            )
+            mixed = mix64(windows + (np.arange(w, dtype=np.uint64) * np.uint64(0x632BE59BD9B4E019))[None, None, :])
+            code = mixed.sum(axis=2, dtype=np.uint64) + starts.astype(np.uint64)[None, :] * np.uint64(0x85EBCA6B)
         out.append(mix64(code + np.uint64(int(offset * 2))))
     return (np.concatenate(out, axis=1) >> np.uint64(32)).astype(np.uint32)
 
@@ -563,7 +555,8 @@ class InputShapeSignal(SessionSignal):
 
     def evidence(self, i: int) -> str:
         if i == 0:
-            return f"on average {100 * self.values()[0]:.0f}% of features at the model's input bounds ({self.n} queries)"
+            share = 100 * self.values()[0]
+            return f"on average {share:.0f}% of features at the model's input bounds ({self.n} queries)"
         return f"mean input roughness {self.values()[1]:.2f} over {self.n} queries"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
@@ -18,6 +19,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ingest.records import SourcePosition
@@ -198,10 +200,20 @@ class KafkaSource:
         self._consumer.subscribe([config.topic], listener=_RebalanceListener(self))
 
     def batches(self) -> Iterator[list[RawMessage]]:
+        delay = 0.5
         while not self._stopped:
-            polled = self._consumer.poll(
-                timeout_ms=self.config.poll_timeout_ms, max_records=self.config.batch_max_records
-            )
+            try:
+                polled = self._consumer.poll(
+                    timeout_ms=self.config.poll_timeout_ms, max_records=self.config.batch_max_records
+                )
+            except KafkaError as exc:
+                # The broker is restarting or unreachable: wait and poll again; the consumer
+                # reconnects by itself and resumes from its position.
+                log.warning("polling Kafka failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.5
             batch = [
                 RawMessage(
                     value=msg.value if msg.value is not None else b"",
@@ -218,8 +230,17 @@ class KafkaSource:
         for message in batch:
             tp = TopicPartition(message.position.topic, message.position.partition)
             latest[tp] = max(latest.get(tp, -1), message.position.offset)
-        if latest:
+        if not latest:
+            return
+        try:
             self._consumer.commit({tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in latest.items()})
+        except KafkaError as exc:
+            # Safe to go on: the next successful commit covers these offsets too, and if the partitions
+            # moved meanwhile (a rebalance), their new owner replays from the last committed offset onto
+            # the checkpointed state, which skips what was already applied.
+            log.warning(
+                "offset commit failed (%s: %s); the records will be replayed, not lost", type(exc).__name__, exc
+            )
 
     def lag(self) -> dict[int, int]:
         """Messages behind the log end, per assigned partition (for metrics)."""

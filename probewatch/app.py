@@ -164,6 +164,13 @@ class Pipeline:
 
     def on_partitions_revoked(self, partitions: list[int]) -> None:
         # Every batch was checkpointed before the poll that revokes, so the state can simply go.
+        gone = set(partitions)
+        clients = self.detector.clients
+        handed_over = self.policy.forget(
+            lambda model_id, client_id: (model_id, client_id) in clients
+            and clients[(model_id, client_id)].partition in gone
+        )
+        self.dispatcher.forget(handed_over)  # the new owner restores and refreshes these incidents
         self.detector.drop_partitions(partitions)
         for partition in partitions:
             self.applied_positions.pop(partition, None)

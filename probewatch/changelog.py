@@ -12,16 +12,35 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 POSITION_KEY = "__position__"
 _SEP = "\x1f"
+
+
+def _retry(action: Callable[[], T], what: str, timeout_s: float = 120.0) -> T:
+    """Run ``action``, retrying Kafka errors with backoff for up to ``timeout_s`` (a broker that is
+    restarting, or a controller not yet elected, answers again within seconds)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except KafkaError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 class StateBackend(Protocol):
@@ -68,7 +87,7 @@ class KafkaChangelog:
         self.options = kafka_options
         # -1: the broker's default.replication.factor (KIP-464).
         self.replication_factor = replication_factor
-        self.partitions = self._ensure_topic(source_topic)
+        self.partitions = _retry(lambda: self._ensure_topic(source_topic), f"preparing changelog {topic}")
         self.producer = KafkaProducer(acks="all", linger_ms=5, **kafka_options)
 
     def _ensure_topic(self, source_topic: str) -> int:
@@ -114,6 +133,9 @@ class KafkaChangelog:
         self.producer.flush()
 
     def load_state(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
+        return _retry(lambda: self._replay(partitions), f"replaying changelog {self.topic}")
+
+    def _replay(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
         wanted = set(partitions)
         states: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
         positions: dict[int, int] = {}

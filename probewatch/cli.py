@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=2000, help="records per micro-batch")
     ev.add_argument("--json", action="store_true", help="print the full report as JSON")
     ev.set_defaults(handler=cmd_eval)
+
+    from dashboards.cli import add_dashboards_parser  # push / export / check (dashboards/cli.py)
+
+    add_dashboards_parser(sub, _add_common)
     return parser
 
 

@@ -237,6 +237,21 @@ class LoggingConfig(_Section):
     json: bool = False
 
 
+class GrafanaConfig(_Section):
+    """Where `probewatch dashboards push` puts the dashboards (flags and GRAFANA_URL / GRAFANA_TOKEN
+    override these). The data source it creates points at [storage.clickhouse], or at
+    datasource_host/datasource_port when Grafana reaches ClickHouse by another address."""
+
+    url: str = ""
+    token: str = ""
+    token_file: str = ""
+    user: str = ""
+    password: str = ""
+    password_file: str = ""
+    datasource_host: str = ""
+    datasource_port: int = 0
+
+
 class Config(_Section):
     source: Literal["file", "kafka"] = "file"
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
@@ -249,6 +264,7 @@ class Config(_Section):
     alerting: AlertingConfig = msgspec.field(default_factory=AlertingConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    grafana: GrafanaConfig = msgspec.field(default_factory=GrafanaConfig)
 
     def validate(self) -> None:
         """Checks that span fields, raising ConfigError with the offending key."""

@@ -179,7 +179,8 @@ def _qtd(values: list[int]) -> str:
 def format_report(report: EvalReport) -> str:
     out: list[str] = []
     out.append(
-        f"{report.records} records ({report.dead_lettered} dead-lettered), detector {report.events_per_s:,.0f} events/s; "
+        f"{report.records} records ({report.dead_lettered} dead-lettered), "
+        f"detector {report.events_per_s:,.0f} events/s; "
         f"state per session ≤ {report.max_session_state_bytes / 1024:.1f} KiB (median "
         f"{report.median_session_state_bytes / 1024:.1f} KiB), population baselines "
         f"{report.population_state_bytes / 1024:.0f} KiB; {report.warming_up_scores} of {report.scores} scores "
@@ -204,15 +205,11 @@ def format_report(report: EvalReport) -> str:
                 for g in groups.values()
                 if any(o.first_alert_queries is not None for o in g)
             ]
-            out.append(
-                f"{name:<34}{f'{detected}/{len(groups)}':>10}{f'{right}/{len(groups)}':>12}{_qtd(qtd):>36}"
-            )
+            out.append(f"{name:<34}{f'{detected}/{len(groups)}':>10}{f'{right}/{len(groups)}':>12}{_qtd(qtd):>36}")
     benign = report.benign()
     flagged = [o for o in benign if o.first_alert_queries is not None]
     out.append("")
-    out.append(
-        f"benign clients flagged: {len(flagged)}/{len(benign)} (FP rate {report.false_positive_rate():.1%})"
-    )
+    out.append(f"benign clients flagged: {len(flagged)}/{len(benign)} (FP rate {report.false_positive_rate():.1%})")
     for variant in sorted({o.variant for o in benign}):
         members = [o for o in benign if o.variant == variant]
         fp = [o for o in members if o.first_alert_queries is not None]

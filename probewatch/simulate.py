@@ -396,12 +396,10 @@ def _square(v: Victim, rng: np.random.Generator, n: int) -> np.ndarray:
     best = _margin_loss(oracle.probs(x)[0], y0)
     it = 0
     while len(oracle.queries) < n:
-        size = max(1, int(round(v.dim * 0.3 * 0.9 ** (it // 10))))
+        size = max(1, round(v.dim * 0.3 * 0.9 ** (it // 10)))
         start = int(rng.integers(0, v.dim - size + 1))
         cand = x.copy()
-        cand[start : start + size] = x0[start : start + size] + eps[start : start + size] * rng.choice(
-            [-1.0, 1.0]
-        )
+        cand[start : start + size] = x0[start : start + size] + eps[start : start + size] * rng.choice([-1.0, 1.0])
         cand = v.clip(cand)
         loss = _margin_loss(oracle.probs(cand)[0], y0)
         if loss < best:
@@ -460,9 +458,7 @@ def _art_evasion(variant: str, v: Victim, rng: np.random.Generator, n: int) -> n
         def fit(self, x: np.ndarray, y: np.ndarray) -> None:  # ART's interface; never called here
             raise NotImplementedError
 
-    classifier = ScikitlearnClassifier(
-        _Logged(v.sklearn_model), clip_values=(float(v.low.min()), float(v.high.max()))
-    )
+    classifier = ScikitlearnClassifier(_Logged(v.sklearn_model), clip_values=(float(v.low.min()), float(v.high.max())))
     seed = int(rng.integers(0, 2**31 - 1))
     np_state = np.random.get_state()
     np.random.seed(seed)  # ART draws from numpy's global generator
@@ -493,9 +489,7 @@ NUMPY_ATTACKS: dict[str, Callable[[Victim, np.random.Generator, int], np.ndarray
 }
 
 
-def attack_queries(
-    variant: str, v: Victim, rng: np.random.Generator, n: int, use_art: bool
-) -> tuple[np.ndarray, str]:
+def attack_queries(variant: str, v: Victim, rng: np.random.Generator, n: int, use_art: bool) -> tuple[np.ndarray, str]:
     """The queries one attacker sends, and which implementation made them ("art" or "numpy")."""
     if variant in EXTRACTION:
         return _extraction(variant, v, rng, n), "numpy"
@@ -562,11 +556,10 @@ def write_simulation(plan: SimulationPlan, out: str, truth: str | None = None) -
     """Write the simulated log (time-ordered JSON lines) and optionally the ground truth per client."""
     rng = np.random.default_rng(plan.seed)
     victim = make_victim(plan, rng)
-    use_art = plan.use_art == "yes" or (plan.use_art == "auto" and art_available())
+    # ART only drives attacks on the scikit-learn victims; don't pay its import otherwise.
+    use_art = plan.use_art == "yes" or (plan.use_art == "auto" and victim.sklearn_model is not None and art_available())
     if plan.use_art == "yes" and not art_available():
-        raise MissingExtra(
-            "use_art='yes' needs adversarial-robustness-toolbox: pip install 'probewatch[simulate]'"
-        )
+        raise MissingExtra("use_art='yes' needs adversarial-robustness-toolbox: pip install 'probewatch[simulate]'")
     unknown = [a for a in plan.attacks if a not in ATTACK_VARIANTS]
     if unknown:
         raise ValueError(f"unknown attack variant(s) {unknown}; choose from {', '.join(ATTACK_VARIANTS)}")

@@ -169,6 +169,13 @@ class BaseStore(abc.ABC):
         self._reconcile_columns()
         if supports_ttl(version):
             self._reconcile_ttl(version, retention)
+        elif retention > 0:
+            log.warning(
+                "storage: ClickHouse %s has no TTL (needs 19.6+): retention_days=%d is not enforced; "
+                "drop old month partitions by hand (ALTER TABLE ... DROP PARTITION YYYYMM)",
+                ".".join(map(str, version)),
+                retention,
+            )
         if applied < SCHEMA_VERSION:
             self._insert(SCHEMA_MIGRATIONS, [(SCHEMA_VERSION, SCHEMA_DESCRIPTION)])
             log.info("storage: database %s migrated to schema version %d", self.database, SCHEMA_VERSION)
@@ -245,9 +252,7 @@ class BaseStore(abc.ABC):
             )
             self._insert(PIPELINE_BATCHES, [row])
 
-    def save_state(
-        self, partition: int, entries: Mapping[str, bytes | None], position: int, version: int
-    ) -> None:
+    def save_state(self, partition: int, entries: Mapping[str, bytes | None], position: int, version: int) -> None:
         """Checkpoint detector state of one source partition: ``entries`` maps state keys to
         serialized state (None deletes the key); ``position`` is the source position the state
         reflects. One INSERT, so state and position land together.
@@ -259,9 +264,7 @@ class BaseStore(abc.ABC):
         partition = int(partition)
         last = self._state_versions.get(partition)
         if last is not None and version < last:
-            raise StorageError(
-                f"state version {version} for partition {partition} is below the stored version {last}"
-            )
+            raise StorageError(f"state version {version} for partition {partition} is below the stored version {last}")
         self._insert(DETECTOR_STATE, self.rows.state_rows(partition, entries, position, version))
         self._state_versions[partition] = int(version)
 
@@ -290,9 +293,7 @@ class BaseStore(abc.ABC):
         """Record delivery attempts/outcomes; per (alert_id, receiver) the latest updated_at wins."""
         self._insert(ALERT_DELIVERIES, [self.rows.delivery_row(d) for d in rows])
 
-    def undelivered(
-        self, receivers: list[str], limit: int, *, since: float | None = None
-    ) -> list[tuple[Alert, str]]:
+    def undelivered(self, receivers: list[str], limit: int, *, since: float | None = None) -> list[tuple[Alert, str]]:
         """(alert, receiver) pairs whose latest delivery state is not 'delivered' (including pairs with
         no delivery row yet), oldest event time first. ``since`` (epoch s) ignores older alerts, e.g.
         so that adding a receiver does not replay the whole history to it."""
@@ -384,10 +385,7 @@ class BaseStore(abc.ABC):
 
     def counts(self) -> dict[str, int]:
         """Rows per table as readers see them (after ReplacingMergeTree dedup, i.e. FINAL)."""
-        parts = [
-            f"SELECT {quote_string(t.name)} AS table_name, count() AS n FROM {self._t(t)} FINAL"
-            for t in TABLES
-        ]
+        parts = [f"SELECT {quote_string(t.name)} AS table_name, count() AS n FROM {self._t(t)} FINAL" for t in TABLES]
         _, _, rows = self._run(" UNION ALL ".join(parts))
         found = {str(name): int(n) for name, n in rows}
         return {t.name: found.get(t.name, 0) for t in TABLES}

@@ -338,7 +338,8 @@ class ChdbStore(BaseStore):
         self.path = os.path.abspath(config.chdb.path)
         try:
             os.makedirs(self.path, exist_ok=True)
-            self._session = chdb_session.Session(self.path)
+            session_class: Any = chdb_session.Session  # chdb's API is untyped
+            self._session: Any = session_class(self.path)
         except Exception as exc:
             raise StorageUnavailable(
                 f"cannot open chDB data directory {self.path}: {first_line(exc)} "

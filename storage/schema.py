@@ -318,3 +318,25 @@ TABLES: tuple[Table, ...] = (
     DETECTOR_STATE,
 )
 TABLES_BY_NAME: dict[str, Table] = {t.name: t for t in TABLES}
+
+
+def describe_markdown() -> str:
+    """The table reference in storage/README.md, as Markdown (a test keeps the README in sync)."""
+    import inspect
+
+    out: list[str] = []
+    for table in TABLES:
+        clauses = []
+        if table.partition_by:
+            clauses.append(f"PARTITION BY {table.partition_by}")
+        clauses.append("ORDER BY (" + ", ".join(table.order_by) + ")")
+        if table.ttl_column:
+            clauses.append(f"[TTL {table.ttl_column} + INTERVAL retention_days DAY, server >= 19.6]")
+        engine = f"ReplacingMergeTree({table.version_column or ''})"
+        out += [f"### `{table.name}`", "", inspect.cleandoc(table.doc), "", f"`{engine} {' '.join(clauses)}`", ""]
+        out += ["| column | type | meaning |", "|---|---|---|"]
+        for c in table.columns:
+            meaning = c.doc + (f" (DEFAULT `{c.default}`)" if c.default else "")
+            out.append(f"| `{c.name}` | `{c.type}` | {meaning.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)

@@ -35,6 +35,9 @@ WEBHOOK_PORT = int(os.environ.get("PROBEWATCH_TEST_WEBHOOK_PORT", "19080"))
 
 SERVICES = ("kafka", "clickhouse", "alertmanager")
 
+# Fixtures of the end-to-end pipeline tests (scenario, pipeline_env), shared by several test files.
+pytest_plugins = ("pipeline_helpers",)
+
 
 def unique_name(prefix: str) -> str:
     """A name that no other test (or test run) uses, valid as a Kafka topic and a ClickHouse

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from typing import Any
@@ -19,12 +20,8 @@ from alerting.render import AlertFormatter
 from alerting.testing import RecordingServer
 
 T0 = 1_800_000_000.0
-FAST = DeliverySettings(
-    backoff_initial_s=0.05, backoff_max_s=0.4, sweep_s=0.2, tick_s=0.1, shutdown_timeout_s=2.0
-)
-FORMATTER = AlertFormatter(
-    "http://grafana.local:3000", runbook_url="https://runbooks.local/probewatch", threshold=0.8
-)
+FAST = DeliverySettings(backoff_initial_s=0.05, backoff_max_s=0.4, sweep_s=0.2, tick_s=0.1, shutdown_timeout_s=2.0)
+FORMATTER = AlertFormatter("http://grafana.local:3000", runbook_url="https://runbooks.local/probewatch", threshold=0.8)
 
 
 class MemoryOutbox:
@@ -58,9 +55,7 @@ class MemoryOutbox:
         return final
 
 
-def alert(
-    i: int, status: str = "firing", notification: str = "new", seq: int = 0, severity: str = "high"
-) -> Alert:
+def alert(i: int, status: str = "firing", notification: str = "new", seq: int = 0, severity: str = "high") -> Alert:
     key = f"fraud-v3|acct-{i:03d}|extraction"
     return Alert(
         alert_id=hashlib.sha256(f"{key}|{notification}|{seq}".encode()).hexdigest()[:24],
@@ -205,21 +200,14 @@ def test_restart_delivers_what_a_crash_left_in_the_outbox() -> None:
 
 
 def test_webhook_json_and_hmac_signature(server: RecordingServer) -> None:
-    hook = WebhookReceiver(
-        "hook", f"{server.url}/hook", FORMATTER, hmac_secret="s3cret", headers={"X-Team": "sec"}
-    )
+    hook = WebhookReceiver("hook", f"{server.url}/hook", FORMATTER, hmac_secret="s3cret", headers={"X-Team": "sec"})
     hook.send([alert(7)])
     request = server.requests[0]
-    expected = hmac.new(
-        b"s3cret", request.headers["x-probewatch-timestamp"].encode() + b"." + request.body, "sha256"
-    )
+    expected = hmac.new(b"s3cret", request.headers["x-probewatch-timestamp"].encode() + b"." + request.body, "sha256")
     assert request.headers["x-probewatch-signature"] == "sha256=" + expected.hexdigest()
     assert request.headers["x-team"] == "sec"
     body = request.json()
-    assert (
-        body["alert"]["client_id"] == "acct-007"
-        and body["alert"]["dedup_key"] == "fraud-v3|acct-007|extraction"
-    )
+    assert body["alert"]["client_id"] == "acct-007" and body["alert"]["dedup_key"] == "fraud-v3|acct-007|extraction"
     assert "var-model=fraud-v3&var-client=acct-007" in body["dashboard_url"]
     assert "s3cret" not in repr(hook) and "s3cret" not in request.body.decode()
 
@@ -289,9 +277,7 @@ def test_kafka_receiver_retries_and_keys_by_incident() -> None:
     outbox = MemoryOutbox()
     alerts = [alert(1), alert(2)]
     outbox.write(alerts)
-    dispatcher = Dispatcher(
-        [KafkaReceiver("siem", producer, "probewatch.alerts", FORMATTER)], outbox, FAST
-    ).start()
+    dispatcher = Dispatcher([KafkaReceiver("siem", producer, "probewatch.alerts", FORMATTER)], outbox, FAST).start()
     dispatcher.submit(alerts)
     assert dispatcher.flush(10)
     dispatcher.close()
@@ -337,8 +323,18 @@ def test_alert_text_for_the_on_call_engineer() -> None:
         assert needle in text, needle
 
 
+@pytest.fixture
+def keep_logging() -> Any:
+    """The CLI configures the root logger onto the (captured) stderr; put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def test_cli_alerts_test_reports_each_receiver(
-    server: RecordingServer, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+    server: RecordingServer, tmp_path: Any, capsys: pytest.CaptureFixture[str], keep_logging: None
 ) -> None:
     from probewatch.cli import main
 

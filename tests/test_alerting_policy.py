@@ -191,3 +191,10 @@ def test_incidents_do_not_depend_on_batch_boundaries(simulated: list[QueryRecord
             return {(a.alert_id, a.dedup_key, a.notification) for a in alerts if a.notification in ("new", "resolve")}
 
         assert paging(other) == paging(reference)
+
+
+def test_rebalance_forgets_incidents_owned_elsewhere() -> None:
+    policy = AlertPolicy()
+    policy.evaluate([score(T0, 0.9, client="mine"), score(T0, 0.9, client="theirs")])
+    assert policy.forget(lambda model, client: client == "theirs") == ["m1|theirs|extraction"]
+    assert [a.client_id for a in policy.open_alerts()] == ["mine"]

@@ -25,7 +25,9 @@ from detectors.signals import (
 from ingest.records import QueryRecord, SourcePosition
 
 
-def block(z: np.ndarray | None, labels: list[str | None] | None = None, pop: ModelPopulation | None = None) -> QueryBlock:
+def block(
+    z: np.ndarray | None, labels: list[str | None] | None = None, pop: ModelPopulation | None = None
+) -> QueryBlock:
     n = len(z) if z is not None else len(labels or [])
     labels = labels if labels is not None else ["0"] * n
     return QueryBlock(
@@ -73,7 +75,11 @@ def test_prada_flags_synthetic_queries_and_keeps_a_bounded_ring() -> None:
 def test_near_duplicates_exclude_retries_and_count_label_flips() -> None:
     rng = np.random.default_rng(2)
     walk = np.cumsum(rng.normal(0, 0.01, size=(100, 8)), axis=0)
-    sensor, retries, probe = NearDuplicateChainSignal(), NearDuplicateChainSignal(), NearDuplicateChainSignal()
+    sensor, retries, probe = (
+        NearDuplicateChainSignal(),
+        NearDuplicateChainSignal(),
+        NearDuplicateChainSignal(),
+    )
     sensor.learn_block(block(walk))
     retries.learn_block(block(np.repeat(rng.normal(size=(20, 8)) * 3, 5, axis=0)))
     probe.learn_block(block(walk, [str(i % 2) for i in range(100)]))  # labels alternate across tiny steps

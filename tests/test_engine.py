@@ -18,12 +18,8 @@ from probewatch.simulate import SimulationPlan, write_simulation
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> list[QueryRecord]:
     path = tmp_path_factory.mktemp("sim") / "logs.jsonl"
     # Enough benign clients for the population baselines to warm up, and attackers that get caught.
-    write_simulation(
-        SimulationPlan(benign_clients=24, attackers_per_kind=1, queries_per_client=120), str(path)
-    )
-    messages = [
-        (line, SourcePosition("f", 0, i), None) for i, line in enumerate(Path(path).read_bytes().splitlines())
-    ]
+    write_simulation(SimulationPlan(benign_clients=24, attackers_per_kind=1, queries_per_client=120, attack_delay_s=600), str(path))
+    messages = [(line, SourcePosition("f", 0, i), None) for i, line in enumerate(Path(path).read_bytes().splitlines())]
     records, _ = RecordDecoder().decode_batch(messages)
     return records
 
@@ -76,14 +72,10 @@ def test_sessions_split_on_event_time_inactivity() -> None:
     vector = np.zeros(2, dtype=np.float32)
 
     def rec(ts: float, offset: int) -> QueryRecord:
-        return QueryRecord(
-            ts=ts, client_id="c", model_id="m", position=SourcePosition("t", 0, offset), vector=vector
-        )
+        return QueryRecord(ts=ts, client_id="c", model_id="m", position=SourcePosition("t", 0, offset), vector=vector)
 
     base = 1.8e9
-    scores = detector.process(
-        [rec(base + i, i) for i in range(5)] + [rec(base + 200 + i, 10 + i) for i in range(5)]
-    )
+    scores = detector.process([rec(base + i, i) for i in range(5)] + [rec(base + 200 + i, 10 + i) for i in range(5)])
     sessions = {s.session_id for s in scores}
     assert len(sessions) == 2
     closed = [s for s in scores if s.closed]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,10 +45,19 @@ DIMS = {"m2": 2, "m8": 8, "m33": 33}
 LEARNED_MODEL = "learned"
 LIMITS = {"max_record_bytes": 1_000_000, "max_vector_len": 65_536, "max_classes": 10_000, "max_string_len": 512}
 
-FUZZ = settings(
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
-)
+
+def fuzz(examples: int) -> settings:
+    """Hypothesis settings: a fixed example budget (the whole module runs in well under a minute), no
+    per-example deadline (chDB writes vary), no example database written into the repository, and a
+    reproduction blob printed on failure (``@reproduce_failure``)."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    )
+
 
 # ---------------------------------------------------------------------------------------------------
 # Strategies
@@ -69,6 +79,7 @@ NASTY_TEXT = [
     "é" * 512,  # at the character limit (1,024 UTF-8 bytes)
     "ünïcödé-кириллица-中文-العربية",
 ]
+NASTY_IDS = [t for t in NASTY_TEXT if t.strip()]
 
 id_text = st.one_of(
     st.sampled_from(NASTY_TEXT),
@@ -76,7 +87,7 @@ id_text = st.one_of(
 ).filter(lambda s: bool(s.strip()))
 free_text = st.one_of(st.sampled_from(NASTY_TEXT), st.text(max_size=60))  # any Unicode scalar, controls too
 finite = st.floats(allow_nan=False, allow_infinity=False)
-f32 = st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infinity=False, width=32)
+f32 = st.floats(allow_nan=False, allow_infinity=False, width=32)  # every finite float32
 unit = st.floats(min_value=0.0, max_value=1.0)
 
 valid_ts = st.one_of(
@@ -290,7 +301,7 @@ def check_record(record: QueryRecord) -> None:
     assert record.client_id.strip() and record.model_id.strip()
     if record.vector is not None:
         assert record.vector.ndim == 1 and record.vector.dtype.name == "float32"
-        assert bool(__import__("numpy").isfinite(record.vector).all())
+        assert bool(np.isfinite(record.vector).all())
         if record.model_id in DIMS:
             assert len(record.vector) == DIMS[record.model_id]
     if record.probs is not None:
@@ -299,8 +310,7 @@ def check_record(record: QueryRecord) -> None:
         assert value is None or math.isfinite(value)
 
 
-@FUZZ
-@settings(max_examples=400)
+@fuzz(100)
 @given(st.lists(labelled, min_size=1, max_size=12))
 def test_decoder_accounts_for_every_input(inputs: list[tuple[str, bytes]]) -> None:
     decoder = new_decoder()
@@ -309,8 +319,7 @@ def test_decoder_accounts_for_every_input(inputs: list[tuple[str, bytes]]) -> No
     check_outcome(inputs, records, letters, "fuzz")
 
 
-@FUZZ
-@settings(max_examples=300)
+@fuzz(300)
 @given(st.binary(max_size=2_000))
 def test_decoder_survives_random_bytes(payload: bytes) -> None:
     result = new_decoder().decode(payload, SourcePosition("bytes", 0, 0))
@@ -318,8 +327,7 @@ def test_decoder_survives_random_bytes(payload: bytes) -> None:
         assert result.reason.strip() and result.payload == payload
 
 
-@FUZZ
-@settings(max_examples=60)
+@fuzz(60)
 @given(st.lists(st.sampled_from([*DIMS, "fresh-a", "fresh-b"]), min_size=1, max_size=30), st.data())
 def test_mixed_models_keep_their_dimensions(models: list[str], data: st.DataObject) -> None:
     """Mixed models with different dimensions in one batch: each record is judged against its own
@@ -332,8 +340,13 @@ def test_mixed_models_keep_their_dimensions(models: list[str], data: st.DataObje
         valid = data.draw(st.booleans())
         vector = [0.5] * size if valid else [1e39] * size  # beyond float32: dead-lettered
         sizes.append((model, size, valid))
-        messages.append((encode({"ts": 1.8e9, "client_id": "c", "model_id": model, "input": {"vector": vector}}),
-                         SourcePosition("dims", 0, i), None))
+        messages.append(
+            (
+                encode({"ts": 1.8e9, "client_id": "c", "model_id": model, "input": {"vector": vector}}),
+                SourcePosition("dims", 0, i),
+                None,
+            )
+        )
     records, letters = decoder.decode_batch(messages)
     assert len(records) + len(letters) == len(models)
     learned: dict[str, int] = dict(DIMS)
@@ -377,7 +390,7 @@ def test_file_source_does_not_hold_an_overlong_line(tmp_path: Path) -> None:
         source.close()
     assert [m.position.offset for m in messages] == [1, 2, 4]
     assert len(messages[1].value) == LIMITS["max_record_bytes"] + 1
-    assert peak < 4 * 1024 * 1024, f"reading a 10 MB line took {peak} bytes"
+    assert peak < 6 * 1024 * 1024, f"reading a 10 MB line took {peak} bytes"  # the line alone is 10 MiB
     records, letters = new_decoder().decode_batch([(m.value, m.position, None) for m in messages])
     assert [r.position.offset for r in records] == [1, 4]
     assert [x.position.offset for x in letters] == [2] and "byte limit" in letters[0].reason
@@ -387,16 +400,29 @@ def test_file_source_does_not_hold_an_overlong_line(tmp_path: Path) -> None:
 # The whole batch path on a real chDB store
 
 
-class _FileRun:
-    """What Pipeline.process_batch needs from a source: a name and commit()."""
+class _BatchSource:
+    """A Source whose batches the test hands to Pipeline.process_batch itself; counts commits."""
 
     name = "fuzz"
 
     def __init__(self) -> None:
         self.committed = 0
 
+    def batches(self) -> Iterator[list[RawMessage]]:
+        return iter(())
+
     def commit(self, batch: list[RawMessage]) -> None:
         self.committed += len(batch)
+
+    def stop(self) -> None:
+        return None
+
+    @property
+    def stopped(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
 
 
 class Harness:
@@ -431,6 +457,7 @@ class Harness:
             for checkpointed in (False, True)
         }
         self.dlq_read = 0
+        self.next_offset = {False: 0, True: 0}
 
     def new_dead_letters(self) -> list[dict[str, Any]]:
         """Dead-letter documents appended to the DLQ file since the last call."""
@@ -442,41 +469,48 @@ class Harness:
         return [msgspec.json.decode(line) for line in data.splitlines()]
 
     def run(self, inputs: list[tuple[str, bytes]], checkpointed: bool) -> None:
+        # A fresh topic name per batch tells its rows apart; offsets keep growing per pipeline, as
+        # Kafka offsets do (a Kafka-style pipeline skips offsets below its checkpoint as replayed).
         topic = f"fuzz-{uuid.uuid4().hex[:12]}"
-        batch = [RawMessage(value=p, position=SourcePosition(topic, 0, i), key=b"k") for i, (_, p) in enumerate(inputs)]
+        base = self.next_offset[checkpointed]
+        self.next_offset[checkpointed] += len(inputs)
+        batch = [
+            RawMessage(value=payload, position=SourcePosition(topic, 0, base + i), key=b"k")
+            for i, (_, payload) in enumerate(inputs)
+        ]
         pipeline = self.pipelines[checkpointed]
         before = pipeline.summary.records_read
-        source = _FileRun()
-        pipeline.process_batch(batch, source)  # type: ignore[arg-type]
+        source = _BatchSource()
+        pipeline.process_batch(batch, source)
         assert source.committed == len(inputs)
         assert pipeline.summary.records_read - before == len(inputs)
+        assert pipeline.summary.skipped_replayed == 0
 
         letters = self.new_dead_letters() if self.dlq_path.exists() else []
         assert all(doc["source"]["topic"] == topic for doc in letters)
-        rejected = [doc["source"]["offset"] for doc in letters]
+        rejected = [doc["source"]["offset"] - base for doc in letters]
         rows = self.store.query(
             "SELECT source_offset, client_id, model_id FROM fuzz.events FINAL WHERE source_topic = {t:String}",
             {"t": topic},
         )
-        accepted = [row[0] for row in rows]
+        accepted = [row[0] - base for row in rows]
         # Every input exactly once: stored as an event, or in the dead-letter file.
         assert sorted(accepted + rejected) == list(range(len(inputs))), (accepted, rejected)
         for doc in letters:
-            offset = doc["source"]["offset"]
-            expected, payload = inputs[offset]
+            expected, payload = inputs[doc["source"]["offset"] - base]
             assert doc["reason"].strip()
             assert expected != "good", f"valid record dead-lettered: {doc['reason']}\n{payload[:300]!r}"
             stored = doc["payload"].encode("utf-8") if "payload" in doc else base64.b64decode(doc["payload_base64"])
             assert stored == payload
         for offset, client_id, model_id in rows:
-            expected, payload = inputs[offset]
+            expected, payload = inputs[offset - base]
             assert expected != "bad", f"invalid record stored: {payload[:300]!r}"
             if expected == "good":
                 original = json.loads(payload)
                 assert (client_id, model_id) == (original["client_id"], original["model_id"])
         stats = self.store.query(
-            "SELECT records, dead_lettered FROM fuzz.pipeline_batches FINAL WHERE batch_id = {b:String}",
-            {"b": f"{topic}:0:0-0:{len(inputs) - 1}:{len(inputs)}"},
+            "SELECT records, dead_lettered FROM fuzz.pipeline_batches FINAL WHERE startsWith(batch_id, {b:String})",
+            {"b": f"{topic}:"},
         )
         assert stats == [(len(inputs), len(letters))]
 
@@ -493,24 +527,21 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     h.close()
 
 
-@FUZZ
-@settings(max_examples=50)
-@given(st.lists(labelled, min_size=1, max_size=25), st.booleans())
+@fuzz(30)
+@given(st.lists(labelled, min_size=1, max_size=20), st.booleans())
 def test_pipeline_stores_or_dead_letters_every_input(
     harness: Harness, inputs: list[tuple[str, bytes]], checkpointed: bool
 ) -> None:
     harness.run(inputs, checkpointed)
 
 
-@FUZZ
-@settings(max_examples=15)
+@fuzz(10)
 @given(st.lists(st.binary(min_size=0, max_size=500), min_size=1, max_size=30), st.booleans())
 def test_pipeline_survives_random_bytes(harness: Harness, payloads: list[bytes], checkpointed: bool) -> None:
     harness.run([("any", p) for p in payloads], checkpointed)
 
 
-@FUZZ
-@settings(max_examples=6)
+@fuzz(4)
 @given(st.integers(min_value=200, max_value=600), st.booleans())
 def test_pipeline_sessions_with_many_queries(harness: Harness, n: int, checkpointed: bool) -> None:
     """Enough queries per session to be scored (and maybe alert), mixed models, odd identifiers."""
@@ -519,9 +550,9 @@ def test_pipeline_sessions_with_many_queries(harness: Harness, n: int, checkpoin
         model = ["m2", "m8", "m33"][i % 3]
         record = {
             "ts": 1.8e9 + i,
-            "client_id": NASTY_TEXT[i % len(NASTY_TEXT)],
+            "client_id": NASTY_IDS[i % len(NASTY_IDS)],
             "model_id": model,
-            "session_id": NASTY_TEXT[(i * 7) % len(NASTY_TEXT)],
+            "session_id": NASTY_IDS[(i * 7) % len(NASTY_IDS)],
             "source_ip": f"10.0.{i % 4}.{i % 7}",
             "input": {"vector": [((i * 31 + j) % 17) / 17.0 for j in range(DIMS[model])]},
             "output": {"probs": [0.25, 0.75] if i % 2 else [0.5, 0.5]},
@@ -540,8 +571,7 @@ def test_pipeline_rejects_ten_megabyte_record(harness: Harness) -> None:
 # Dead-letter file round trip
 
 
-@FUZZ
-@settings(max_examples=200)
+@fuzz(80)
 @given(st.lists(st.tuples(st.binary(max_size=300) | st.text(max_size=100).map(str.encode), free_text), max_size=10))
 def test_random_bytes_round_trip_through_the_dlq_file(tmp_path_factory: pytest.TempPathFactory, items: Any) -> None:
     path = tmp_path_factory.mktemp("dlq") / "dlq.jsonl"

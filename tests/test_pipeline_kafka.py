@@ -3,166 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from clickhouse_driver import Client
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
-from probewatch.simulate import SimulationPlan, write_simulation
+from pipeline_helpers import Scenario, Worker, check_results, committed_total, dlq_documents, produce, wait_until
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class Scenario:
-    def __init__(self, path: Path) -> None:
-        self.lines = [line for line in path.read_bytes().splitlines() if line.strip()]
-        self.valid: list[dict[str, object]] = []
-        self.malformed: list[bytes] = []
-        for line in self.lines:
-            try:
-                doc = json.loads(line)
-                if isinstance(doc, dict) and "client_id" in doc and len(doc["input"]["vector"]) == 8:
-                    self.valid.append(doc)
-                    continue
-            except (ValueError, KeyError, TypeError):
-                pass
-            self.malformed.append(line)
-
-
-@pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
-    path = tmp_path_factory.mktemp("kafka") / "logs.jsonl"
-    write_simulation(
-        SimulationPlan(benign_clients=12, attackers_per_kind=2, queries_per_client=150, malformed=15),
-        str(path),
-    )
-    return Scenario(path)
-
-
-def produce(bootstrap: str, topic: str, scenario: Scenario) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
-    for line in scenario.lines:
-        try:
-            key = str(json.loads(line).get("client_id", "")).encode()
-        except (ValueError, AttributeError):
-            key = b"malformed"
-        producer.send(topic, key=key, value=line)
-    producer.flush()
-    producer.close()
-
-
-def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        total = 0
-        for p in range(partitions):
-            offset = consumer.committed(TopicPartition(topic, p))
-            total += offset or 0
-        return total
-    finally:
-        consumer.close()
-
-
-class Worker:
-    """A real `probewatch run --source kafka` process, configured through the environment."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log = open(log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "probewatch", "run", "--source", "kafka", "--quiet"],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=timeout)
-        self.log.close()
-        return code
-
-
-@pytest.fixture
-def pipeline_env(
-    kafka_bootstrap: str,
-    clickhouse_server: tuple[str, int],
-    kafka_topic: Callable[..., str],
-    unique_name: Callable[[str], str],
-    tmp_path: Path,
-) -> Iterator[dict[str, str]]:
-    topic = kafka_topic(unique_name("logs"), partitions=3)
-    kafka_topic(f"{topic}.dlq", partitions=1)
-    database = unique_name("pw")
-    host, port = clickhouse_server
-    env = {
-        **os.environ,
-        "PROBEWATCH__KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "PROBEWATCH__KAFKA__TOPIC": topic,
-        "PROBEWATCH__KAFKA__GROUP_ID": unique_name("group"),
-        "PROBEWATCH__KAFKA__BATCH_MAX_RECORDS": "300",
-        "PROBEWATCH__STORAGE__BACKEND": "clickhouse",
-        "PROBEWATCH__STORAGE__DATABASE": database,
-        "PROBEWATCH__STORAGE__RAW_SAMPLE_RATE": "1.0",
-        "PROBEWATCH__STORAGE__CLICKHOUSE__HOST": host,
-        "PROBEWATCH__STORAGE__CLICKHOUSE__PORT": str(port),
-        "PROBEWATCH__ALERTING__JSONL_PATH": str(tmp_path / "alerts.jsonl"),
-    }
-    yield env
-    Client(host=host, port=port).execute(f"DROP DATABASE IF EXISTS {database}")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def dlq_documents(bootstrap: str, topic: str) -> list[dict[str, object]]:
-    consumer = KafkaConsumer(
-        f"{topic}.dlq", bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000
-    )
-    docs = [json.loads(m.value) for m in consumer]
-    consumer.close()
-    return docs
-
-
-def check_results(env: dict[str, str], scenario: Scenario) -> Client:
-    client = Client(
-        host=env["PROBEWATCH__STORAGE__CLICKHOUSE__HOST"],
-        port=int(env["PROBEWATCH__STORAGE__CLICKHOUSE__PORT"]),
-    )
-    db = env["PROBEWATCH__STORAGE__DATABASE"]
-    # Every valid record is stored exactly once (as readers see it), under its own source offset.
-    events = client.execute(f"SELECT source_partition, source_offset FROM {db}.events FINAL")
-    assert len(events) == len(set(events)) == len(scenario.valid)
-    # No session restarted from zero: each session's final query count covers all its records.
-    expected = Counter(str(doc["client_id"]) for doc in scenario.valid)
-    stored = dict(
-        client.execute(
-            f"SELECT client_id, max(client_queries) FROM {db}.session_scores FINAL GROUP BY client_id"
-        )
-    )
-    assert stored == dict(expected)
-    # Alerts: no duplicates as readers see them; every attacker alerted.
-    alert_rows = client.execute(f"SELECT alert_id, client_id, status FROM {db}.alerts FINAL")
-    assert len(alert_rows) == len({row[0] for row in alert_rows})
-    firing = {client_id for _, client_id, status in alert_rows if status == "firing"}
-    assert {c for c in expected if c.startswith(("ext-", "bou-"))} <= firing
-    return client
 
 
 def test_kafka_to_clickhouse_with_dlq_and_offsets(
@@ -186,8 +33,7 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
     assert sorted(str(d["payload"]).encode() for d in docs) == sorted(scenario.malformed)
     assert all(d["reason"] and "offset" in d["source"] for d in docs)  # type: ignore[operator]
     alerts = [
-        json.loads(line)
-        for line in Path(pipeline_env["PROBEWATCH__ALERTING__JSONL_PATH"]).read_text().splitlines()
+        json.loads(line) for line in Path(pipeline_env["PROBEWATCH__ALERTING__JSONL_PATH"]).read_text().splitlines()
     ]
     assert {
         "client_id",
@@ -211,9 +57,7 @@ def test_kill_and_restart_loses_nothing_and_stores_nothing_twice(
     wait_until(lambda: committed_total(kafka_bootstrap, group, topic, 3) > 0, 120, "a first commit")
     first.stop(signal.SIGKILL)  # mid-stream, no chance to clean up
     done_before = committed_total(kafka_bootstrap, group, topic, 3)
-    assert done_before < len(scenario.lines), (
-        "the worker finished before it could be killed; make the batches smaller"
-    )
+    assert done_before < len(scenario.lines), "the worker finished before it could be killed; make the batches smaller"
     second = Worker(pipeline_env, tmp_path / "worker.log")
     try:
         wait_until(
@@ -225,6 +69,4 @@ def test_kill_and_restart_loses_nothing_and_stores_nothing_twice(
         assert second.stop() == 0, (tmp_path / "worker.log").read_text()[-3000:]
     check_results(pipeline_env, scenario)
     payloads = {str(d["payload"]).encode() for d in dlq_documents(kafka_bootstrap, topic)}
-    assert payloads == set(
-        scenario.malformed
-    )  # at-least-once: a replay may repeat a dead letter, never lose one
+    assert payloads == set(scenario.malformed)  # at-least-once: a replay may repeat a dead letter, never lose one

@@ -56,6 +56,7 @@ from storage.schema import (
     SCHEMA_VERSION,
     SESSION_SCORES,
     TABLES,
+    describe_markdown,
     engine_ttl,
     render_create_table,
     supports_ttl,
@@ -222,9 +223,7 @@ def make_record(offset: int, partition: int = 0, **changes: Any) -> QueryRecord:
     return QueryRecord(**fields)
 
 
-def make_batch(
-    batch_id: str = "b-1", n_scores: int = 20, n_alerts: int = 5, n_events: int = 50
-) -> StoredBatch:
+def make_batch(batch_id: str = "b-1", n_scores: int = 20, n_alerts: int = 5, n_events: int = 50) -> StoredBatch:
     return StoredBatch(
         batch_id=batch_id,
         scores=[make_score(i) for i in range(n_scores)],
@@ -287,28 +286,20 @@ def test_migrate_adds_missing_columns_and_refuses_a_newer_schema(store: BaseStor
     db = store.database
     store.query(f"DROP TABLE {db}.alerts")
     store.query(
-        f"CREATE TABLE {db}.alerts (alert_id String, event_time DateTime) "
-        "ENGINE = MergeTree() ORDER BY alert_id"
+        f"CREATE TABLE {db}.alerts (alert_id String, event_time DateTime) ENGINE = MergeTree() ORDER BY alert_id"
     )
     store.migrate()
-    names = [
-        r[0]
-        for r in store.query(f"SELECT name FROM system.columns WHERE database = '{db}' AND table = 'alerts'")
-    ]
+    names = [r[0] for r in store.query(f"SELECT name FROM system.columns WHERE database = '{db}' AND table = 'alerts'")]
     assert names == [c.name for c in ALERTS.columns]
 
-    store.query(
-        f"INSERT INTO {db}.schema_migrations (version, description) SELECT {SCHEMA_VERSION + 1}, 'future'"
-    )
+    store.query(f"INSERT INTO {db}.schema_migrations (version, description) SELECT {SCHEMA_VERSION + 1}, 'future'")
     with pytest.raises(StorageError, match="newer than this probewatch"):
         store.migrate()
 
 
 def test_ttl_only_where_the_server_supports_it(make_store: StoreFactory) -> None:
     store = make_store(retention_days=7)
-    engines = dict(
-        store.query(f"SELECT name, engine_full FROM system.tables WHERE database = '{store.database}'")
-    )
+    engines = dict(store.query(f"SELECT name, engine_full FROM system.tables WHERE database = '{store.database}'"))
     for table in TABLES:
         expected = ("inserted_at", 7) if table.ttl_column and supports_ttl(store.server_version()) else None
         assert engine_ttl(engines[table.name]) == expected, (table.name, engines[table.name])
@@ -317,17 +308,13 @@ def test_ttl_only_where_the_server_supports_it(make_store: StoreFactory) -> None
 
     # Changing the retention re-applies the TTL (where there is one) on the next migrate.
     again = make_store(database=store.database, retention_days=9)
-    engines = dict(
-        again.query(f"SELECT name, engine_full FROM system.tables WHERE database = '{store.database}'")
-    )
+    engines = dict(again.query(f"SELECT name, engine_full FROM system.tables WHERE database = '{store.database}'"))
     want = ("inserted_at", 9) if supports_ttl(store.server_version()) else None
     assert engine_ttl(engines["session_scores"]) == want
     assert engine_ttl(engines["detector_state"]) is None
 
     off = make_store(retention_days=0)
-    engines = dict(
-        off.query(f"SELECT name, engine_full FROM system.tables WHERE database = '{off.database}'")
-    )
+    engines = dict(off.query(f"SELECT name, engine_full FROM system.tables WHERE database = '{off.database}'"))
     assert not any("TTL" in e for e in engines.values())
 
 
@@ -416,9 +403,7 @@ def test_session_scores_round_trip(store: BaseStore) -> None:
 def test_source_ips_are_hashed_when_configured(make_store: StoreFactory) -> None:
     plain = make_store()
     hashed = make_store(hash_source_ips=True, raw_sample_rate=1.0)
-    batch = StoredBatch(
-        batch_id="ip", scores=[make_score(1)], alerts=[make_alert(1)], events=[make_record(1)]
-    )
+    batch = StoredBatch(batch_id="ip", scores=[make_score(1)], alerts=[make_alert(1)], events=[make_record(1)])
     plain.write_batch(batch)
     hashed.write_batch(batch)
     expected = hmac.new(IP_KEY, b"203.0.113.7", hashlib.sha256).hexdigest()[:16]
@@ -465,19 +450,14 @@ def test_events_round_trip_and_inputs_only_when_enabled(make_store: StoreFactory
     assert rows[1][3] == "" and rows[1][8] is None
     assert rows[2][5:8] == ("", "", None) and rows[2][10] is None
     vectors = [
-        r[0]
-        for r in with_inputs.query(
-            f"SELECT input FROM {with_inputs.database}.events FINAL ORDER BY source_offset"
-        )
+        r[0] for r in with_inputs.query(f"SELECT input FROM {with_inputs.database}.events FINAL ORDER BY source_offset")
     ]
     assert vectors == [[float(v) for v in np.asarray(r.vector).tolist()] for r in records]  # exact float32
 
 
 def test_alerts_round_trip_through_the_outbox(store: BaseStore) -> None:
     alerts = [make_alert(i) for i in range(3)]
-    alerts[2] = make_alert(
-        2, status="resolved", notification="resolve", seq=4, signals={}, source_ips=[], reasons=[]
-    )
+    alerts[2] = make_alert(2, status="resolved", notification="resolve", seq=4, signals={}, source_ips=[], reasons=[])
     store.write_batch(StoredBatch(batch_id="al", alerts=alerts))
     got = store.undelivered(["pagerduty"], 10)
     assert [g[1] for g in got] == ["pagerduty"] * 3
@@ -491,14 +471,15 @@ def test_outbox_undelivered_and_record_deliveries(store: BaseStore) -> None:
     alerts = [make_alert(i) for i in range(4)]
     store.write_batch(StoredBatch(batch_id="ob", alerts=alerts))
     receivers = ["alertmanager", "webhook"]
-    pairs = lambda: [(a.alert_id, r) for a, r in store.undelivered(receivers, 100)]  # noqa: E731
+
+    def pairs() -> list[tuple[str, str]]:
+        return [(a.alert_id, r) for a, r in store.undelivered(receivers, 100)]
+
     assert pairs() == [(a.alert_id, r) for a in alerts for r in receivers]  # no delivery rows yet
     assert store.undelivered([], 10) == [] and store.undelivered(receivers, 0) == []
     assert len(store.undelivered(receivers, 3)) == 3
 
-    def deliver(
-        alert_id: str, receiver: str, status: DeliveryStatus, at: float, attempts: int = 1
-    ) -> Delivery:
+    def deliver(alert_id: str, receiver: str, status: DeliveryStatus, at: float, attempts: int = 1) -> Delivery:
         return Delivery(
             alert_id=alert_id,
             receiver=receiver,
@@ -518,9 +499,7 @@ def test_outbox_undelivered_and_record_deliveries(store: BaseStore) -> None:
             deliver("alert-0002", "webhook", "failed", NOW + 1),  # older: loses though inserted later
         ]
     )
-    store.record_deliveries(
-        [deliver("alert-0001", "alertmanager", "delivered", NOW + 1, attempts=2)]
-    )  # replay
+    store.record_deliveries([deliver("alert-0001", "alertmanager", "delivered", NOW + 1, attempts=2)])  # replay
     assert pairs() == [
         ("alert-0000", "webhook"),
         ("alert-0001", "webhook"),
@@ -662,18 +641,14 @@ def test_chdb_and_server_store_the_same(chdb_dir: Path, clickhouse_server: tuple
     ]
     try:
         batches = [make_batch("b-1"), make_batch("b-2", n_scores=7, n_alerts=2, n_events=20)]
-        batches[1].scores.append(
-            make_score(99, signals={"nan": math.nan, "inf": math.inf}, reasons=["null", "😀"])
-        )
+        batches[1].scores.append(make_score(99, signals={"nan": math.nan, "inf": math.inf}, reasons=["null", "😀"]))
         for store in stores:
             store.migrate()
             for batch in batches:
                 store.write_batch(batch)
                 store.write_batch(batch)
             store.save_state(3, {"k": bytes(range(256)), "x": None}, position=9, version=1)
-            store.record_deliveries(
-                [Delivery(alert_id="alert-0001", receiver="r", status="delivered", updated_at=NOW)]
-            )
+            store.record_deliveries([Delivery(alert_id="alert-0001", receiver="r", status="delivered", updated_at=NOW)])
         results = []
         for store in stores:
             tables = {}
@@ -717,9 +692,7 @@ def test_unreachable_server_fails_clearly() -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    config = StorageConfig(
-        backend="clickhouse", clickhouse=ClickHouseServerConfig(port=port, connect_timeout_s=2.0)
-    )
+    config = StorageConfig(backend="clickhouse", clickhouse=ClickHouseServerConfig(port=port, connect_timeout_s=2.0))
     with pytest.raises(StorageUnavailable, match=f"cannot reach ClickHouse at 127.0.0.1:{port}"):
         open_store(config)
 
@@ -757,6 +730,11 @@ def test_key_columns() -> None:
     assert [c.name for c in DETECTOR_STATE.columns if c.binary] == ["blob"]
 
 
+def test_readme_documents_the_current_schema() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "storage" / "README.md").read_text()
+    assert describe_markdown().strip() in readme, "regenerate storage/README.md's Tables section"
+
+
 def test_rows_match_the_insert_columns() -> None:
     build = RowBuilder(IpHasher(IP_KEY), store_inputs=True)
     batch = make_batch()
@@ -768,9 +746,7 @@ def test_rows_match_the_insert_columns() -> None:
         PIPELINE_BATCHES: build.batch_row(
             "b", batch.stats, scored_sessions=1, alerts=1, events_sampled=1, store_latency_ms=1.0
         ),
-        ALERT_DELIVERIES: build.delivery_row(
-            Delivery(alert_id="a", receiver="r", status="pending", updated_at=NOW)
-        ),
+        ALERT_DELIVERIES: build.delivery_row(Delivery(alert_id="a", receiver="r", status="pending", updated_at=NOW)),
         DETECTOR_STATE: build.state_rows(1, {"k": b"v"}, 5, 2)[0],
     }
     for table, row in samples.items():
@@ -790,9 +766,7 @@ def test_json_rows_carry_non_finite_floats_as_strings() -> None:
 def test_sampling_is_deterministic_and_close_to_the_rate() -> None:
     positions = [SourcePosition("t", p, o) for p in range(3) for o in range(4000)]
     picked = [p for p in positions if sample_event(p, 0.1)]
-    assert picked == [
-        p for p in positions if sample_event(SourcePosition(p.topic, p.partition, p.offset), 0.1)
-    ]
+    assert picked == [p for p in positions if sample_event(SourcePosition(p.topic, p.partition, p.offset), 0.1)]
     assert 0.08 < len(picked) / len(positions) < 0.12
     assert not any(sample_event(p, 0.0) for p in positions[:100])
     assert all(sample_event(p, 1.0) for p in positions[:100])

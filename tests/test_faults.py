@@ -1,0 +1,93 @@
+"""Fault tests on real services: a worker killed among three, ClickHouse down for a while, a broker
+restart, a rolling restart. In each, every record ends up scored exactly once and no session restarts."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import Scenario, Worker, check_results, committed_total, log_tail, produce, wait_until
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+
+
+def progress(kafka_bootstrap: str, env: dict[str, str]) -> Callable[[], int]:
+    topic, group = env["PROBEWATCH__KAFKA__TOPIC"], env["PROBEWATCH__KAFKA__GROUP_ID"]
+    return lambda: committed_total(kafka_bootstrap, group, topic, PARTITIONS)
+
+
+def finish(workers: list[Worker], done: Callable[[], int], total: int, log: Path) -> None:
+    try:
+        wait_until(lambda: done() == total, 240, "all offsets committed")
+    finally:
+        codes = [w.stop() for w in workers if w.proc.poll() is None]
+    assert all(code == 0 for code in codes), f"exit codes {codes}:\n{log_tail(log, 8000)}"
+
+
+def test_kill_one_of_three_workers(
+    pipeline_env: dict[str, str], scenario: Scenario, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "workers.log"
+    produce(kafka_bootstrap, pipeline_env["PROBEWATCH__KAFKA__TOPIC"], scenario)
+    workers = [Worker(pipeline_env, log) for _ in range(3)]
+    done = progress(kafka_bootstrap, pipeline_env)
+    wait_until(lambda: done() > len(scenario.lines) // 4, 180, "a quarter of the records committed")
+    workers[0].stop(signal.SIGKILL)
+    assert done() < len(scenario.lines), "the workers finished before one could be killed"
+    finish(workers[1:], done, len(scenario.lines), log)
+    check_results(pipeline_env, scenario)  # includes: no session restarted from zero
+
+
+def test_clickhouse_outage_pauses_and_resumes(
+    pipeline_env: dict[str, str],
+    scenario: Scenario,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    services_ctl: Callable[..., object],
+) -> None:
+    log = tmp_path / "worker.log"
+    produce(kafka_bootstrap, pipeline_env["PROBEWATCH__KAFKA__TOPIC"], scenario)
+    worker = Worker(pipeline_env, log)
+    done = progress(kafka_bootstrap, pipeline_env)
+    wait_until(lambda: done() > 0, 180, "a first commit")
+    services_ctl("clickhouse", "stop")
+    try:
+        time.sleep(3)
+        stalled = done()
+        time.sleep(5)
+        assert done() == stalled, "offsets were committed while ClickHouse was down"
+        assert worker.proc.poll() is None, "the worker died instead of waiting for storage"
+    finally:
+        services_ctl("clickhouse", "start")
+    finish([worker], done, len(scenario.lines), log)
+    check_results(pipeline_env, scenario)
+    assert "storage write failed" in log.read_text()
+
+
+def test_broker_restart_then_rolling_restart(
+    pipeline_env: dict[str, str],
+    scenario: Scenario,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    services_ctl: Callable[..., object],
+) -> None:
+    log = tmp_path / "workers.log"
+    produce(kafka_bootstrap, pipeline_env["PROBEWATCH__KAFKA__TOPIC"], scenario)
+    workers = [Worker(pipeline_env, log) for _ in range(2)]
+    done = progress(kafka_bootstrap, pipeline_env)
+    wait_until(lambda: done() > 0, 180, "a first commit")
+    services_ctl("kafka", "restart")
+    # Rolling restart: each worker in turn is stopped gracefully and replaced while the other runs.
+    for i in range(len(workers)):
+        time.sleep(3)
+        dead = [w.proc.returncode for w in workers if w.proc.poll() is not None]
+        assert not dead, f"workers exited with {dead}:\n" + log_tail(log)
+        assert workers[i].stop() == 0, log_tail(log)
+        workers[i] = Worker(pipeline_env, log)
+    finish(workers, done, len(scenario.lines), log)
+    check_results(pipeline_env, scenario)
