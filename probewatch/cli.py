@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from probewatch.config import Config, ConfigError, load_config, redacted
+from storage import StorageError
 
 log = logging.getLogger("probewatch")
 
@@ -323,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"probewatch: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"probewatch: storage: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("probewatch: interrupted", file=sys.stderr)
         return 130

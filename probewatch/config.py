@@ -11,6 +11,7 @@ start-up into its sibling field, so Kubernetes secrets mounted as files work wit
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -103,6 +104,10 @@ class StorageConfig(_Section):
     # Keep raw input vectors out of storage unless explicitly wanted (they may be customer data).
     store_inputs: bool = False
     hash_source_ips: bool = False
+    # Secret key of the source-IP hash (HMAC): without one, hashed IPv4 addresses can be recovered
+    # by trying all 2^32. Default: $PROBEWATCH_IP_HASH_KEY.
+    ip_hash_key: str = ""
+    ip_hash_key_file: str = ""
     # Rows older than this are dropped by ClickHouse TTL, on servers whose version supports TTL.
     retention_days: int = 30
     chdb: ChdbConfig = msgspec.field(default_factory=ChdbConfig)
@@ -285,7 +290,7 @@ class Config(_Section):
         if self.sessions.inactivity_gap_s <= 0 or self.sessions.allowed_lateness_s < 0:
             problems.append("sessions.inactivity_gap_s must be > 0 and sessions.allowed_lateness_s >= 0")
         problems.extend(self.alerting.problems())
-        if not self.storage.database.isidentifier():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.storage.database):
             problems.append(f"storage.database must be a plain identifier, got {self.storage.database!r}")
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -366,7 +371,7 @@ def load_config(
     return config
 
 
-_SECRET_KEYS = ("password", "token", "secret", "routing_key", "authorization", "api_key", "apikey")
+_SECRET_KEYS = ("hash_key", "password", "token", "secret", "routing_key", "authorization", "api_key", "apikey")
 
 
 def _is_secret(key: str) -> bool:

@@ -105,6 +105,8 @@ def open_store(config: StorageConfig, *, ip_hash_key: bytes | None = None) -> St
     ``ip_hash_key`` keys the source-IP hash when ``storage.hash_source_ips`` is on; default
     ``$PROBEWATCH_IP_HASH_KEY``. Raises StorageUnavailable if the backend cannot be opened/reached.
     """
+    if ip_hash_key is None and config.ip_hash_key:
+        ip_hash_key = config.ip_hash_key.encode()
     if config.backend == "chdb":
         from storage.chdb_store import ChdbStore
 

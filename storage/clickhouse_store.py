@@ -9,6 +9,7 @@ naive datetime in the server's time zone; results are converted to aware UTC dat
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -20,6 +21,22 @@ from storage.models import StorageError, StorageUnavailable
 from storage.rows import Row
 from storage.schema import ServerVersion, Table
 from storage.sql import qualified, quote_identifier
+
+
+class _NoConnectTraceback(logging.Filter):
+    """clickhouse-driver logs every failed connect at WARNING *with a traceback*; the store raises
+    StorageUnavailable with the reason anyway, so keep the driver's line but drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Failed to connect"):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_driver_log = logging.getLogger("clickhouse_driver.connection")
+if not any(isinstance(f, _NoConnectTraceback) for f in _driver_log.filters):
+    _driver_log.addFilter(_NoConnectTraceback())
 
 
 def _aware(value: Any, tz: tzinfo) -> Any:
