@@ -3,7 +3,7 @@
 Inserts go through chDB's streaming inserter (``send_insert``) as ``JSONCompactEachRow`` encoded by
 msgspec — measured fastest (5,000 session-score rows: msgspec encode ~15 ms + send_insert ~50 ms, vs
 ~100-160 ms for the same JSON inlined into ``query()``, and ~140-210 ms to build RowBinary in Python;
-``python -m storage.bench`` measures the whole write_batch). JSON cannot carry arbitrary bytes,
+``benchmarks/bench_storage.py`` measures the whole write_batch). JSON cannot carry arbitrary bytes,
 so tables with a ``binary`` column (``detector_state.blob``) are inserted as ``RowBinary`` instead;
 JSON has no NaN/Inf either, so non-finite floats are sent as the strings ``"nan"``/``"inf"``/``"-inf"``
 (which ClickHouse parses into Float columns). Results are read as ``JSONCompactEachRowWithNamesAndTypes``
