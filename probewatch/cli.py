@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"probewatch: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return 2
     except StorageError as exc:
-        print(f"probewatch: storage: {exc}", file=sys.stderr)
+        print(f"probewatch: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("probewatch: interrupted", file=sys.stderr)

@@ -375,7 +375,18 @@ _SECRET_KEYS = ("hash_key", "password", "token", "secret", "routing_key", "autho
 
 
 def _is_secret(key: str) -> bool:
-    return any(s in key.lower() for s in _SECRET_KEYS)
+    normal = key.lower().replace("-", "_")
+    return any(s in normal for s in _SECRET_KEYS)
+
+
+# Credentials that hide inside values: user:password@ in URLs, and webhook URLs whose path is the token.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]*:)[^@/\s]+@", re.IGNORECASE)
+_TOKEN_PATHS = re.compile(r"(?P<head>://hooks\.slack\.com/services/|://[^/\s]*discord(?:app)?\.com/api/webhooks/)\S+")
+
+
+def _scrub_value(value: str) -> str:
+    value = _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", value)
+    return _TOKEN_PATHS.sub(lambda m: m.group("head") + "***", value)
 
 
 def redacted(config: Config) -> dict[str, Any]:
@@ -385,6 +396,10 @@ def redacted(config: Config) -> dict[str, Any]:
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
             return {k: ("***" if v and _is_secret(k) else scrub(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        if isinstance(node, str):
+            return _scrub_value(node)
         return node
 
     result: dict[str, Any] = scrub(tree)

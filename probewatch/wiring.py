@@ -179,7 +179,7 @@ def build_and_run(
             config.storage.backend,
         )
     else:
-        source = FileSource(input_path or "-", config.file.batch_max_records)
+        source = FileSource(input_path or "-", config.file.batch_max_records, config.limits.max_record_bytes)
         log.info("reading %s (storage: %s)", source.name, config.storage.backend)
     metrics_server = None
     if config.metrics.port:

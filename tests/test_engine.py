@@ -18,7 +18,9 @@ from probewatch.simulate import SimulationPlan, write_simulation
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> list[QueryRecord]:
     path = tmp_path_factory.mktemp("sim") / "logs.jsonl"
     # Enough benign clients for the population baselines to warm up, and attackers that get caught.
-    write_simulation(SimulationPlan(benign_clients=24, attackers_per_kind=1, queries_per_client=120, attack_delay_s=600), str(path))
+    write_simulation(
+        SimulationPlan(benign_clients=24, attackers_per_kind=1, queries_per_client=120, attack_delay_s=600), str(path)
+    )
     messages = [(line, SourcePosition("f", 0, i), None) for i, line in enumerate(Path(path).read_bytes().splitlines())]
     records, _ = RecordDecoder().decode_batch(messages)
     return records

@@ -152,12 +152,6 @@ def test_config_command_prints_no_secret(secret_setup: tuple[Path, Path, dict[st
     assert shown["alerting"]["receivers"]["hook"]["headers"]["Authorization"] == "***"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: probewatch/config.py redacted() scrubs by key name only: credentials inside URLs "
-    "(http://user:password@host, a Slack webhook URL's token path) and headers such as X-Api-Key are "
-    "printed by `probewatch config` in clear",
-)
 @pytest.mark.parametrize(
     ("receiver", "secret"),
     [
@@ -260,11 +254,6 @@ def test_unreachable_clickhouse_fails_without_leaking_the_password(
     assert leaked(result.stdout + result.stderr) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: probewatch/cli.py main() does not catch storage.StorageUnavailable (a Python traceback is "
-    "printed, exit 1), and clickhouse_driver logs its own traceback at WARNING",
-)
 def test_unreachable_clickhouse_is_one_clear_line(unreachable_clickhouse: subprocess.CompletedProcess[str]) -> None:
     result = unreachable_clickhouse
     assert result.returncode != 0
@@ -291,11 +280,6 @@ def test_database_name_injection_from_the_environment_stops_the_cli(tmp_path: Pa
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Config.validate uses str.isidentifier(), which accepts non-ASCII names; storage.sql "
-    "rejects them later with a bare ValueError (traceback at start-up instead of a config error)",
-)
 @pytest.mark.parametrize("database", ["dåtabase", "ｘ", "データ"])
 def test_non_ascii_database_name_is_a_config_error(database: str) -> None:
     with pytest.raises(ConfigError, match=r"storage\.database"):
