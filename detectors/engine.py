@@ -187,8 +187,12 @@ class SessionDetector:
         false_alarm_budget: float = 1e-3,
         epoch_records: int = 250,
         min_population: int = 8,
+        checkpointing: bool = True,
     ) -> None:
         self.alert_threshold = alert_threshold
+        # Without checkpoints (a file run) nothing is tracked for take_checkpoint, which would
+        # otherwise remember every session ever seen.
+        self.checkpointing = checkpointing
         self.min_queries = min_queries
         self.gap = inactivity_gap_s
         self.lateness = allowed_lateness_s
@@ -228,7 +232,7 @@ class SessionDetector:
             else:
                 segments.append((key, [record]))
             population = self._population(record.model_id)
-            self._dirty_models.add(record.model_id)
+            self._note_model_change(record.model_id)
             if population.count(1):
                 # An epoch of this model's stream is complete: fold everything before this point in,
                 # then publish the baselines later records are scored against.
@@ -359,7 +363,7 @@ class SessionDetector:
             population.add_values(
                 values, bucket_of(history.queries), self.scales, history.queries - history.last_bucket
             )
-            self._dirty_models.add(session.model_id)
+            self._note_model_change(session.model_id)
         history.last_bucket = history.queries
         history.last_values = values
         kinds = self.scorer.score(values, history.signals, population, history.queries)
@@ -432,7 +436,13 @@ class SessionDetector:
             + sum(p.nbytes() for p in self.populations.values())
         )
 
+    def _note_model_change(self, model_id: str) -> None:
+        if self.checkpointing:
+            self._dirty_models.add(model_id)
+
     def _mark_dirty(self, session: _Session, deleted: bool = False) -> None:
+        if not self.checkpointing:
+            return
         self._dirty.setdefault(session.partition, set()).add(
             "\x1f".join((session.model_id, session.client_id, session.session_id))
         )

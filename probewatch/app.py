@@ -106,6 +106,7 @@ class Pipeline:
             inactivity_gap_s=config.sessions.inactivity_gap_s,
             allowed_lateness_s=config.sessions.allowed_lateness_s,
             max_open_sessions=config.sessions.max_open_sessions,
+            checkpointing=state is not None,
         )
         self.policy = AlertPolicy(policy_settings(config))
         # Alerts are in the outbox (written by write_batch) before they are handed to the dispatcher,
