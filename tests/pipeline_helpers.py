@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from clickhouse_driver import Client
@@ -74,6 +75,10 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> 
 class Worker:
     """A real `probewatch run --source kafka` process, configured through the environment."""
 
+    # Every worker started by a test; a failing test's survivors are killed at its teardown, so
+    # they cannot eat the CPU of the tests that follow.
+    started: ClassVar[list[Worker]] = []
+
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -83,12 +88,24 @@ class Worker:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+        Worker.started.append(self)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout=timeout)
         self.log.close()
         return code
+
+
+@pytest.fixture(autouse=True)
+def reap_workers() -> Iterator[None]:
+    yield
+    while Worker.started:
+        worker = Worker.started.pop()
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait(timeout=30)
+        worker.log.close()
 
 
 @pytest.fixture
