@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Any
 
 from probewatch.config import Config, ConfigError, load_config, redacted
@@ -259,7 +261,18 @@ def cmd_alerts_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class StartupInterrupted(Exception):
+    """SIGTERM arrived before the processing loop (which handles it gracefully) had started."""
+
+
+def _terminate_during_startup(signum: int, frame: FrameType | None) -> None:
+    raise StartupInterrupted
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # Until the loop installs its own handler, SIGTERM (an orchestrator scaling down or rolling a
+    # deployment) ends start-up cleanly: nothing has been consumed yet, so nothing can be lost.
+    signal.signal(signal.SIGTERM, _terminate_during_startup)
     from probewatch.wiring import build_and_run
 
     overrides: dict[str, Any] = {}
@@ -327,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:
         print(f"probewatch: {exc}", file=sys.stderr)
         return 3
+    except StartupInterrupted:
+        print("probewatch: SIGTERM during start-up; stopped before consuming anything", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("probewatch: interrupted", file=sys.stderr)
         return 130

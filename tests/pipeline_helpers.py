@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import requests
 from clickhouse_driver import Client
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -48,9 +50,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     return Scenario(path)
 
 
-def produce(bootstrap: str, topic: str, scenario: Scenario) -> None:
+def produce(bootstrap: str, topic: str, scenario: Scenario, part: slice = slice(None)) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
-    for line in scenario.lines:
+    for line in scenario.lines[part]:
         try:
             key = str(json.loads(line).get("client_id", "")).encode()
         except (ValueError, AttributeError):
@@ -81,14 +83,30 @@ class Worker:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log = open(log_path, "ab")  # noqa: SIM115
+        with socket.socket() as probe:  # a free port for this worker's /metrics, /readyz
+            probe.bind(("127.0.0.1", 0))
+            self.metrics_port = probe.getsockname()[1]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "probewatch", "run", "--source", "kafka", "--quiet"],
-            env=env,
+            env={**env, "PROBEWATCH__METRICS__PORT": str(self.metrics_port)},
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
         Worker.started.append(self)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Until the worker's /readyz answers 200 (store migrated, consuming), as an orchestrator would."""
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode} before it was ready")
+            try:
+                return requests.get(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(ready, timeout, "a worker's /readyz")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.proc.send_signal(sig)

@@ -4,6 +4,7 @@ restart, a rolling restart. In each, every record ends up scored exactly once an
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,17 +78,24 @@ def test_broker_restart_then_rolling_restart(
     services_ctl: Callable[..., object],
 ) -> None:
     log = tmp_path / "workers.log"
-    produce(kafka_bootstrap, pipeline_env["PROBEWATCH__KAFKA__TOPIC"], scenario)
+    topic = pipeline_env["PROBEWATCH__KAFKA__TOPIC"]
+    half = len(scenario.lines) // 2
+    produce(kafka_bootstrap, topic, scenario, slice(None, half))
     workers = [Worker(pipeline_env, log) for _ in range(2)]
     done = progress(kafka_bootstrap, pipeline_env)
     wait_until(lambda: done() > 0, 180, "a first commit")
     services_ctl("kafka", "restart")
-    # Rolling restart: each worker in turn is stopped gracefully and replaced while the other runs.
+    # Rolling restart under load: the second half arrives while each worker in turn is stopped
+    # gracefully and replaced.
+    feeder = threading.Thread(target=produce, args=(kafka_bootstrap, topic, scenario, slice(half, None)))
+    feeder.start()
     for i in range(len(workers)):
         time.sleep(3)
         dead = [w.proc.returncode for w in workers if w.proc.poll() is not None]
         assert not dead, f"workers exited with {dead}:\n" + log_tail(log)
         assert workers[i].stop() == 0, log_tail(log)
         workers[i] = Worker(pipeline_env, log)
+        workers[i].wait_ready()  # a rolling restart waits for readiness before the next step
+    feeder.join()
     finish(workers, done, len(scenario.lines), log)
     check_results(pipeline_env, scenario)
