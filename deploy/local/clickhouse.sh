@@ -36,19 +36,10 @@ Environment: PROBEWATCH_RUN_DIR (runtime dir: $RUN)
 EOF
 }
 
-log() { printf '[clickhouse] %s\n' "$*"; }
-die() { printf '[clickhouse] ERROR: %s\n' "$*" >&2; exit 1; }
-now() { date +%s.%N; }
-elapsed() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.1fs", e - s }'; }
-
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-
-pid_alive() {
-  local pid
-  [[ -f "$PIDFILE" ]] || return 1
-  pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && grep -qa 'clickhouse' "/proc/$pid/cmdline" 2>/dev/null
-}
+SERVICE=clickhouse
+PROC_PATTERN=clickhouse
+# shellcheck source=deploy/local/lib.sh
+source "$HERE/lib.sh"
 
 probe() { timeout 10 "$CLIENT" --host "$HOST" --port "$TCP_PORT" -q 'SELECT 1' >/dev/null 2>&1; }
 
@@ -128,37 +119,11 @@ cmd_start() {
 }
 
 cmd_stop() {
-  local t0 pid
-  t0="$(now)"
-  if ! pid_alive; then
-    rm -f "$PIDFILE"
-    log "not running"
-    return 0
-  fi
-  pid="$(cat "$PIDFILE")"
-  log "stopping (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + STOP_TIMEOUT))
-  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "still alive after ${STOP_TIMEOUT}s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-  fi
-  rm -f "$PIDFILE"
-  log "stopped in $(elapsed "$t0")"
+  stop_service ""
 }
 
 cmd_status() {
-  if pid_alive && probe; then
-    log "running (pid $(cat "$PIDFILE")) on $HOST:$TCP_PORT"
-    return 0
-  elif pid_alive; then
-    log "process running (pid $(cat "$PIDFILE")) but not answering on $HOST:$TCP_PORT"
-    return 3
-  fi
-  log "not running"
-  return 3
+  status_service "$HOST:$TCP_PORT"
 }
 
 cmd_reset() {

@@ -1,0 +1,57 @@
+# Shared by the deploy/local service scripts (sourced, not run). Before sourcing, a script sets:
+#   SERVICE       log prefix, e.g. "kafka"
+#   PROC_PATTERN  text in the process's command line that proves the pid is still this service
+#   PIDFILE, HOST, STOP_TIMEOUT
+# and defines probe (exit 0 when the service answers).
+# shellcheck shell=bash
+
+log() { printf '[%s] %s\n' "$SERVICE" "$*"; }
+die() { printf '[%s] ERROR: %s\n' "$SERVICE" "$*" >&2; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.1fs", e - s }'; }
+
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+# The pid file names a live process of this service (a reused pid is not mistaken for it).
+pid_alive() {
+  local pid
+  [[ -f "$PIDFILE" ]] || return 1
+  pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
+  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && grep -qa "$PROC_PATTERN" "/proc/$pid/cmdline" 2>/dev/null
+}
+
+# stop_service [NOTE]: SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL.
+stop_service() {
+  local t0 pid
+  t0="$(now)"
+  if ! pid_alive; then
+    rm -f "$PIDFILE"
+    log "not running"
+    return 0
+  fi
+  pid="$(cat "$PIDFILE")"
+  log "stopping (pid $pid)${1:+; $1}"
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + STOP_TIMEOUT))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "still alive after ${STOP_TIMEOUT}s: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  fi
+  rm -f "$PIDFILE"
+  log "stopped in $(elapsed "$t0")"
+}
+
+# status_service ADDRESS: exit 0 when running and answering, 3 otherwise.
+status_service() {
+  if pid_alive && probe; then
+    log "running (pid $(cat "$PIDFILE")) on $1"
+    return 0
+  elif pid_alive; then
+    log "process running (pid $(cat "$PIDFILE")) but not answering on $1"
+    return 3
+  fi
+  log "not running"
+  return 3
+}
