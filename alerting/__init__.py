@@ -22,7 +22,7 @@
 """
 
 from alerting.alert import SEVERITIES, Alert, Severity
-from alerting.policy import AlertPolicy, PolicySettings, ThresholdPolicy
+from alerting.policy import AlertPolicy, PolicySettings
 from alerting.sinks import AlertSink, ConsoleSink, JsonLinesSink
 
 __all__ = [
@@ -34,5 +34,4 @@ __all__ = [
     "JsonLinesSink",
     "PolicySettings",
     "Severity",
-    "ThresholdPolicy",
 ]

@@ -35,50 +35,6 @@ def dedup_key_for(model_id: str, client_id: str, kind: str) -> str:
     return f"{model_id}|{client_id}|{kind}"
 
 
-def build_alert(score: SessionScore, kind: str, status: AlertStatus, threshold: float) -> Alert:
-    value = score.peak_kind_scores.get(kind, score.kind_scores.get(kind, 0.0))
-    key = dedup_key_for(score.model_id, score.client_id, kind)
-    return Alert(
-        alert_id=alert_id_for(key, status, score.event_time, score.client_queries),
-        dedup_key=key,
-        status=status,
-        kind=kind,
-        model_id=score.model_id,
-        client_id=score.client_id,
-        session_id=score.session_id,
-        severity=severity_for(value, threshold),
-        score=value,
-        n_queries=score.client_queries,
-        event_time=score.event_time,
-        first_seen=score.first_seen,
-        reasons=[r for r in score.reasons if r.startswith(f"{kind}:")] or list(score.reasons),
-        signals=dict(score.signals),
-        source_ips=list(score.source_ips),
-        summary=f"{kind.replace('_', ' ')} suspected from client {score.client_id} on model "
-        f"{score.model_id} (score {value:.2f}, {score.client_queries} queries)",
-    )
-
-
-class ThresholdPolicy:
-    """Fires when a kind's score first reaches the threshold in a session, resolves when that session
-    ends. Stateless: the crossing and the peak come with the score from checkpointed session state."""
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-
-    def evaluate(self, scores: Sequence[SessionScore]) -> list[Alert]:
-        alerts: list[Alert] = []
-        for score in scores:
-            alerts.extend(build_alert(score, kind, "firing", self.threshold) for kind in score.crossed_kinds)
-            if score.closed:
-                alerts.extend(
-                    build_alert(score, kind, "resolved", self.threshold)
-                    for kind, peak in score.peak_kind_scores.items()
-                    if peak >= self.threshold
-                )
-        return alerts
-
-
 # ------------------------------------------------------------------------------------ incident policy
 ROLLUP_KEY = dedup_key_for("*", "*", ROLLUP_KIND)
 

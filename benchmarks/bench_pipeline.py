@@ -101,9 +101,7 @@ def bench_bare_consumer(bootstrap: str, topic: str, total: int) -> float:
     return seen / elapsed
 
 
-def bench_probewatch_kafka(
-    bootstrap: str, topic: str, total: int, host: str, port: int, directory: Path
-) -> float:
+def bench_probewatch_kafka(bootstrap: str, topic: str, total: int, host: str, port: int, directory: Path) -> float:
     config: Config = load_config(
         environ={},
         overrides={
@@ -213,9 +211,7 @@ def bench_naive_river(bootstrap: str, topic: str, total: int, host: str, port: i
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=60_000)
     parser.add_argument("--kafka", default="127.0.0.1:19092")
     parser.add_argument("--clickhouse", default="127.0.0.1:19000")

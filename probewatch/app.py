@@ -168,8 +168,9 @@ class Pipeline:
         gone = set(partitions)
         clients = self.detector.clients
         handed_over = self.policy.forget(
-            lambda model_id, client_id: (model_id, client_id) in clients
-            and clients[(model_id, client_id)].partition in gone
+            lambda model_id, client_id: (
+                (model_id, client_id) in clients and clients[(model_id, client_id)].partition in gone
+            )
         )
         self.dispatcher.forget(handed_over)  # the new owner restores and refreshes these incidents
         self.detector.drop_partitions(partitions)

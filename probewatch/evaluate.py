@@ -1,7 +1,8 @@
 """Offline evaluation: run the detectors over a labelled query log and measure them.
 
-The log goes straight through the record decoder, :class:`SessionDetector` and the
-:class:`ThresholdPolicy` (no storage, no Kafka), in micro-batches like the live pipeline. Per attack
+The log goes straight through the record decoder, :class:`SessionDetector` and the production
+:class:`AlertPolicy` (no storage, no Kafka, no per-minute page cap), in micro-batches like the live
+pipeline. Per attack
 kind and variant: detection rate (an attacker is detected when any alert fires for it; "right kind"
 when an alert of its own kind does), queries-to-detection (the attacker's query count when its first
 alert fired: median and 90th percentile), and the false-positive rate over benign clients, overall
@@ -20,7 +21,7 @@ from typing import IO, Any
 import msgspec
 import numpy as np
 
-from alerting.policy import ThresholdPolicy
+from alerting.policy import AlertPolicy, PolicySettings
 from detectors.engine import SessionDetector
 from ingest.records import RecordDecoder, SourcePosition
 
@@ -105,7 +106,8 @@ def evaluate(
     truth = read_truth(truth_path)
     options = {"alert_threshold": 0.8, "min_queries": 10, **(detector_options or {})}
     detector = SessionDetector(**options)
-    policy = ThresholdPolicy(detector.alert_threshold)
+    # The production policy, without the per-minute page cap, so that every attacker is counted.
+    policy = AlertPolicy(PolicySettings(threshold=detector.alert_threshold, max_per_minute=0))
     decoder = RecordDecoder()
     outcomes = {
         key: ClientOutcome(

@@ -23,9 +23,7 @@ from detectors.scores import SessionScore
 
 pytestmark = pytest.mark.integration
 
-FAST = DeliverySettings(
-    backoff_initial_s=0.2, backoff_max_s=1.0, sweep_s=60, tick_s=0.2, shutdown_timeout_s=5
-)
+FAST = DeliverySettings(backoff_initial_s=0.2, backoff_max_s=1.0, sweep_s=60, tick_s=0.2, shutdown_timeout_s=5)
 FORMATTER = AlertFormatter("http://grafana.local:3000", threshold=0.8)
 
 
@@ -80,9 +78,7 @@ class Attack:
             score=value,
             kind_scores={"extraction": value},
             signals={"distinct_cells": float(self.n)},
-            reasons=[
-                f"extraction: {self.n} distinct cells in {self.n} queries; 97th percentile of clients is 40"
-            ],
+            reasons=[f"extraction: {self.n} distinct cells in {self.n} queries; 97th percentile of clients is 40"],
             source_ips=["203.0.113.7"],
             closed=closed,
             peak_kind_scores={"extraction": value},
@@ -90,9 +86,7 @@ class Attack:
 
 
 def make(alertmanager_url: str) -> tuple[AlertPolicy, Dispatcher, AlertmanagerReceiver]:
-    policy = AlertPolicy(
-        PolicySettings(cooldown_s=0.5, renotify_s=0, resolve_after_s=3600, max_per_minute=100)
-    )
+    policy = AlertPolicy(PolicySettings(cooldown_s=0.5, renotify_s=0, resolve_after_s=3600, max_per_minute=100))
     receiver = AlertmanagerReceiver(
         "alertmanager", alertmanager_url, FORMATTER, refresh_s=1.0, ttl_s=120.0, min_firing_s=3.0
     )
@@ -119,16 +113,12 @@ def test_one_attack_is_one_group_updates_do_not_repage_resolve_arrives(
         assert [a.notification for a in sent].count("update") >= 2
         time.sleep(2.5)  # a group_interval and refreshes later: still exactly one page
         assert pages(am_webhook, model) == Counter({("acct-1", "firing"): 1})
-        ended = policy.evaluate(
-            [attack.score(closed=True, session="s1"), attack.score(closed=True, session="s2")]
-        )
+        ended = policy.evaluate([attack.score(closed=True, session="s1"), attack.score(closed=True, session="s2")])
         assert [a.notification for a in ended] == ["resolve"]
         dispatcher.submit(ended)
         assert wait(lambda: pages(am_webhook, model)[("acct-1", "resolved")] == 1, 15), "no resolve"
         page = notifications(am_webhook, model)[0]["alerts"][0]
-        assert (
-            page["labels"]["alertname"] == "ProbewatchExtraction" and page["labels"]["severity"] == "warning"
-        )
+        assert page["labels"]["alertname"] == "ProbewatchExtraction" and page["labels"]["severity"] == "warning"
         assert page["labels"]["kind"] == "extraction" and page["labels"]["client_id"] == "acct-1"
         assert "var-client=acct-1" in page["generatorURL"]
         assert page["annotations"]["summary"].startswith("[WARNING] extraction suspected — client acct-1")
@@ -155,9 +145,7 @@ def test_attacks_across_an_alertmanager_outage_arrive_every_one_once(
     try:
         # Before the outage: acct-0 and acct-1 page.
         step([attacks["acct-0"].score(), attacks["acct-1"].score()])
-        assert wait(
-            lambda: sum(1 for (_, s) in pages(am_webhook, model).elements() if s == "firing") == 2, 10
-        )
+        assert wait(lambda: sum(1 for (_, s) in pages(am_webhook, model).elements() if s == "firing") == 2, 10)
         services_ctl("alertmanager", "stop")
         # During the outage: acct-0 ends; acct-2..4 start; acct-4 starts AND ends; updates for acct-1.
         step([attacks["acct-0"].score(closed=True)])

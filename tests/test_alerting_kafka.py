@@ -65,12 +65,7 @@ def test_alerts_topic_on_real_kafka(kafka_bootstrap: str, kafka_topic: Callable[
     assert sorted(m.value and json.loads(m.value)["alert"]["alert_id"] for m in messages) == sorted(
         a.alert_id for a in alerts
     )
-    acct0 = [
-        json.loads(m.value)["alert"]["status"] for m in messages if m.key == b"fraud-v3|acct-0|extraction"
-    ]
+    acct0 = [json.loads(m.value)["alert"]["status"] for m in messages if m.key == b"fraud-v3|acct-0|extraction"]
     assert acct0 == ["firing", "resolved"]  # one incident, one partition, in order
     body = json.loads(messages[0].value)
-    assert (
-        body["title"].startswith("[HIGH] extraction suspected")
-        and "var-model=fraud-v3" in body["dashboard_url"]
-    )
+    assert body["title"].startswith("[HIGH] extraction suspected") and "var-model=fraud-v3" in body["dashboard_url"]

@@ -21,9 +21,7 @@ from storage import BatchStats, StoredBatch, open_store
 
 pytestmark = pytest.mark.integration
 
-FAST = DeliverySettings(
-    backoff_initial_s=0.05, backoff_max_s=0.3, sweep_s=0.3, tick_s=0.2, shutdown_timeout_s=1
-)
+FAST = DeliverySettings(backoff_initial_s=0.05, backoff_max_s=0.3, sweep_s=0.3, tick_s=0.2, shutdown_timeout_s=1)
 SETTINGS = PolicySettings(cooldown_s=600, renotify_s=0, resolve_after_s=3600)
 T0 = time.time() - 3600
 
@@ -61,16 +59,12 @@ def test_outbox_restart_recovery_through_the_real_store(tmp_path: Path) -> None:
         scores = [score(f"acct-{i}", T0 + 60, 100) for i in range(3)]
         first = policy.evaluate(scores)
         assert [a.notification for a in first] == ["new"] * 3
-        store.write_batch(
-            StoredBatch(batch_id="b1", scores=scores, alerts=first, stats=BatchStats(worker="t"))
-        )
+        store.write_batch(StoredBatch(batch_id="b1", scores=scores, alerts=first, stats=BatchStats(worker="t")))
         dispatcher = Dispatcher([hook], StoreOutbox(store), FAST).start()
         dispatcher.submit(first)
         time.sleep(0.8)
         dispatcher.close(timeout=0.1)
-        assert sorted(a.alert_id for a, _ in store.undelivered(["siem"], 100)) == sorted(
-            a.alert_id for a in first
-        )
+        assert sorted(a.alert_id for a, _ in store.undelivered(["siem"], 100)) == sorted(a.alert_id for a in first)
         pending = store.query(
             "SELECT argMax(status, version), argMax(last_error, version) FROM {t:Identifier} "
             "WHERE receiver = 'siem' GROUP BY alert_id",
@@ -82,21 +76,15 @@ def test_outbox_restart_recovery_through_the_real_store(tmp_path: Path) -> None:
         outbox = StoreOutbox(store)
         restarted = AlertPolicy(SETTINGS)
         assert restarted.restore(outbox.latest_alerts(horizon_s=10_000)) == 3
-        later = [score(f"acct-{i}", T0 + 120, 125) for i in range(3)] + [
-            score("acct-0", T0 + 180, 150, closed=True)
-        ]
+        later = [score(f"acct-{i}", T0 + 120, 125) for i in range(3)] + [score("acct-0", T0 + 180, 150, closed=True)]
         second = restarted.evaluate(later)
         assert [(a.client_id, a.notification) for a in second] == [("acct-0", "resolve")]
-        store.write_batch(
-            StoredBatch(batch_id="b2", scores=later, alerts=second, stats=BatchStats(worker="t"))
-        )
+        store.write_batch(StoredBatch(batch_id="b2", scores=later, alerts=second, stats=BatchStats(worker="t")))
 
         # The receiver is back: the sweep delivers everything the outbox holds, once, in order.
         up = RecordingServer(port=port).start()
         try:
-            dispatcher = Dispatcher(
-                [WebhookReceiver("siem", f"{up.url}/hook", AlertFormatter())], outbox, FAST
-            )
+            dispatcher = Dispatcher([WebhookReceiver("siem", f"{up.url}/hook", AlertFormatter())], outbox, FAST)
             dispatcher.start()
             assert up.wait_for(lambda reqs: len(reqs) >= 4, 15)
             assert dispatcher.flush(5)

@@ -62,9 +62,7 @@ def test_kafka_does_not_auto_create_topics(kafka_bootstrap: str, kafka_topic: Ca
         admin.close()
 
 
-def test_clickhouse_create_insert_select(
-    clickhouse_server: tuple[str, int], unique_name: Callable[[str], str]
-) -> None:
+def test_clickhouse_create_insert_select(clickhouse_server: tuple[str, int], unique_name: Callable[[str], str]) -> None:
     host, port = clickhouse_server
     database = unique_name("selftest")
     client = Client(host, port=port)
@@ -122,9 +120,7 @@ def _alerts_for(alertmanager_url: str, client_id: str) -> list[dict[str, Any]]:
     return alerts
 
 
-def test_alertmanager_accepts_and_lists_alerts(
-    alertmanager_url: str, unique_name: Callable[[str], str]
-) -> None:
+def test_alertmanager_accepts_and_lists_alerts(alertmanager_url: str, unique_name: Callable[[str], str]) -> None:
     client_id = unique_name("client")
     response = requests.post(f"{alertmanager_url}/api/v2/alerts", json=[_alert(client_id)], timeout=5)
     assert response.status_code == 200, response.text

@@ -35,9 +35,7 @@ def run_file(
     log_file: Path, tmp_path: Path, storage: dict[str, Any]
 ) -> tuple[RunSummary, dict[str, list[tuple[Any, ...]]]]:
     config = load_config(environ={}, overrides={"storage": storage, "alerting": {"console": False}})
-    summary = build_and_run(
-        config, input_path=str(log_file), dlq_path=str(tmp_path / f"{config.storage.backend}.dlq")
-    )
+    summary = build_and_run(config, input_path=str(log_file), dlq_path=str(tmp_path / f"{config.storage.backend}.dlq"))
     store = open_store(config.storage)
     try:
         db = config.storage.database

@@ -106,10 +106,7 @@ def test_vector_length_is_fixed_per_model_by_first_record_or_config() -> None:
 def test_size_caps() -> None:
     decoder = RecordDecoder(max_record_bytes=200, max_vector_len=4)
     assert "byte limit" in decode(good(pad="x" * 300), decoder).reason  # type: ignore[union-attr]
-    assert (
-        "over the 4 limit"
-        in decode(good(input={"vector": [1.0] * 5}), RecordDecoder(max_vector_len=4)).reason
-    )  # type: ignore[union-attr]
+    assert "over the 4 limit" in decode(good(input={"vector": [1.0] * 5}), RecordDecoder(max_vector_len=4)).reason  # type: ignore[union-attr]
 
 
 def test_batch_keeps_every_message_exactly_once() -> None:
@@ -122,9 +119,7 @@ def test_batch_keeps_every_message_exactly_once() -> None:
     ]
     messages = [(p, SourcePosition("t", 0, i), None) for i, p in enumerate(payloads)]
     records, letters = RecordDecoder().decode_batch(messages)
-    assert sorted([r.position.offset for r in records] + [x.position.offset for x in letters]) == list(
-        range(5)
-    )
+    assert sorted([r.position.offset for r in records] + [x.position.offset for x in letters]) == list(range(5))
     assert [r.position.offset for r in records] == [0, 3]
 
 

@@ -1,0 +1,215 @@
+"""Scaling and latency: 1, 2, 3 workers on one topic, and arrival → queryable latency.
+
+1. Scaling: the same pre-produced log on a 3-partition topic is consumed by 1, 2 and 3
+   `probewatch run --source kafka` processes in one consumer group (a fresh group and database
+   each time); events/s is measured from the first committed offset to the last.
+2. Latency: one in-process worker consumes while a producer sends at a fixed rate with each record's
+   `ts` set to its send time; latency is the time from send to the end of the ClickHouse write that
+   makes its session's score queryable (p50 / p99).
+
+Needs the local services (`make services-up`). This machine has 2 cores, so 3 workers share them.
+  python benchmarks/bench_scaling.py [--records 30000] [--rate 800] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from clickhouse_driver import Client
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+
+from ingest.deadletter import FileDeadLetterSink
+from ingest.sources import KafkaSource
+from probewatch.app import Pipeline
+from probewatch.config import load_config
+from probewatch.simulate import SimulationPlan, write_simulation
+from probewatch.wiring import build_alert_sinks, build_state_backend
+from storage import StoredBatch, open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTITIONS = 3
+
+
+def make_topic(bootstrap: str) -> str:
+    topic = f"scale-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1), NewTopic(f"{topic}.dlq", 1, 1)])
+    admin.close()
+    return topic
+
+
+def produce_lines(bootstrap: str, topic: str, lines: list[bytes]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=50, batch_size=256 * 1024)
+    for line in lines:
+        try:
+            key = str(json.loads(line).get("client_id", "")).encode()
+        except (ValueError, AttributeError):
+            key = b""
+        producer.send(topic, key=key, value=line)
+    producer.flush()
+    producer.close()
+
+
+def committed(bootstrap: str, group: str, topic: str) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in range(PARTITIONS))
+    finally:
+        consumer.close()
+
+
+def run_workers(count: int, bootstrap: str, topic: str, total: int, ch: tuple[str, int]) -> float:
+    group, database = f"g-{uuid.uuid4().hex[:6]}", f"scale_{uuid.uuid4().hex[:6]}"
+    env = {
+        **os.environ,
+        "PROBEWATCH__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "PROBEWATCH__KAFKA__TOPIC": topic,
+        "PROBEWATCH__KAFKA__GROUP_ID": group,
+        "PROBEWATCH__STATE__CHANGELOG_TOPIC": f"{topic}.{group}.changelog",
+        "PROBEWATCH__STORAGE__BACKEND": "clickhouse",
+        "PROBEWATCH__STORAGE__DATABASE": database,
+        "PROBEWATCH__STORAGE__CLICKHOUSE__HOST": ch[0],
+        "PROBEWATCH__STORAGE__CLICKHOUSE__PORT": str(ch[1]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "probewatch", "run", "--source", "kafka", "--quiet"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
+    try:
+        first = None
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            done = committed(bootstrap, group, topic)
+            if done and first is None:
+                first = (time.monotonic(), done)
+            if done >= total:
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"{count} workers did not finish within 30 min")
+        assert first is not None
+        return (total - first[1]) / max(time.monotonic() - first[0], 1e-9)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
+        Client(host=ch[0], port=ch[1]).execute(f"DROP DATABASE IF EXISTS {database}")
+
+
+def measure_latency(bootstrap: str, ch: tuple[str, int], lines: list[bytes], rate: float, seconds: float) -> np.ndarray:
+    topic = make_topic(bootstrap)
+    config = load_config(
+        environ={},
+        overrides={
+            "source": "kafka",
+            "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": f"lat-{uuid.uuid4().hex[:6]}"},
+            "storage": {
+                "backend": "clickhouse",
+                "database": f"lat_{uuid.uuid4().hex[:6]}",
+                "clickhouse": {"host": ch[0], "port": ch[1]},
+            },
+            "alerting": {"console": False},
+        },
+    )
+    store = open_store(config.storage)
+    store.migrate()
+    latencies: list[float] = []
+    original_write = store.write_batch
+
+    def timed_write(batch: StoredBatch) -> None:
+        original_write(batch)
+        done = time.time()
+        latencies.extend(done - record.ts for record in batch.events)
+
+    store.write_batch = timed_write  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = Pipeline(
+            config,
+            store,
+            FileDeadLetterSink(str(Path(tmp) / "dlq.jsonl")),
+            build_alert_sinks(config),
+            state=build_state_backend(config, store),
+        )
+        source = KafkaSource(
+            config.kafka, on_assigned=pipeline.on_partitions_assigned, on_revoked=pipeline.on_partitions_revoked
+        )
+        runner = threading.Thread(target=pipeline.run, args=(source,), daemon=True)
+        runner.start()
+        time.sleep(5)  # joined the group
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
+        started = time.time()
+        sent = 0
+        while time.time() - started < seconds:
+            doc: dict[str, Any] = json.loads(lines[sent % len(lines)])
+            if not isinstance(doc, dict) or "client_id" not in doc:
+                sent += 1
+                continue
+            doc["ts"] = time.time()
+            producer.send(topic, key=str(doc["client_id"]).encode(), value=json.dumps(doc).encode())
+            sent += 1
+            time.sleep(max(0.0, started + sent / rate - time.time()))
+        producer.flush()
+        producer.close()
+        time.sleep(5)
+        source.stop()
+        runner.join(timeout=60)
+        source.close()
+        database = config.storage.database
+        pipeline.close()
+    Client(host=ch[0], port=ch[1]).execute(f"DROP DATABASE IF EXISTS {database}")
+    return np.asarray(latencies)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=30_000)
+    parser.add_argument("--rate", type=float, default=800.0, help="records/s produced in the latency run")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the latency run")
+    parser.add_argument("--kafka", default="127.0.0.1:19092")
+    parser.add_argument("--clickhouse", default="127.0.0.1:19000")
+    args = parser.parse_args()
+    host, port = args.clickhouse.split(":")
+    ch = (host, int(port))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "log.jsonl"
+        clients = max(8, args.records // 400)
+        write_simulation(SimulationPlan(benign_clients=clients, queries_per_client=400, malformed=20), str(path))
+        lines = path.read_bytes().splitlines()
+    topic = make_topic(args.kafka)
+    produce_lines(args.kafka, topic, lines)
+    print(f"log: {len(lines)} records on a {PARTITIONS}-partition topic", file=sys.stderr)
+    rates = {n: run_workers(n, args.kafka, topic, len(lines), ch) for n in (1, 2, 3)}
+    latencies = measure_latency(args.kafka, ch, lines, args.rate, args.seconds)
+    print(f"\n{'workers':<10} {'events/s (all)':>16} {'per worker':>12} {'vs 1 worker':>12}")
+    for n, rate in rates.items():
+        print(f"{n:<10} {rate:>16,.0f} {rate / n:>12,.0f} {rate / rates[1]:>11.2f}x")
+    if len(latencies):
+        print(
+            f"\nlatency at {args.rate:.0f} records/s (send → score queryable in ClickHouse), "
+            f"{len(latencies)} records: p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
+            f"p99 {np.percentile(latencies, 99) * 1000:.0f} ms, max {latencies.max() * 1000:.0f} ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
