@@ -116,6 +116,14 @@ def run_workers(count: int, bootstrap: str, topic: str, total: int, ch: tuple[st
 
 
 def measure_latency(bootstrap: str, ch: tuple[str, int], lines: list[bytes], rate: float, seconds: float) -> np.ndarray:
+    docs: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue  # the log's deliberately malformed records
+        if isinstance(doc, dict) and "client_id" in doc:
+            docs.append(doc)
     topic = make_topic(bootstrap)
     config = load_config(
         environ={},
@@ -159,10 +167,7 @@ def measure_latency(bootstrap: str, ch: tuple[str, int], lines: list[bytes], rat
         started = time.time()
         sent = 0
         while time.time() - started < seconds:
-            doc: dict[str, Any] = json.loads(lines[sent % len(lines)])
-            if not isinstance(doc, dict) or "client_id" not in doc:
-                sent += 1
-                continue
+            doc = dict(docs[sent % len(docs)])
             doc["ts"] = time.time()
             producer.send(topic, key=str(doc["client_id"]).encode(), value=json.dumps(doc).encode())
             sent += 1
@@ -198,10 +203,10 @@ def main() -> int:
     produce_lines(args.kafka, topic, lines)
     print(f"log: {len(lines)} records on a {PARTITIONS}-partition topic", file=sys.stderr)
     rates = {n: run_workers(n, args.kafka, topic, len(lines), ch) for n in (1, 2, 3)}
-    latencies = measure_latency(args.kafka, ch, lines, args.rate, args.seconds)
     print(f"\n{'workers':<10} {'events/s (all)':>16} {'per worker':>12} {'vs 1 worker':>12}")
     for n, rate in rates.items():
-        print(f"{n:<10} {rate:>16,.0f} {rate / n:>12,.0f} {rate / rates[1]:>11.2f}x")
+        print(f"{n:<10} {rate:>16,.0f} {rate / n:>12,.0f} {rate / rates[1]:>11.2f}x", flush=True)
+    latencies = measure_latency(args.kafka, ch, lines, args.rate, args.seconds)
     if len(latencies):
         print(
             f"\nlatency at {args.rate:.0f} records/s (send → score queryable in ClickHouse), "
