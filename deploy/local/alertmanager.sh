@@ -100,22 +100,7 @@ cmd_start() {
     --cluster.listen-address= \
     --log.level=info \
     </dev/null >>"$LOG" 2>&1 &
-  for _ in $(seq 50); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
-  pid="$(cat "$PIDFILE" 2>/dev/null || true)"
-  local deadline=$((SECONDS + START_TIMEOUT))
-  while ((SECONDS < deadline)); do
-    if ! pid_alive; then
-      tail_log
-      die "Alertmanager exited during startup (see log above)"
-    fi
-    if probe; then
-      log "ready on http://$HOST:$PORT (pid $pid) in $(elapsed "$t0")"
-      return 0
-    fi
-    sleep 0.2
-  done
-  tail_log
-  die "Alertmanager not ready on http://$HOST:$PORT within ${START_TIMEOUT}s (pid $pid; log $LOG)"
+  wait_ready "$t0" "http://$HOST:$PORT" ""
 }
 
 cmd_stop() {
@@ -132,14 +117,4 @@ cmd_reset() {
   log "wiped $DATA (silences, notification log)"
 }
 
-case "${1:-}" in
-  install) cmd_install ;;
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  restart) cmd_stop; cmd_start ;;
-  status) cmd_status ;;
-  reset) cmd_reset ;;
-  logs) tail_log 2>&1 ;;
-  -h | --help | help) usage ;;
-  *) usage >&2; exit 2 ;;
-esac
+dispatch "$@"

@@ -100,22 +100,7 @@ cmd_start() {
   # shellcheck disable=SC2016  # $$ and $1 are for the inner shell
   setsid bash -c 'echo $$ >"$1"; cd "$2"; shift 2; exec "$@"' _ "$PIDFILE" "$RUN" \
     "$SERVER" --config-file="$RUN/config.xml" </dev/null >>"$LOG" 2>&1 &
-  for _ in $(seq 50); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
-  pid="$(cat "$PIDFILE" 2>/dev/null || true)"
-  local deadline=$((SECONDS + START_TIMEOUT))
-  while ((SECONDS < deadline)); do
-    if ! pid_alive; then
-      tail_log
-      die "ClickHouse exited during startup (see logs above)"
-    fi
-    if probe; then
-      log "ready on $HOST:$TCP_PORT (pid $pid) in $(elapsed "$t0")"
-      return 0
-    fi
-    sleep 0.3
-  done
-  tail_log
-  die "ClickHouse did not answer on $HOST:$TCP_PORT within ${START_TIMEOUT}s (pid $pid; logs in $RUN/log)"
+  wait_ready "$t0" "$HOST:$TCP_PORT" ""
 }
 
 cmd_stop() {
@@ -132,14 +117,4 @@ cmd_reset() {
   log "wiped $RUN/data"
 }
 
-case "${1:-}" in
-  install) cmd_install ;;
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  restart) cmd_stop; cmd_start ;;
-  status) cmd_status ;;
-  reset) cmd_reset ;;
-  logs) tail_log 2>&1 ;;
-  -h | --help | help) usage ;;
-  *) usage >&2; exit 2 ;;
-esac
+dispatch "$@"

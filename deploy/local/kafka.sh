@@ -210,22 +210,7 @@ cmd_start() {
     -cp "$LIBS/*" kafka.Kafka "$RUN/server.properties" \
     </dev/null >>"$LOG" 2>&1 &
   # Wait for the pid file written by the child.
-  for _ in $(seq 50); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
-  pid="$(cat "$PIDFILE" 2>/dev/null || true)"
-  local deadline=$((SECONDS + START_TIMEOUT))
-  while ((SECONDS < deadline)); do
-    if ! pid_alive; then
-      tail_log
-      die "Kafka exited during startup (see logs above; try: $0 reset)"
-    fi
-    if probe; then
-      log "ready on $HOST:$PORT (pid $pid) in $(elapsed "$t0")"
-      return 0
-    fi
-    sleep 0.5
-  done
-  tail_log
-  die "Kafka did not answer on $HOST:$PORT within ${START_TIMEOUT}s (pid $pid still running; logs in $RUN)"
+  wait_ready "$t0" "$HOST:$PORT" "try: $0 reset"
 }
 
 cmd_stop() {
@@ -242,14 +227,4 @@ cmd_reset() {
   log "wiped $DATA"
 }
 
-case "${1:-}" in
-  install) cmd_install ;;
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  restart) cmd_stop; cmd_start ;;
-  status) cmd_status ;;
-  reset) cmd_reset ;;
-  logs) tail_log 2>&1 ;;
-  -h | --help | help) usage ;;
-  *) usage >&2; exit 2 ;;
-esac
+dispatch "$@"

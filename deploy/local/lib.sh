@@ -55,3 +55,40 @@ status_service() {
   log "not running"
   return 3
 }
+
+# wait_ready T0 ADDRESS HINT: after a background start, wait for the pid file, then until probe
+# answers (ready: exit 0) or the process dies or START_TIMEOUT passes (both: log tail, then die).
+wait_ready() {
+  local t0="$1" address="$2" hint="$3" pid
+  for _ in $(seq 50); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
+  pid="$(cat "$PIDFILE" 2>/dev/null || true)"
+  local deadline=$((SECONDS + START_TIMEOUT))
+  while ((SECONDS < deadline)); do
+    if ! pid_alive; then
+      tail_log
+      die "$SERVICE exited during startup (see the log above${hint:+; $hint})"
+    fi
+    if probe; then
+      log "ready on $address (pid $pid) in $(elapsed "$t0")"
+      return 0
+    fi
+    sleep 0.3
+  done
+  tail_log
+  die "$SERVICE not ready on $address within ${START_TIMEOUT}s (pid $pid still running; logs in $RUN)"
+}
+
+# dispatch ACTION: the command line every service script shares.
+dispatch() {
+  case "${1:-}" in
+    install) cmd_install ;;
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    restart) cmd_stop; cmd_start ;;
+    status) cmd_status ;;
+    reset) cmd_reset ;;
+    logs) tail_log 2>&1 ;;
+    -h | --help | help) usage ;;
+    *) usage >&2; exit 2 ;;
+  esac
+}
