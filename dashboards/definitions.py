@@ -83,6 +83,12 @@ CLIENT_FILTER = "model_id = ${model:singlequote} AND client_id = ${client:single
 
 
 # ------------------------------------------------------------------------------------ overview
+def _model_variable(scores: str, *, multi: bool) -> Variable:
+    """The `model` template variable: models with scores in the time range (several, or one)."""
+    query = f"SELECT DISTINCT model_id FROM {scores} WHERE $__timeFilter(event_time) ORDER BY model_id"
+    return Variable("model", "Model", query=query, multi=multi, include_all=multi)
+
+
 def overview(s: Settings) -> Dashboard:
     scores = s.t("session_scores")
     b = time_bucket("event_time")
@@ -163,15 +169,7 @@ ORDER BY bucket"""
         title="probewatch: Overview",
         description="Traffic, alerts and the most suspicious clients across the watched models.",
         tags=("probewatch", "security", "ml"),
-        variables=[
-            Variable(
-                "model",
-                "Model",
-                query=f"SELECT DISTINCT model_id FROM {scores} WHERE $__timeFilter(event_time) ORDER BY model_id",
-                multi=True,
-                include_all=True,
-            )
-        ],
+        variables=[_model_variable(scores, multi=True)],
         links=(
             DashboardLink("Client drill-down", f"/d/{CLIENT_UID}"),
             DashboardLink("Pipeline health", f"/d/{PIPELINE_UID}"),
@@ -343,11 +341,7 @@ LIMIT 200"""
         description="One client of one model: its score, the signals behind it, its sources and alerts.",
         tags=("probewatch", "security", "ml"),
         variables=[
-            Variable(
-                "model",
-                "Model",
-                query=f"SELECT DISTINCT model_id FROM {scores} WHERE $__timeFilter(event_time) ORDER BY model_id",
-            ),
+            _model_variable(scores, multi=False),
             Variable(
                 "client",
                 "Client",

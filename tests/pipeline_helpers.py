@@ -22,6 +22,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from probewatch.simulate import SimulationPlan, write_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTITIONS = 3  # of every test topic the pipeline tests create
 
 
 class Scenario:
@@ -201,3 +202,16 @@ def check_results(env: dict[str, str], scenario: Scenario) -> Client:
     firing = {client_id for _, client_id, status in alert_rows if status == "firing"}
     assert {c for c in expected if c.startswith(("ext-", "bou-"))} <= firing
     return client
+
+
+def progress(kafka_bootstrap: str, env: dict[str, str]) -> Callable[[], int]:
+    topic, group = env["PROBEWATCH__KAFKA__TOPIC"], env["PROBEWATCH__KAFKA__GROUP_ID"]
+    return lambda: committed_total(kafka_bootstrap, group, topic, PARTITIONS)
+
+
+def finish(workers: list[Worker], done: Callable[[], int], total: int, log: Path) -> None:
+    try:
+        wait_until(lambda: done() == total, 240, "all offsets committed")
+    finally:
+        codes = [w.stop() for w in workers if w.proc.poll() is None]
+    assert all(code == 0 for code in codes), f"exit codes {codes}:\n{log_tail(log, 8000)}"

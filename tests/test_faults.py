@@ -10,24 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import Scenario, Worker, check_results, committed_total, log_tail, produce, wait_until
+from pipeline_helpers import Scenario, Worker, check_results, finish, log_tail, produce, progress, wait_until
 
 pytestmark = pytest.mark.integration
-
-PARTITIONS = 3
-
-
-def progress(kafka_bootstrap: str, env: dict[str, str]) -> Callable[[], int]:
-    topic, group = env["PROBEWATCH__KAFKA__TOPIC"], env["PROBEWATCH__KAFKA__GROUP_ID"]
-    return lambda: committed_total(kafka_bootstrap, group, topic, PARTITIONS)
-
-
-def finish(workers: list[Worker], done: Callable[[], int], total: int, log: Path) -> None:
-    try:
-        wait_until(lambda: done() == total, 240, "all offsets committed")
-    finally:
-        codes = [w.stop() for w in workers if w.proc.poll() is None]
-    assert all(code == 0 for code in codes), f"exit codes {codes}:\n{log_tail(log, 8000)}"
 
 
 def test_kill_one_of_three_workers(

@@ -7,7 +7,17 @@ import signal
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import Scenario, Worker, check_results, committed_total, dlq_documents, produce, wait_until
+from pipeline_helpers import (
+    Scenario,
+    Worker,
+    check_results,
+    committed_total,
+    dlq_documents,
+    finish,
+    produce,
+    progress,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -16,18 +26,9 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
     pipeline_env: dict[str, str], scenario: Scenario, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     topic = pipeline_env["PROBEWATCH__KAFKA__TOPIC"]
-    group = pipeline_env["PROBEWATCH__KAFKA__GROUP_ID"]
     produce(kafka_bootstrap, topic, scenario)
     worker = Worker(pipeline_env, tmp_path / "worker.log")
-    try:
-        wait_until(
-            lambda: committed_total(kafka_bootstrap, group, topic, 3) == len(scenario.lines),
-            180,
-            "all offsets committed",
-        )
-    finally:
-        code = worker.stop()
-    assert code == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    finish([worker], progress(kafka_bootstrap, pipeline_env), len(scenario.lines), tmp_path / "worker.log")
     check_results(pipeline_env, scenario)
     docs = dlq_documents(kafka_bootstrap, topic)
     assert sorted(str(d["payload"]).encode() for d in docs) == sorted(scenario.malformed)
@@ -59,14 +60,7 @@ def test_kill_and_restart_loses_nothing_and_stores_nothing_twice(
     done_before = committed_total(kafka_bootstrap, group, topic, 3)
     assert done_before < len(scenario.lines), "the worker finished before it could be killed; make the batches smaller"
     second = Worker(pipeline_env, tmp_path / "worker.log")
-    try:
-        wait_until(
-            lambda: committed_total(kafka_bootstrap, group, topic, 3) == len(scenario.lines),
-            180,
-            "all offsets committed",
-        )
-    finally:
-        assert second.stop() == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    finish([second], progress(kafka_bootstrap, pipeline_env), len(scenario.lines), tmp_path / "worker.log")
     check_results(pipeline_env, scenario)
     payloads = {str(d["payload"]).encode() for d in dlq_documents(kafka_bootstrap, topic)}
     assert payloads == set(scenario.malformed)  # at-least-once: a replay may repeat a dead letter, never lose one

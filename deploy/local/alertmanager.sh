@@ -38,6 +38,7 @@ EOF
 }
 
 SERVICE=alertmanager
+LOG_FILES=("$LOG")
 PROC_PATTERN=alertmanager
 # shellcheck source=deploy/local/lib.sh
 source "$HERE/lib.sh"
@@ -69,12 +70,6 @@ cmd_install() {
   fi
   [[ -x "$BIN" ]] || die "$BIN still missing after apt-get install"
   log "installed in $(elapsed "$t0")"
-}
-
-tail_log() {
-  [[ -s "$LOG" ]] || return 0
-  printf -- '----- last lines of %s -----\n' "$LOG" >&2
-  tail -n 40 "$LOG" >&2
 }
 
 cmd_start() {

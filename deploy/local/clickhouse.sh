@@ -37,6 +37,7 @@ EOF
 }
 
 SERVICE=clickhouse
+LOG_FILES=("$LOG" "$RUN/log/server.err.log")
 PROC_PATTERN=clickhouse
 # shellcheck source=deploy/local/lib.sh
 source "$HERE/lib.sh"
@@ -67,15 +68,6 @@ render_config() {
   for f in config.xml users.xml; do
     sed -e "s|@CH_DIR@|$RUN|g" -e "s|@TCP_PORT@|$TCP_PORT|g" -e "s|@HTTP_PORT@|$HTTP_PORT|g" \
       "$HERE/clickhouse/$f" >"$RUN/$f"
-  done
-}
-
-tail_log() {
-  local f
-  for f in "$LOG" "$RUN/log/server.err.log"; do
-    [[ -s "$f" ]] || continue
-    printf -- '----- last lines of %s -----\n' "$f" >&2
-    tail -n 40 "$f" >&2
   done
 }
 

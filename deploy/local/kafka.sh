@@ -43,6 +43,7 @@ EOF
 }
 
 SERVICE=kafka
+LOG_FILES=("$LOG" "$RUN/server.log")
 PROC_PATTERN=kafka.Kafka
 # shellcheck source=deploy/local/lib.sh
 source "$HERE/lib.sh"
@@ -166,15 +167,6 @@ PY
   else
     port_open "$PORT"
   fi
-}
-
-tail_log() {
-  local f
-  for f in "$LOG" "$RUN/server.log"; do
-    [[ -s "$f" ]] || continue
-    printf -- '----- last lines of %s -----\n' "$f" >&2
-    tail -n 40 "$f" >&2
-  done
 }
 
 cmd_start() {

@@ -1,7 +1,7 @@
 # Shared by the deploy/local service scripts (sourced, not run). Before sourcing, a script sets:
 #   SERVICE       log prefix, e.g. "kafka"
 #   PROC_PATTERN  text in the process's command line that proves the pid is still this service
-#   PIDFILE, HOST, STOP_TIMEOUT
+#   PIDFILE, HOST, STOP_TIMEOUT, START_TIMEOUT, RUN, LOG_FILES (logs shown when start fails)
 # and defines probe (exit 0 when the service answers).
 # shellcheck shell=bash
 
@@ -18,6 +18,16 @@ pid_alive() {
   [[ -f "$PIDFILE" ]] || return 1
   pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
   [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && grep -qa "$PROC_PATTERN" "/proc/$pid/cmdline" 2>/dev/null
+}
+
+# The end of each log, on stderr: what an operator needs when a start fails.
+tail_log() {
+  local f
+  for f in "${LOG_FILES[@]}"; do
+    [[ -s "$f" ]] || continue
+    printf -- '----- last lines of %s -----\n' "$f" >&2
+    tail -n 40 "$f" >&2
+  done
 }
 
 # stop_service [NOTE]: SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL.
