@@ -84,6 +84,7 @@ class _Session:
         "n",
         "partition",
         "session_id",
+        "warming",
     )
 
     def __init__(self, model_id: str, client_id: str, session_id: str, partition: int, ts: float) -> None:
@@ -97,6 +98,7 @@ class _Session:
         self.ips: list[str] = []
         self.kind_max: dict[str, float] = {}
         self.last_score: SessionScore | None = None
+        self.warming = False  # last scored while a baseline it needs was still warming up
 
 
 class _ClientHistory:
@@ -164,6 +166,8 @@ ClientKey = tuple[str, str]
 # One client's records of a micro-batch, in order, as consecutive same-session segments.
 Segments = list[tuple[SessionKey, list[QueryRecord]]]
 POPULATION_PARTITION = -1
+# Per model, at most this many sessions scored during warm-up wait to be scored again (open or ended).
+MAX_AWAITING_RESCORE = 10_000
 
 
 class SessionDetector:
@@ -213,6 +217,9 @@ class SessionDetector:
         self._dirty: dict[int, set[str]] = {}
         self._dirty_clients: set[ClientKey] = set()
         self._dirty_models: set[str] = set()
+        # Per model, the open sessions last scored against baselines still warming up (rescored at
+        # the model's next publish; see _rescore_warming).
+        self._warming: dict[str, dict[SessionKey, _Session]] = {}
 
     # ----------------------------------------------------------------------------------- processing
     def process(self, records: Sequence[QueryRecord]) -> list[SessionScore]:
@@ -241,9 +248,29 @@ class SessionDetector:
                 emitted.extend(self._flush(runs))
                 emitted.extend(self._close_idle())
                 population.publish()
+                emitted.extend(self._rescore_warming(record.model_id))
         emitted.extend(self._flush(runs))
         emitted.extend(self._close_idle())
         return emitted
+
+    def _rescore_warming(self, model_id: str) -> list[SessionScore]:
+        """Score again, right after a publish, the sessions last scored while a baseline they need was
+        warming up or the population was young, including sessions that have ended since (scored as
+        closed). Otherwise an attacker
+        that arrives before the population has formed (a new model, or a backlog whose partitions are
+        consumed one after another) is judged only at its later evaluations, and a short attack has
+        none. A publish is a fixed point of the model's record stream, so this is as independent of
+        batch boundaries as the scheduled evaluations."""
+        waiting = self._warming.pop(model_id, None)
+        out: list[SessionScore] = []
+        for key, session in (waiting or {}).items():
+            history = self.clients.get((key[0], key[1]))
+            if history is None or history.flagged:
+                continue
+            score = self._evaluate(session, history, closed=key not in self.sessions)
+            if score.crossed_kinds:
+                out.append(score)
+        return out
 
     def _population(self, model_id: str) -> ModelPopulation:
         population = self.populations.get(model_id)
@@ -392,6 +419,17 @@ class SessionDetector:
             session.kind_max[kind] = max(session.kind_max.get(kind, 0.0), value)
         score.peak_kind_scores = dict(session.kind_max)
         session.last_score = score
+        key = (session.model_id, session.client_id, session.session_id)
+        waiting = self._warming.setdefault(session.model_id, {})
+        # Scores read against a young population are provisional too: its next publish may well change
+        # them (a backlog consumed partition by partition shows the model's clients a third at a time).
+        session.warming = kinds.warming_up or (population is not None and population.young)
+        if session.warming:
+            waiting[key] = session
+            if len(waiting) > MAX_AWAITING_RESCORE:  # a model that never warms up: keep the newest
+                waiting.pop(next(iter(waiting)))
+        else:
+            waiting.pop(key, None)
         return score
 
     def _end(self, session: _Session) -> list[SessionScore]:
@@ -486,6 +524,7 @@ class SessionDetector:
                 "n": session.n,
                 "ips": session.ips,
                 "kind_max": session.kind_max,
+                "warming": session.warming,
             }
         )
 
@@ -515,7 +554,10 @@ class SessionDetector:
                 session.n = data["n"]
                 session.ips = list(data["ips"])
                 session.kind_max = dict(data["kind_max"])
+                session.warming = bool(data.get("warming", False))
                 self.sessions[(model_id, client_id, session_id)] = session
+                if session.warming:
+                    self._warming.setdefault(model_id, {})[(model_id, client_id, session_id)] = session
 
     def drop_partitions(self, partitions: Iterable[int]) -> None:
         """Forget the state of partitions this worker no longer owns (after they were checkpointed).
@@ -523,6 +565,8 @@ class SessionDetector:
         gone = set(partitions) - {POPULATION_PARTITION}
         self.sessions = {k: s for k, s in self.sessions.items() if s.partition not in gone}
         self.clients = {k: c for k, c in self.clients.items() if c.partition not in gone}
+        for model_id, waiting in self._warming.items():
+            self._warming[model_id] = {k: s for k, s in waiting.items() if s.partition not in gone}
         for partition in gone:
             self.watermarks.pop(partition, None)
             self._dirty.pop(partition, None)

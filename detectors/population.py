@@ -243,6 +243,11 @@ class ModelPopulation:
 
     # -------------------------------------------------------------------------------------- reading
     @property
+    def young(self) -> bool:
+        """Still in the doubling epochs of warm-up: each publish may change the baselines a lot."""
+        return _epoch_index(self.records, self.epoch_records) < 5
+
+    @property
     def inputs_ready(self) -> bool:
         return self.frame is not None and len(self.sample) > 0
 

@@ -29,7 +29,7 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
     produce(kafka_bootstrap, topic, scenario)
     worker = Worker(pipeline_env, tmp_path / "worker.log")
     finish([worker], progress(kafka_bootstrap, pipeline_env), len(scenario.lines), tmp_path / "worker.log")
-    check_results(pipeline_env, scenario)
+    client = check_results(pipeline_env, scenario)
     docs = dlq_documents(kafka_bootstrap, topic)
     assert sorted(str(d["payload"]).encode() for d in docs) == sorted(scenario.malformed)
     assert all(d["reason"] and "offset" in d["source"] for d in docs)  # type: ignore[operator]
@@ -46,6 +46,10 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
         "event_time",
         "reasons",
     } <= set(alerts[0])
+    # Every stored alert reached the receiver before the worker exited (graceful shutdown drains).
+    db = pipeline_env["PROBEWATCH__STORAGE__DATABASE"]
+    stored = {row[0] for row in client.execute(f"SELECT alert_id FROM {db}.alerts FINAL")}
+    assert {a["alert_id"] for a in alerts} == stored
 
 
 def test_kill_and_restart_loses_nothing_and_stores_nothing_twice(
