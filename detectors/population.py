@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from detectors.input_model import InputDensityModel, input_summaries
+
 N_BINS = 200
 LOG_LO, LOG_HI = -3.0, 6.0  # log10 range of "log"-scaled signal values
 # Client query-count buckets: [5,10), [10,20), ..., [5120, inf)
@@ -133,6 +135,7 @@ class ModelPopulation:
         self.sample_clients = np.zeros(0, dtype=np.uint64)
         self.sample_norms = np.zeros(0, dtype=np.float32)
         self.ood_radius = float("inf")
+        self.input_model: InputDensityModel | None = None  # River HalfSpaceTrees over input summaries
         self.p_raw = np.zeros((0, 0), dtype=np.float32)  # pending raw inputs (bottom-k by hash)
         self.p_hash = np.zeros(0, dtype=np.uint64)
         self.p_clients = np.zeros(0, dtype=np.uint64)
@@ -213,7 +216,9 @@ class ModelPopulation:
             self.frame = Frame(np.median(raw, axis=0), np.maximum(scale, floor))
         self.low = raw.min(axis=0)
         self.high = raw.max(axis=0)
-        z = self.frame.project(self.frame.standardise(raw))
+        standard = self.frame.standardise(raw)
+        self.input_model = InputDensityModel(input_summaries(raw, standard, self.low, self.high))
+        z = self.frame.project(standard)
         self.sample = z
         self.sample_norms = np.linalg.norm(z, axis=1).astype(np.float32)
         # Leave-one-client-out nearest-neighbour distances inside the sample: the radius of "normal".

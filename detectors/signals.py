@@ -25,6 +25,7 @@ import msgspec
 import numpy as np
 from scipy.stats import shapiro
 
+from detectors.input_model import input_summaries
 from detectors.population import ModelPopulation, mix64
 
 FIXED = 1_000_000  # fixed-point scale for exact sums of per-query floats
@@ -513,51 +514,58 @@ class LowMarginShareSignal(SessionSignal):
 # --------------------------------------------------------------------------------- adversarial input
 class InputShapeSignal(SessionSignal):
     """Per-query input statistics against the model's population: share of features pinned at the
-    population's bounds (clipped perturbations) and high-frequency energy (roughness: energy of
-    differences between neighbouring features relative to the input's own energy)."""
+    population's bounds (clipped perturbations), high-frequency energy (roughness: energy of
+    differences between neighbouring features relative to the input's own energy), and strangeness:
+    the River HalfSpaceTrees anomaly score of the query's input summary under the model's normal
+    inputs (detectors/input_model.py), for up to ``SCORED_PER_BLOCK`` evenly spaced queries per block
+    (the trees walk in Python; the block's boundaries are fixed query counts, so the choice is too)."""
 
     name = "shape"
     OUTPUTS = (
         ("pinned_feature_share", ("adversarial_input",), "unit", 0.01),
         ("roughness", ("adversarial_input",), "log", 0.03),
+        ("input_strangeness", ("adversarial_input",), "unit", 0.02),
     )
-    __slots__ = ("n", "pinned", "rough")
+    SCORED_PER_BLOCK = 4
+    __slots__ = ("n", "n_scored", "pinned", "rough", "strange")
 
     def __init__(self) -> None:
         self.n = 0
+        self.n_scored = 0
         self.pinned = 0  # fixed-point sums
         self.rough = 0
+        self.strange = 0
 
     def learn_block(self, block: QueryBlock) -> None:
         pop = block.population
         if block.vectors is None or block.z is None or pop is None or pop.low is None or pop.high is None:
             return
-        x = block.vectors
-        span = np.maximum(pop.high - pop.low, 1e-9)
-        tol = 1e-3 * span
-        at_bound = ((x <= pop.low + tol) | (x >= pop.high - tol)) & (span > 1e-6)
-        pinned = at_bound.mean(axis=1)
-        z = block.z
-        if z.shape[1] > 1:
-            num = (np.diff(z, axis=1) ** 2).sum(axis=1)
-            den = ((z - z.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) * 2.0 + 1e-6
-            rough = num / den
-        else:
-            rough = np.zeros(len(z))
-        self.pinned += int(np.round(pinned * FIXED).sum())
-        self.rough += int(np.round(rough * FIXED).sum())
+        summaries = input_summaries(block.vectors, block.z, pop.low, pop.high)
+        self.pinned += int(np.round(summaries[:, 0] * FIXED).sum())
+        self.rough += int(np.round(summaries[:, 1] * FIXED).sum())
         self.n += len(block)
+        if pop.input_model is not None:
+            pick = np.unique(np.linspace(0, len(block) - 1, min(self.SCORED_PER_BLOCK, len(block))).round().astype(int))
+            self.strange += int(np.round(pop.input_model.score(summaries[pick]) * FIXED).sum())
+            self.n_scored += len(pick)
 
     def values(self) -> list[float]:
+        nan = float("nan")
         if self.n < 5:
-            return [float("nan"), float("nan")]
-        return [self.pinned / FIXED / self.n, self.rough / FIXED / self.n]
+            return [nan, nan, nan]
+        strange = self.strange / FIXED / self.n_scored if self.n_scored >= 3 else nan
+        return [self.pinned / FIXED / self.n, self.rough / FIXED / self.n, strange]
 
     def evidence(self, i: int) -> str:
         if i == 0:
             share = 100 * self.values()[0]
             return f"on average {share:.0f}% of features at the model's input bounds ({self.n} queries)"
-        return f"mean input roughness {self.values()[1]:.2f} over {self.n} queries"
+        if i == 1:
+            return f"mean input roughness {self.values()[1]:.2f} over {self.n} queries"
+        return (
+            f"mean anomaly score {self.values()[2]:.2f} of {self.n_scored} sampled inputs under the model's "
+            "HalfSpaceTrees of normal inputs (pinned features, roughness, norm, largest and tail coordinates)"
+        )
 
 
 # -------------------------------------------------------------------------------------------- volume

@@ -121,6 +121,7 @@ class Pipeline:
         self._dlq_reasons: Counter[str] = Counter()
         self._population_restored = False
         self.metrics = PipelineMetrics()
+        self.metrics.watch_alert_delivery(self.dispatcher.stats)
         self._last_gauges = 0.0
 
     # ------------------------------------------------------------------ partition ownership (Kafka)

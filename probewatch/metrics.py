@@ -1,7 +1,7 @@
 """Operational metrics in Prometheus format, and health endpoints, on one small HTTP server.
 
 ``/metrics``  Prometheus text format (consumed, scored, dead-lettered, lag, batch latency, state size,
-              alerts sent/failed, storage errors)
+              alerts raised, alert deliveries per receiver and outcome, alert queues, storage errors)
 ``/healthz``  200 while the processing loop has made progress recently (liveness)
 ``/readyz``   200 once the store is migrated and the source is consuming, and while storage is reachable
 """
@@ -11,10 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from alerting.dispatch import LaneStats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,10 @@ class PipelineMetrics:
         self.ready = False
         self.storage_ok = True
 
+    def watch_alert_delivery(self, stats: Callable[[], Mapping[str, LaneStats]]) -> None:
+        """Expose the alert dispatcher's per-receiver counts (``Dispatcher.stats``), read at scrape time."""
+        self.registry.register(AlertDeliveryCollector(stats))
+
     def storage_result(self, ok: bool) -> None:
         self.storage_ok = ok
         self.storage_up.set(1 if ok else 0)
@@ -63,6 +72,62 @@ class PipelineMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# Outcome label -> LaneStats field. "retried" counts failed attempts to be retried (one alert may
+# retry many times); "dropped" (queue full, left in the outbox) and "recovered" (found again by an
+# outbox sweep) count queue events of alerts that are also counted under their final outcome once
+# one is reached. So the outcomes do not sum to a number of alerts; alert on failed, retried, dropped.
+DELIVERY_OUTCOMES: dict[str, str] = {
+    "delivered": "delivered",
+    "retried": "retries",
+    "failed": "failed",
+    "skipped": "skipped",
+    "superseded": "superseded",
+    "dropped": "dropped",
+    "recovered": "recovered",
+}
+
+
+class AlertDeliveryCollector(Collector):
+    """Alert delivery per receiver, from the dispatcher's own counts at scrape time.
+
+    The lanes already count every outcome (``LaneStats``); reading those counts when Prometheus
+    scrapes, rather than mirroring them into Counters as they happen, keeps prometheus out of
+    ``alerting`` and off the lanes' hot path, and cannot drift from or double-count what the
+    dispatcher itself counted."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, LaneStats]]) -> None:
+        self.stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        # Lets the registry reject a clash with another metric's name at register time, without
+        # calling the dispatcher then.
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        deliveries, queue = self._families()
+        for receiver, lane in self.stats().items():
+            for outcome, field in DELIVERY_OUTCOMES.items():
+                deliveries.add_metric([receiver, outcome], getattr(lane, field))
+            queue.add_metric([receiver], lane.queued)
+        return [deliveries, queue]
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        # Fresh families each call: a family accumulates its samples.
+        return (
+            CounterMetricFamily(
+                "probewatch_alert_deliveries",
+                "Alert notifications per receiver and delivery outcome (retried: failed attempts to be retried)",
+                labels=["receiver", "outcome"],
+            ),
+            GaugeMetricFamily(
+                "probewatch_alert_queue",
+                "Alerts waiting in a receiver's delivery queue",
+                labels=["receiver"],
+            ),
+        )
 
 
 class MetricsServer:

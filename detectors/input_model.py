@@ -1,0 +1,84 @@
+"""What a model's normal inputs look like: a River HalfSpaceTrees over per-query input summaries.
+
+Each query's input is summarised by a few numbers that crafted inputs push to the extremes (features
+pinned at the clip bounds, high-frequency energy, a norm far from the population's, a large single
+coordinate, many coordinates in the tails) plus its first eight standardised coordinates (where in the
+input space it lies), all squashed into [0, 1] as HalfSpaceTrees expects. The trees
+are rebuilt from the model's published reference sample at every publish of its population: a pure
+function of checkpointed state, so a restart rebuilds the same model (no pickled estimator in the
+changelog) and a replay of the log reads the same scores however it is cut into batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from river import anomaly
+
+N_SUMMARIES = 5
+N_TREES = 15
+TREE_HEIGHT = 6
+SEED = 20261129
+
+
+def _squash(x: np.ndarray) -> np.ndarray:
+    """[0, inf) onto [0, 1), monotone, so that no value falls outside the trees' limits."""
+    x = np.maximum(x, 0.0)
+    return x / (1.0 + x)
+
+
+def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Per query (rows of ``raw`` and its standardised ``z``): pinned-at-bounds share, roughness,
+    RMS of z, max |z|, share of |z| > 3 (the ``N_SUMMARIES`` summaries), then z's first eight
+    coordinates. Columns 0 and 1 are also the values behind ``InputShapeSignal`` (pinned share as is,
+    roughness before squashing); ``tree_features`` squashes the rest."""
+    span = np.maximum(high - low, 1e-9)
+    tol = 1e-3 * span
+    at_bound = ((raw <= low + tol) | (raw >= high - tol)) & (span > 1e-6)
+    z = z.astype(np.float64)
+    if z.shape[1] > 1:
+        num = (np.diff(z, axis=1) ** 2).sum(axis=1)
+        den = ((z - z.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) * 2.0 + 1e-6
+        rough = num / den
+    else:
+        rough = np.zeros(len(z))
+    absz = np.abs(z)
+    return np.column_stack(
+        [
+            at_bound.mean(axis=1),
+            rough,
+            _squash(np.sqrt((z * z).mean(axis=1)) / 2.0),
+            _squash(absz.max(axis=1) / 4.0),
+            (absz > 3.0).mean(axis=1),
+            z[:, :8],
+        ]
+    )
+
+
+def tree_features(summaries: np.ndarray) -> np.ndarray:
+    """The summaries as the trees see them: roughness squashed too (it is unbounded)."""
+    out = summaries.copy()
+    out[:, 1] = _squash(out[:, 1])
+    out[:, N_SUMMARIES:] = 1.0 / (1.0 + np.exp(-out[:, N_SUMMARIES:] / 1.5))
+    return out
+
+
+class InputDensityModel:
+    """HalfSpaceTrees fitted on one window of normal inputs; ``score`` is River's anomaly score
+    (higher: fewer normal inputs fell into the same half-spaces)."""
+
+    def __init__(self, reference: np.ndarray) -> None:
+        rows = tree_features(reference)
+        self.trees = anomaly.HalfSpaceTrees(
+            n_trees=N_TREES,
+            height=TREE_HEIGHT,
+            window_size=len(rows),
+            seed=SEED,
+            limits={i: (0.0, 1.0) for i in range(rows.shape[1])},
+        )
+        # One full window: the trees swap it in as the reference mass that scores are read against.
+        for row in rows.tolist():
+            self.trees.learn_one(dict(enumerate(row)))
+
+    def score(self, summaries: np.ndarray) -> np.ndarray:
+        rows = tree_features(summaries).tolist()
+        return np.array([self.trees.score_one(dict(enumerate(row))) for row in rows], dtype=np.float64)
