@@ -526,7 +526,7 @@ class InputShapeSignal(SessionSignal):
         ("roughness", ("adversarial_input",), "log", 0.03),
         ("input_strangeness", ("adversarial_input",), "unit", 0.02),
     )
-    SCORED_PER_BLOCK = 4
+    SCORED_PER_BLOCK = 2
     __slots__ = ("n", "n_scored", "pinned", "rough", "strange")
 
     def __init__(self) -> None:
@@ -545,7 +545,8 @@ class InputShapeSignal(SessionSignal):
         self.rough += int(np.round(summaries[:, 1] * FIXED).sum())
         self.n += len(block)
         if pop.input_model is not None:
-            pick = np.unique(np.linspace(0, len(block) - 1, min(self.SCORED_PER_BLOCK, len(block))).round().astype(int))
+            k = min(self.SCORED_PER_BLOCK, len(block))
+            pick = np.arange(k) * (len(block) - 1) // max(k - 1, 1)  # evenly spaced, first and last
             self.strange += int(np.round(pop.input_model.score(summaries[pick]) * FIXED).sum())
             self.n_scored += len(pick)
 
@@ -553,7 +554,7 @@ class InputShapeSignal(SessionSignal):
         nan = float("nan")
         if self.n < 5:
             return [nan, nan, nan]
-        strange = self.strange / FIXED / self.n_scored if self.n_scored >= 3 else nan
+        strange = self.strange / FIXED / self.n_scored if self.n_scored >= 2 else nan
         return [self.pinned / FIXED / self.n, self.rough / FIXED / self.n, strange]
 
     def evidence(self, i: int) -> str:
