@@ -1,5 +1,6 @@
 """detectors — per-session state and signals (extraction coverage, boundary probing, adversarial
-inputs, volume) combined into one score per attack kind, with the reasons behind it."""
+inputs, volume), judged against each model's population (histograms, and a River HalfSpaceTrees of its
+normal inputs) and combined into one calibrated score per attack kind, with the reasons behind it."""
 
 from detectors.engine import SessionDetector
 from detectors.scores import ATTACK_KINDS, SessionScore
