@@ -98,7 +98,7 @@ class _Session:
         self.ips: list[str] = []
         self.kind_max: dict[str, float] = {}
         self.last_score: SessionScore | None = None
-        self.warming = False  # last scored while a baseline it needs was still warming up
+        self.warming = False  # last scored while a baseline was warming up or the population young
 
 
 class _ClientHistory:
@@ -217,8 +217,8 @@ class SessionDetector:
         self._dirty: dict[int, set[str]] = {}
         self._dirty_clients: set[ClientKey] = set()
         self._dirty_models: set[str] = set()
-        # Per model, the open sessions last scored against baselines still warming up (rescored at
-        # the model's next publish; see _rescore_warming).
+        # Per model, the sessions (open or ended) last scored against baselines still warming up or a
+        # young population: scored again at the model's next publish (see _rescore_warming).
         self._warming: dict[str, dict[SessionKey, _Session]] = {}
 
     # ----------------------------------------------------------------------------------- processing
@@ -256,11 +256,10 @@ class SessionDetector:
     def _rescore_warming(self, model_id: str) -> list[SessionScore]:
         """Score again, right after a publish, the sessions last scored while a baseline they need was
         warming up or the population was young, including sessions that have ended since (scored as
-        closed). Otherwise an attacker
-        that arrives before the population has formed (a new model, or a backlog whose partitions are
-        consumed one after another) is judged only at its later evaluations, and a short attack has
-        none. A publish is a fixed point of the model's record stream, so this is as independent of
-        batch boundaries as the scheduled evaluations."""
+        closed). Otherwise an attacker that arrives before the population has formed (a new model, or
+        a backlog whose partitions are consumed one after another) is judged only at its later
+        evaluations, and a short attack has none. A publish is a fixed point of the model's record
+        stream, so this is as independent of batch boundaries as the scheduled evaluations."""
         waiting = self._warming.pop(model_id, None)
         out: list[SessionScore] = []
         for key, session in (waiting or {}).items():
@@ -420,16 +419,16 @@ class SessionDetector:
         score.peak_kind_scores = dict(session.kind_max)
         session.last_score = score
         key = (session.model_id, session.client_id, session.session_id)
-        waiting = self._warming.setdefault(session.model_id, {})
         # Scores read against a young population are provisional too: its next publish may well change
         # them (a backlog consumed partition by partition shows the model's clients a third at a time).
         session.warming = kinds.warming_up or (population is not None and population.young)
         if session.warming:
+            waiting = self._warming.setdefault(session.model_id, {})
             waiting[key] = session
             if len(waiting) > MAX_AWAITING_RESCORE:  # a model that never warms up: keep the newest
                 waiting.pop(next(iter(waiting)))
-        else:
-            waiting.pop(key, None)
+        elif session.model_id in self._warming:
+            self._warming[session.model_id].pop(key, None)
         return score
 
     def _end(self, session: _Session) -> list[SessionScore]:
