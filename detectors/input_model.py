@@ -12,7 +12,6 @@ changelog) and a replay of the log reads the same scores however it is cut into 
 from __future__ import annotations
 
 import numpy as np
-from river import anomaly
 
 N_SUMMARIES = 5
 N_TREES = 15
@@ -67,6 +66,10 @@ class InputDensityModel:
     (higher: fewer normal inputs fell into the same half-spaces)."""
 
     def __init__(self, reference: np.ndarray) -> None:
+        # Imported here: River pulls in pandas and takes seconds, which `probewatch --help`, `config`
+        # and every CLI command that scores nothing should not pay.
+        from river import anomaly
+
         rows = tree_features(reference)
         self.trees = anomaly.HalfSpaceTrees(
             n_trees=N_TREES,

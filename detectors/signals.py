@@ -18,12 +18,13 @@ Which attack kind each value is evidence for, and how it is calibrated, is decla
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import msgspec
 import numpy as np
-from scipy.stats import shapiro
 
 from detectors.input_model import input_summaries
 from detectors.population import ModelPopulation, mix64
@@ -86,6 +87,31 @@ def bcast_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distances between rows of a and rows of b, per-pair exact."""
     diff = a.astype(np.float64)[:, None, :] - b.astype(np.float64)[None, :, :]
     return np.sqrt((diff * diff).sum(axis=2))
+
+
+@functools.cache
+def _shapiro() -> Callable[[np.ndarray], Any]:
+    """scipy's Shapiro–Wilk, imported on first use (scipy.stats takes over a second to import, which
+    CLI commands that score nothing should not pay), without its nan-policy wrapper (ten times the
+    cost of the test itself on 128 values; the distances are never NaN)."""
+    from scipy.stats import shapiro
+
+    return getattr(shapiro, "__wrapped__", shapiro)
+
+
+def ring_append(
+    rings: tuple[np.ndarray, ...], items: tuple[np.ndarray, ...], cursor: int, filled: int
+) -> tuple[int, int]:
+    """Write the last ``len(ring)`` rows of ``items`` (parallel arrays) into the fixed-size ``rings``
+    from ``cursor`` on, wrapping; returns the new (cursor, filled)."""
+    size = len(rings[0])
+    m = min(len(items[0]), size)
+    if m == 0:
+        return cursor, filled
+    slots = (cursor + np.arange(m)) % size
+    for ring, values in zip(rings, items, strict=True):
+        ring[slots] = values[len(values) - m :]
+    return (cursor + m) % size, min(filled + m, size)
 
 
 class SessionSignal:
@@ -310,27 +336,21 @@ class PradaSignal(SessionSignal):
         dmin = d.min(axis=1)
         keep = np.isfinite(dmin) & (dmin > 1e-6)  # exact repeats (retries) carry no information
         new = dmin[keep].astype(np.float16)
-        for value in new[-self.KEEP :]:  # at most KEEP small writes per block
-            self.dists[self.d_cursor] = value
-            self.d_cursor = (self.d_cursor + 1) % self.KEEP
-        self.d_filled = min(self.d_filled + len(new), self.KEEP)
+        self.d_cursor, self.d_filled = ring_append((self.dists,), (new,), self.d_cursor, self.d_filled)
         if len(new) and (self.d_total // 8) != ((self.d_total + len(new)) // 8):
             self._cache = -1.0  # W is recomputed every 8 new distances (a fixed, count-based schedule)
         self.d_total += len(new)
-        fresh = zp[np.concatenate([[True], np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0])]
-        fresh_codes = codes[np.concatenate([[True], np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0])]
-        for k in range(max(0, len(fresh) - self.RING), len(fresh)):
-            self.ring[self.cursor] = fresh[k]
-            self.ring_labels[self.cursor] = fresh_codes[k]
-            self.cursor = (self.cursor + 1) % self.RING
-            self.filled = min(self.filled + 1, self.RING)
+        moved = np.concatenate([[True], np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0])
+        self.cursor, self.filled = ring_append(
+            (self.ring, self.ring_labels), (zp[moved], codes[moved]), self.cursor, self.filled
+        )
 
     def values(self) -> list[float]:
         if self.d_filled < 20:
             return [float("nan")]
         if self._cache < 0:
             sample = self.dists[: self.d_filled].astype(np.float64)
-            w = float(shapiro(np.sort(sample)).statistic) if float(sample.std()) > 1e-9 else 0.0
+            w = float(_shapiro()(np.sort(sample)).statistic) if float(sample.std()) > 1e-9 else 0.0
             self._cache = round(1.0 - w, 4)
         return [self._cache]
 
@@ -412,12 +432,9 @@ class NearDuplicateChainSignal(SessionSignal):
         self.near += int(near.sum())
         self.flips += int(flipped.sum())
         self.n += n
-        for i in range(max(0, n - self.RING), n):
-            self.ring[self.cursor] = fp[i]
-            self.ring_exact[self.cursor] = block.exact[i]
-            self.ring_labels[self.cursor] = codes[i]
-            self.cursor = (self.cursor + 1) % self.RING
-            self.filled = min(self.filled + 1, self.RING)
+        self.cursor, self.filled = ring_append(
+            (self.ring, self.ring_exact, self.ring_labels), (fp, block.exact, codes), self.cursor, self.filled
+        )
 
     def values(self) -> list[float]:
         if self.n < 5:
