@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from detectors.input_model import river_anomaly
 from detectors.population import ModelPopulation, bucket_of, mix64, text_hash
 from detectors.scores import SessionScore
 from detectors.scoring import CalibratedScorer
@@ -194,6 +195,7 @@ class SessionDetector:
         checkpointing: bool = True,
     ) -> None:
         self.alert_threshold = alert_threshold
+        river_anomaly()  # now, not in the middle of the stream at the first publish (seconds)
         # Without checkpoints (a file run) nothing is tracked for take_checkpoint, which would
         # otherwise remember every session ever seen.
         self.checkpointing = checkpointing

@@ -11,12 +11,25 @@ changelog) and a replay of the log reads the same scores however it is cut into 
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 
 N_SUMMARIES = 5
 N_TREES = 15
 TREE_HEIGHT = 6
 SEED = 20261129
+
+
+@functools.cache
+def river_anomaly() -> Any:
+    """River's anomaly module, imported on first use: River pulls in pandas and scikit-learn and takes
+    seconds, which `probewatch --help` and the commands that score nothing should not pay. The
+    detector imports it when it is built, so a run does not pause for it at its first publish."""
+    from river import anomaly
+
+    return anomaly
 
 
 def _squash(x: np.ndarray) -> np.ndarray:
@@ -66,12 +79,8 @@ class InputDensityModel:
     (higher: fewer normal inputs fell into the same half-spaces)."""
 
     def __init__(self, reference: np.ndarray) -> None:
-        # Imported here: River pulls in pandas and takes seconds, which `probewatch --help`, `config`
-        # and every CLI command that scores nothing should not pay.
-        from river import anomaly
-
         rows = tree_features(reference)
-        self.trees = anomaly.HalfSpaceTrees(
+        self.trees = river_anomaly().HalfSpaceTrees(
             n_trees=N_TREES,
             height=TREE_HEIGHT,
             window_size=len(rows),
