@@ -121,16 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="measure the detectors on a labelled log (detection, false positives, queries to detection)",
-        description="Run the detectors (SessionDetector + ThresholdPolicy, no storage) over a query log and "
-        "compare with the ground truth written by `probewatch simulate --truth`.",
+        description="Run the detectors (SessionDetector + the production AlertPolicy, no storage) over a query "
+        "log and compare with the ground truth written by `probewatch simulate --truth`. Detection settings "
+        "come from the configuration, as for `probewatch run`; the flags override them.",
     )
     ev.add_argument("--input", required=True, metavar="LOGS", help="JSON lines (.gz ok)")
     ev.add_argument("--truth", required=True, metavar="LABELS", help="ground-truth JSON lines")
-    ev.add_argument("--threshold", type=float, default=0.8, help="alert threshold (as detection.alert_threshold)")
-    ev.add_argument("--min-queries", type=int, default=10, help="queries in a session before it may alert")
+    ev.add_argument("--threshold", type=float, help="alert threshold (default: detection.alert_threshold)")
+    ev.add_argument(
+        "--min-queries", type=int, help="queries in a session before it may alert (default: detection.min_queries)"
+    )
     ev.add_argument("--budget", type=float, default=1e-3, help="false-alarm budget per evaluation and kind")
     ev.add_argument("--batch", type=int, default=2000, help="records per micro-batch")
     ev.add_argument("--json", action="store_true", help="print the full report as JSON")
+    _add_common(ev)
     ev.set_defaults(handler=cmd_eval)
 
     from dashboards.cli import add_dashboards_parser  # push / export / check (dashboards/cli.py)
@@ -203,13 +207,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from probewatch.evaluate import evaluate, format_report
 
+    detection = _load(args).detection
     report = evaluate(
         args.input,
         args.truth,
         batch_records=args.batch,
         detector_options={
-            "alert_threshold": args.threshold,
-            "min_queries": args.min_queries,
+            "alert_threshold": detection.alert_threshold if args.threshold is None else args.threshold,
+            "min_queries": detection.min_queries if args.min_queries is None else args.min_queries,
             "false_alarm_budget": args.budget,
         },
     )

@@ -24,6 +24,7 @@ import numpy as np
 from alerting.policy import AlertPolicy, PolicySettings
 from detectors.engine import SessionDetector
 from ingest.records import RecordDecoder, SourcePosition
+from probewatch.config import DetectionConfig
 
 
 class ClientOutcome(msgspec.Struct):
@@ -104,7 +105,12 @@ def evaluate(
     detector_options: dict[str, Any] | None = None,
 ) -> EvalReport:
     truth = read_truth(truth_path)
-    options = {"alert_threshold": 0.8, "min_queries": 10, **(detector_options or {})}
+    defaults = DetectionConfig()  # as `probewatch run` without configuration
+    options = {
+        "alert_threshold": defaults.alert_threshold,
+        "min_queries": defaults.min_queries,
+        **(detector_options or {}),
+    }
     detector = SessionDetector(**options)
     # The production policy, without the per-minute page cap, so that every attacker is counted.
     policy = AlertPolicy(PolicySettings(threshold=detector.alert_threshold, max_per_minute=0))
