@@ -43,9 +43,12 @@ def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.nd
     RMS of z, max |z|, share of |z| > 3 (the ``N_SUMMARIES`` summaries), then z's first eight
     coordinates. Columns 0 and 1 are also the values behind ``InputShapeSignal`` (pinned share as is,
     roughness before squashing); ``tree_features`` squashes the rest."""
-    span = np.maximum(high - low, 1e-9)
-    tol = 1e-3 * span
-    at_bound = ((raw <= low + tol) | (raw >= high - tol)) & (span > 1e-6)
+    # At (or beyond) a bound means equal to it up to float32 rounding: clipped values sit exactly
+    # there. A tolerance relative to the box's width would let one client with wild values (the box
+    # is learned from the reference sample) put ordinary inputs "at the bounds".
+    at_low = raw <= low + 1e-6 * np.maximum(np.abs(low), 1.0)
+    at_high = raw >= high - 1e-6 * np.maximum(np.abs(high), 1.0)
+    at_bound = (at_low | at_high) & (high - low > 1e-6)
     z = z.astype(np.float64)
     if z.shape[1] > 1:
         num = (np.diff(z, axis=1) ** 2).sum(axis=1)

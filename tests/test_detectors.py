@@ -193,3 +193,15 @@ def test_input_density_model_scores_crafted_inputs_above_normal_ones() -> None:
     # Rebuilt from the same reference sample (as after a restart), the trees score identically.
     again = InputDensityModel(input_summaries(normal, (normal - centre) / scale, low, high))
     assert np.array_equal(again.score(input_summaries(crafted, (crafted - centre) / scale, low, high)), crafted_scores)
+
+
+def test_pinned_means_at_the_bound_not_near_it_in_a_wide_box() -> None:
+    # One client with wild values widened the learned box to [7, 3700]; ordinary inputs a little above
+    # the lower bound are not "pinned" (a width-relative tolerance of 3.7 said they were: on
+    # breast_cancer most benign clients alerted as adversarial_input). Clipped inputs sit exactly on it.
+    low, high = np.full(4, 7.0), np.full(4, 3700.0)
+    ordinary = np.array([[7.5, 9.0, 12.0, 20.0], [8.1, 7.9, 15.0, 11.0]])
+    clipped = np.array([[7.0, 3700.0, 12.0, 7.0], [6.5, 9.0, 3700.0, 3701.0]])  # at or beyond the bounds
+    z = np.zeros((2, 4))
+    assert input_summaries(ordinary, z, low, high)[:, 0].tolist() == [0.0, 0.0]
+    assert input_summaries(clipped, z, low, high)[:, 0].tolist() == [0.75, 0.75]
