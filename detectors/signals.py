@@ -505,19 +505,26 @@ class StepGeometrySignal(SessionSignal):
 
 class LowMarginShareSignal(SessionSignal):
     """Share of queries whose top-1 minus top-2 probability is under ``threshold``: boundary attacks
-    spend their queries right at the decision boundary."""
+    spend their queries right at the decision boundary. An input sent again unchanged (a retry, a
+    health check) is counted once: it tells an attacker nothing new, and a canary that happens to sit
+    on the boundary would otherwise look like a boundary walk."""
 
     name = "margin"
     OUTPUTS = (("low_margin_share", ("boundary_probing",), "unit", 0.01),)
     threshold: ClassVar[float] = 0.1
-    __slots__ = ("known", "low")
+    __slots__ = ("known", "last", "low")
 
     def __init__(self) -> None:
         self.known = 0
         self.low = 0
+        self.last = 0  # content hash of the previous query's input (0: none yet)
 
     def learn_block(self, block: QueryBlock) -> None:
         known = ~np.isnan(block.margins)
+        if block.exact is not None:
+            previous = np.concatenate([np.array([self.last], dtype=np.uint64), block.exact[:-1]])
+            known &= block.exact != previous
+            self.last = int(block.exact[-1])
         self.known += int(known.sum())
         self.low += int((block.margins[known] < self.threshold).sum())
 
@@ -525,7 +532,7 @@ class LowMarginShareSignal(SessionSignal):
         return [self.low / self.known if self.known >= 5 else float("nan")]
 
     def evidence(self, i: int) -> str:
-        return f"{self.low} of {self.known} outputs within {self.threshold} of the decision boundary"
+        return f"{self.low} of {self.known} distinct outputs within {self.threshold} of the decision boundary"
 
 
 # --------------------------------------------------------------------------------- adversarial input

@@ -15,6 +15,7 @@ from detectors.signals import (
     CellCoverageSignal,
     ClassCoverageSignal,
     InputShapeSignal,
+    LowMarginShareSignal,
     NearDuplicateChainSignal,
     PradaSignal,
     QueryBlock,
@@ -205,3 +206,17 @@ def test_pinned_means_at_the_bound_not_near_it_in_a_wide_box() -> None:
     z = np.zeros((2, 4))
     assert input_summaries(ordinary, z, low, high)[:, 0].tolist() == [0.0, 0.0]
     assert input_summaries(clipped, z, low, high)[:, 0].tolist() == [0.75, 0.75]
+
+
+def test_low_margin_share_counts_a_repeated_input_once() -> None:
+    rng = np.random.default_rng(5)
+    canary_input = np.repeat(rng.normal(size=(1, 8)), 40, axis=0)  # a health check on the boundary
+    walk = rng.normal(size=(40, 8))  # a boundary walk: every query new, every output near the boundary
+    canary, walker = LowMarginShareSignal(), LowMarginShareSignal()
+    for signal, z in ((canary, canary_input), (walker, walk)):
+        for half in (z[:20], z[20:]):  # across blocks too
+            b = block(half)
+            b.margins = np.full(len(half), 0.02, dtype=np.float32)
+            signal.learn_block(b)
+    assert (canary.known, canary.low) == (1, 1)
+    assert walker.values()[0] == 1.0 and walker.known == 40
