@@ -184,7 +184,7 @@ class SessionDetector:
         self,
         *,
         alert_threshold: float = 0.8,
-        min_queries: int = 20,
+        min_queries: int = 10,
         inactivity_gap_s: float = 1800.0,
         allowed_lateness_s: float = 60.0,
         max_open_sessions: int = 1_000_000,

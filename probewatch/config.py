@@ -138,8 +138,10 @@ class SessionConfig(_Section):
 class DetectionConfig(_Section):
     # Session score at or above which an alert fires.
     alert_threshold: float = 0.8
-    # Minimum queries in a session before it may alert (avoids alerts on tiny samples).
-    min_queries: int = 20
+    # Minimum queries in a session before it may alert. The scores already allow for the noise of
+    # few queries; 10 rather than 20 detected faster with no more false positives on 460 simulated
+    # benign clients (see `probewatch eval`).
+    min_queries: int = 10
     # Per-model expected input dimension; records with another length are dead-lettered.
     # Models not listed learn their dimension from their first valid record.
     input_dims: dict[str, int] = msgspec.field(default_factory=dict)
