@@ -17,16 +17,17 @@ the alerts the live stream gave. Population baselines are checkpointed under par
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from detectors.groups import GROUP_KINDS, SourceGroup, source_group
 from detectors.input_model import river_anomaly
 from detectors.population import ModelPopulation, bucket_of, mix64, text_hash
-from detectors.scores import SessionScore
+from detectors.scores import ATTACK_KINDS, SessionScore
 from detectors.scoring import CalibratedScorer
 from detectors.signals import (
     DEFAULT_SIGNALS,
@@ -108,6 +109,7 @@ class _ClientHistory:
 
     __slots__ = (
         "flagged",
+        "group",
         "hash",
         "last_bucket",
         "last_values",
@@ -132,6 +134,7 @@ class _ClientHistory:
         self.last_values = np.full(n_values, np.nan)
         self.sample_epoch = -1
         self.sample_count = 0
+        self.group: str | None = None  # source group (network of the latest source IP)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -143,6 +146,7 @@ class _ClientHistory:
             "lv": self.last_values,
             "se": self.sample_epoch,
             "sc": self.sample_count,
+            "g": self.group,
             "signals": {sig.name: sig.to_state() for sig in self.signals},
         }
 
@@ -154,6 +158,7 @@ class _ClientHistory:
         self.flagged, self.last_bucket = data["flagged"], data["lb"]
         self.last_values = np.asarray(data["lv"], dtype=np.float64)
         self.sample_epoch, self.sample_count = data["se"], data["sc"]
+        self.group = data.get("g")
         for sig in self.signals:
             if sig.name in data["signals"]:
                 sig.load_state(data["signals"][sig.name])
@@ -169,6 +174,8 @@ Segments = list[tuple[SessionKey, list[QueryRecord]]]
 POPULATION_PARTITION = -1
 # Per model, at most this many sessions scored during warm-up wait to be scored again (open or ended).
 MAX_AWAITING_RESCORE = 10_000
+# A group member's evaluation counts for its group this long (event time), then it is forgotten.
+GROUP_MEMBER_TTL_S = 24 * 3600.0
 
 
 class SessionDetector:
@@ -193,6 +200,9 @@ class SessionDetector:
         epoch_records: int = 250,
         min_population: int = 8,
         checkpointing: bool = True,
+        group_v4_prefix: int = 24,
+        group_v6_prefix: int = 48,
+        network_label: Callable[[str], str] | None = None,
     ) -> None:
         self.alert_threshold = alert_threshold
         river_anomaly()  # now, not in the middle of the stream at the first publish (seconds)
@@ -222,6 +232,11 @@ class SessionDetector:
         # Per model, the sessions (open or ended) last scored against baselines still warming up or a
         # young population: scored again at the model's next publish (see _rescore_warming).
         self._warming: dict[str, dict[SessionKey, _Session]] = {}
+        # Source groups (API keys sharing a network, see detectors.groups): (model, group id) -> group.
+        self.group_prefixes = (group_v4_prefix, group_v6_prefix)
+        self.network_label = network_label  # how a network is named in group ids (e.g. hashed)
+        self.groups: dict[ClientKey, SourceGroup] = {}
+        self._group_scores: list[SessionScore] = []  # made at member evaluations, emitted by process
 
     # ----------------------------------------------------------------------------------- processing
     def process(self, records: Sequence[QueryRecord]) -> list[SessionScore]:
@@ -253,6 +268,8 @@ class SessionDetector:
                 emitted.extend(self._rescore_warming(record.model_id))
         emitted.extend(self._flush(runs))
         emitted.extend(self._close_idle())
+        emitted.extend(self._group_scores)
+        self._group_scores.clear()
         return emitted
 
     def _rescore_warming(self, model_id: str) -> list[SessionScore]:
@@ -355,6 +372,8 @@ class SessionDetector:
             for record in chunk:
                 if record.source_ip and record.source_ip not in session.ips and len(session.ips) < MAX_SOURCE_IPS:
                     session.ips.append(record.source_ip)
+            if chunk[-1].source_ip and any(self.group_prefixes):
+                self._join_group(session.model_id, session.client_id, history, chunk[-1].source_ip)
             if session.n == target:
                 latest = self._evaluate(session, history)
                 if latest.crossed_kinds:
@@ -420,6 +439,7 @@ class SessionDetector:
             session.kind_max[kind] = max(session.kind_max.get(kind, 0.0), value)
         score.peak_kind_scores = dict(session.kind_max)
         session.last_score = score
+        self._mark_dirty(session)  # also after the session ended: a re-score changes the client state
         key = (session.model_id, session.client_id, session.session_id)
         # Scores read against a young population are provisional too: its next publish may well change
         # them (a backlog consumed partition by partition shows the model's clients a third at a time).
@@ -431,7 +451,77 @@ class SessionDetector:
                 waiting.pop(next(iter(waiting)))
         elif session.model_id in self._warming:
             self._warming[session.model_id].pop(key, None)
+        if history.group is not None and not session.warming and session.n >= self.min_queries:
+            self._judge_group(session, history, kinds.tail_p)
         return score
+
+    # ------------------------------------------------------------------------------ source groups
+    def _join_group(self, model_id: str, client_id: str, history: _ClientHistory, ip: str) -> None:
+        group_id = source_group(ip, *self.group_prefixes, self.network_label)
+        if group_id == history.group:
+            return
+        old = self.groups.get((model_id, history.group)) if history.group else None
+        if old is not None:
+            old.forget(client_id)
+        history.group = group_id
+
+    def _judge_group(self, session: _Session, history: _ClientHistory, tail_p: dict[str, float]) -> None:
+        """Record a member's evaluation in its source group and score the group (detectors.groups)."""
+        assert history.group is not None
+        group_key = (session.model_id, history.group)
+        group = self.groups.get(group_key)
+        if group is None:
+            group = self.groups[group_key] = SourceGroup()
+        now = session.last_seen
+        group.update(
+            session.client_id,
+            tuple(tail_p.get(k, 1.0) for k in GROUP_KINDS),
+            now,
+            history.queries,
+        )
+        group.expire(now - GROUP_MEMBER_TTL_S)
+        evidence = group.evidence()
+        scores = {
+            kind: round(self.scorer.score_of(evidence[kind][0]), 6) if kind in evidence else 0.0
+            for kind in ATTACK_KINDS
+        }
+        if max(scores.values()) <= 0.0:
+            return
+        top = max(scores, key=lambda k: scores[k])
+        reasons = []
+        for kind in GROUP_KINDS:
+            p, suspicious, m = evidence[kind]
+            if scores[kind] >= 0.5 * self.alert_threshold:
+                shown = ", ".join(suspicious[:8]) + (f" (+{len(suspicious) - 8} more)" if len(suspicious) > 8 else "")
+                reasons.append(
+                    f"{kind}: {len(suspicious)} of the {m} API keys from {history.group.removeprefix('net:')} "
+                    f"each show {kind} evidence at tail p ≤ 0.05 ({shown}); by chance P ≈ {p:.0e}"
+                )
+        score = SessionScore(
+            model_id=session.model_id,
+            client_id=history.group,
+            session_id="group",
+            event_time=now,
+            first_seen=group.first_seen,
+            n_queries=group.queries(),
+            client_queries=group.queries(),
+            score=scores[top],
+            kind_scores=scores,
+            signals={
+                "group_members": float(len(group.members)),
+                **{f"suspicious_{k}": float(len(evidence[k][1])) for k in GROUP_KINDS},
+            },
+            reasons=reasons,
+            source_ips=[],
+            state_bytes=group.nbytes(),
+            members=evidence[top][1][:32],
+        )
+        for kind, value in scores.items():
+            if value >= self.alert_threshold > group.kind_max.get(kind, 0.0):
+                score.crossed_kinds.append(kind)
+            group.kind_max[kind] = max(group.kind_max.get(kind, 0.0), value)
+        score.peak_kind_scores = dict(group.kind_max)
+        self._group_scores.append(score)
 
     def _end(self, session: _Session) -> list[SessionScore]:
         key = (session.model_id, session.client_id, session.session_id)
@@ -473,6 +563,7 @@ class SessionDetector:
             sum(self._session_bytes(s) for s in self.sessions.values())
             + sum(c.nbytes() for c in self.clients.values())
             + sum(p.nbytes() for p in self.populations.values())
+            + sum(g.nbytes() for g in self.groups.values())
         )
 
     def _note_model_change(self, model_id: str) -> None:
@@ -502,9 +593,11 @@ class SessionDetector:
         for model_id, client_id in self._dirty_clients:
             history = self.clients.get((model_id, client_id))
             if history is not None:
-                out.setdefault(history.partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = _encoder.encode(
-                    history.state()
-                )
+                state = history.state()
+                group = self.groups.get((model_id, history.group)) if history.group else None
+                if group is not None and client_id in group.members:
+                    state["ge"] = group.members[client_id]
+                out.setdefault(history.partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = _encoder.encode(state)
         for model_id in sorted(self._dirty_models):
             population = self.populations[model_id]
             entries = out.setdefault(POPULATION_PARTITION, {})
@@ -545,8 +638,13 @@ class SessionDetector:
             elif key.startswith("client\x1f"):
                 _, model_id, client_id = key.split("\x1f")
                 history = _ClientHistory(partition, client_id, [t() for t in self.signal_types], len(self.specs))
-                history.load(_decoder.decode(blob))
+                data = _decoder.decode(blob)
+                history.load(data)
                 self.clients[(model_id, client_id)] = history
+                if history.group and isinstance(data, dict) and "ge" in data:
+                    kind_p, ts, queries = data["ge"]
+                    group = self.groups.setdefault((model_id, history.group), SourceGroup())
+                    group.update(client_id, tuple(kind_p), float(ts), int(queries))
             else:
                 model_id, client_id, session_id = key.split("\x1f")
                 data = _decoder.decode(blob)
@@ -565,6 +663,11 @@ class SessionDetector:
         The population baselines (partition -1) are shared and stay."""
         gone = set(partitions) - {POPULATION_PARTITION}
         self.sessions = {k: s for k, s in self.sessions.items() if s.partition not in gone}
+        for (model_id, client_id), history in self.clients.items():
+            group = self.groups.get((model_id, history.group)) if history.group else None
+            if group is not None and history.partition in gone:
+                group.forget(client_id)
+        self.groups = {k: g for k, g in self.groups.items() if g.members}
         self.clients = {k: c for k, c in self.clients.items() if c.partition not in gone}
         for model_id, waiting in self._warming.items():
             self._warming[model_id] = {k: s for k, s in waiting.items() if s.partition not in gone}

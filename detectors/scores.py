@@ -6,6 +6,8 @@ import msgspec
 
 # Attack kinds a session is scored for; an alert's `kind` is one of these.
 ATTACK_KINDS = ("extraction", "boundary_probing", "adversarial_input", "volume")
+# Client ids of source groups (API keys sharing a network, see ``detectors.groups``) start with this.
+GROUP_PREFIX = "net:"
 
 
 class SessionScore(msgspec.Struct, gc=False):
@@ -36,6 +38,9 @@ class SessionScore(msgspec.Struct, gc=False):
     # checkpointed session state, so a replay after a restart neither re-fires nor forgets an alert.
     crossed_kinds: list[str] = msgspec.field(default_factory=list)
     peak_kind_scores: dict[str, float] = msgspec.field(default_factory=dict)
+    # Scores of a source group (client_id starting with GROUP_PREFIX) only: the member clients whose
+    # own evidence made the group's score. Group scores are emitted at member evaluations only.
+    members: list[str] = msgspec.field(default_factory=list)
 
     @property
     def top_kind(self) -> str:

@@ -35,7 +35,7 @@ CORROBORATING_ONLY = frozenset({"query_rate_per_min", "near_duplicate_share", "o
 class KindScores:
     """Scores in [0, 1] per attack kind, plus the reasons (signals that contributed most)."""
 
-    __slots__ = ("reasons", "scores", "signals", "warming_up")
+    __slots__ = ("reasons", "scores", "signals", "tail_p", "warming_up")
 
     def __init__(
         self,
@@ -43,11 +43,14 @@ class KindScores:
         signals: dict[str, float],
         reasons: list[str],
         warming_up: bool = False,
+        tail_p: dict[str, float] | None = None,
     ) -> None:
         self.scores = scores
         self.signals = signals
         self.reasons = reasons
         self.warming_up = warming_up
+        # Per kind, the tail probability the score was mapped from (1.0: no evidence at all).
+        self.tail_p = tail_p if tail_p is not None else {k: 1.0 for k in scores}
 
 
 class CalibratedScorer:
@@ -103,24 +106,23 @@ class CalibratedScorer:
                 per_kind[kind].append((p, s, ""))
             texts[s] = (wb, q50, q75, total, p)
         scores: dict[str, float] = {}
+        tail_p: dict[str, float] = {}
         reasons: list[tuple[float, str]] = []
-        log_budget = math.log(1.0 / self.budget)
         for kind, found in per_kind.items():
             found.sort()
+            scores[kind], tail_p[kind] = 0.0, 1.0
             if not found or (kind == "volume" and len(found) < 2):
-                scores[kind] = 0.0
                 continue
             primary = [item for item in found if self.names[item[1]] not in CORROBORATING_ONLY]
             if not primary:
-                scores[kind] = 0.0
                 continue
             p1 = primary[0]
             others = [item for item in found if item is not p1]
             single = math.sqrt(len(found) * p1[0])
             p_kind = max(min(max(p1[0], others[0][0]) if others else 1.0, single), 1e-300)
             found = [p1, *others]
-            value = min(1.0, self.threshold * math.log(1.0 / p_kind) / log_budget)
-            scores[kind] = round(value, 6)
+            value = self.score_of(p_kind)
+            scores[kind], tail_p[kind] = round(value, 6), p_kind
             if value >= 0.5 * self.threshold:
                 reasons.extend(
                     (
@@ -131,7 +133,11 @@ class CalibratedScorer:
                     if p <= max(p_kind, found[0][0])
                 )
         reasons.sort(key=lambda item: -item[0])
-        return KindScores(scores, shown, [r for _, r in reasons], warming)
+        return KindScores(scores, shown, [r for _, r in reasons], warming, tail_p)
+
+    def score_of(self, p: float) -> float:
+        """The score in [0, 1] of a tail probability: the alert threshold is the false-alarm budget."""
+        return min(1.0, self.threshold * math.log(1.0 / max(p, 1e-300)) / math.log(1.0 / self.budget))
 
     def _reason(
         self,

@@ -103,6 +103,10 @@ class Pipeline:
         self.detector = detector or SessionDetector(
             alert_threshold=config.detection.alert_threshold,
             min_queries=config.detection.min_queries,
+            group_v4_prefix=config.detection.group_v4_prefix,
+            group_v6_prefix=config.detection.group_v6_prefix,
+            # Group ids name a network: where source IPs are stored hashed, so are they.
+            network_label=store.stored_ip if config.storage.hash_source_ips else None,
             inactivity_gap_s=config.sessions.inactivity_gap_s,
             allowed_lateness_s=config.sessions.allowed_lateness_s,
             max_open_sessions=config.sessions.max_open_sessions,

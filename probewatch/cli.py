@@ -216,6 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "alert_threshold": detection.alert_threshold if args.threshold is None else args.threshold,
             "min_queries": detection.min_queries if args.min_queries is None else args.min_queries,
             "false_alarm_budget": args.budget,
+            "group_v4_prefix": detection.group_v4_prefix,
+            "group_v6_prefix": detection.group_v6_prefix,
         },
     )
     if args.json:

@@ -145,6 +145,10 @@ class DetectionConfig(_Section):
     # Per-model expected input dimension; records with another length are dead-lettered.
     # Models not listed learn their dimension from their first valid record.
     input_dims: dict[str, int] = msgspec.field(default_factory=dict)
+    # API keys whose latest source IP is in the same network are also judged together, so an attack
+    # split over many keys is seen (see detectors.groups). Prefix lengths; 0 turns grouping off.
+    group_v4_prefix: int = 24
+    group_v6_prefix: int = 48
 
 
 SeverityName = Literal["info", "warning", "high", "critical"]
@@ -278,6 +282,8 @@ class Config(_Section):
         problems: list[str] = []
         if not 0.0 < self.detection.alert_threshold <= 1.0:
             problems.append("detection.alert_threshold must be in (0, 1]")
+        if not (0 <= self.detection.group_v4_prefix <= 32 and 0 <= self.detection.group_v6_prefix <= 128):
+            problems.append("detection.group_v4_prefix must be in [0, 32] and group_v6_prefix in [0, 128]")
         if not 0.0 <= self.storage.raw_sample_rate <= 1.0:
             problems.append("storage.raw_sample_rate must be in [0, 1]")
         for key, value in (

@@ -6,7 +6,10 @@ pipeline. Per attack
 kind and variant: detection rate (an attacker is detected when any alert fires for it; "right kind"
 when an alert of its own kind does), queries-to-detection (the attacker's query count when its first
 alert fired: median and 90th percentile), and the false-positive rate over benign clients, overall
-and per benign variant. Multi-key (Sybil) attackers are scored per key and per group.
+and per benign variant. A multi-key (Sybil) attacker counts once: detected when any of its keys is
+alerted, on its own or through its source group's alert; its queries-to-detection is the sum over all
+its keys (what the attacker had spent). A source group's alert counts against every member it names,
+so a benign client behind a flagged NAT is a false positive.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from alerting.policy import AlertPolicy, PolicySettings
 from detectors.engine import SessionDetector
-from ingest.records import RecordDecoder, SourcePosition
+from ingest.records import QueryRecord, RecordDecoder, SourcePosition
 from probewatch.config import DetectionConfig
 
 
@@ -39,6 +42,8 @@ class ClientOutcome(msgspec.Struct):
     right_kind_queries: int | None = None
     kinds: list[str] = msgspec.field(default_factory=list)
     reason: str = ""
+    # Alerted through its source group's alert (keys sharing a network), not (yet) on its own.
+    via_group: bool = False
 
 
 class EvalReport(msgspec.Struct):
@@ -109,6 +114,8 @@ def evaluate(
     options = {
         "alert_threshold": defaults.alert_threshold,
         "min_queries": defaults.min_queries,
+        "group_v4_prefix": defaults.group_v4_prefix,
+        "group_v6_prefix": defaults.group_v6_prefix,
         **(detector_options or {}),
     }
     detector = SessionDetector(**options)
@@ -127,6 +134,9 @@ def evaluate(
     }
     lines = list(_read_lines(log_path))
     records_total = dead = warming = n_scores = 0
+    group_members: dict[tuple[str, str], list[str]] = {}
+    truth_groups = _groups([o for o in outcomes.values() if o.group])
+    sent = _QueryTimes()
     state_sizes: list[int] = []
     busy = 0.0
     for start in range(0, len(lines), batch_records):
@@ -135,6 +145,7 @@ def evaluate(
             for i, line in enumerate(lines[start : start + batch_records])
         ]
         records, letters = decoder.decode_batch(messages)
+        sent.add(records)
         dead += len(letters)
         records_total += len(messages)
         t0 = time.perf_counter()
@@ -145,20 +156,27 @@ def evaluate(
             n_scores += 1
             warming += score.warming_up
             state_sizes.append(score.state_bytes)
+            if score.members:
+                group_members[(score.model_id, score.client_id)] = score.members
         for alert in alerts:
             if alert.status != "firing":
                 continue
-            outcome = outcomes.get((alert.model_id, alert.client_id))
-            if outcome is None:
-                continue
-            if alert.kind not in outcome.kinds:
-                outcome.kinds.append(alert.kind)
-            if outcome.first_alert_queries is None:
-                outcome.first_alert_queries = alert.n_queries
-                outcome.first_alert_kind = alert.kind
-                outcome.reason = alert.reasons[0] if alert.reasons else ""
-            if alert.kind == outcome.label and outcome.right_kind_queries is None:
-                outcome.right_kind_queries = alert.n_queries
+            # A source group's alert counts for the members whose evidence made it, each at its own
+            # query count at the end of this batch.
+            members = group_members.get((alert.model_id, alert.client_id))
+            hits = (
+                [(m, sent.spent(alert.model_id, [m], alert.event_time), True) for m in members]
+                if members
+                else [(alert.client_id, alert.n_queries, False)]
+            )
+            for client_id, queries, via_group in hits:
+                outcome = outcomes.get((alert.model_id, client_id))
+                if outcome is None:
+                    continue
+                if outcome.group:  # a multi-key attacker has spent the queries of all its keys
+                    keys = [o.client_id for o in truth_groups[outcome.group]]
+                    queries = sent.spent(alert.model_id, keys, alert.event_time)
+                _record_alert(outcome, alert.kind, queries, alert.reasons, via_group)
     for (model_id, client_id), history in detector.clients.items():
         if (model_id, client_id) in outcomes:
             outcomes[(model_id, client_id)].queries = history.queries
@@ -175,6 +193,33 @@ def evaluate(
         scores=n_scores,
         outcomes=list(outcomes.values()),
     )
+
+
+class _QueryTimes:
+    """Every client's query event times, to count what a client (or a multi-key attacker) had sent
+    by the time an alert fired."""
+
+    def __init__(self) -> None:
+        self.times: dict[tuple[str, str], list[float]] = defaultdict(list)
+
+    def add(self, records: list[QueryRecord]) -> None:
+        for r in records:
+            self.times[(r.model_id, r.client_id)].append(r.ts)
+
+    def spent(self, model_id: str, clients: list[str], at: float) -> int:
+        return sum(int((np.asarray(self.times.get((model_id, c), [])) <= at).sum()) for c in clients)
+
+
+def _record_alert(outcome: ClientOutcome, kind: str, queries: int, reasons: list[str], via_group: bool) -> None:
+    if kind not in outcome.kinds:
+        outcome.kinds.append(kind)
+    if outcome.first_alert_queries is None:
+        outcome.first_alert_queries = queries
+        outcome.first_alert_kind = kind
+        outcome.reason = reasons[0] if reasons else ""
+        outcome.via_group = via_group
+    if kind == outcome.label and outcome.right_kind_queries is None:
+        outcome.right_kind_queries = queries
 
 
 def _qtd(values: list[int]) -> str:
@@ -223,6 +268,14 @@ def format_report(report: EvalReport) -> str:
         fp = [o for o in members if o.first_alert_queries is not None]
         kinds = ", ".join(sorted({k for o in fp for k in o.kinds}))
         out.append(f"  {variant:<18}{len(fp)}/{len(members)}{'  (' + kinds + ')' if kinds else ''}")
+    by_group = [o for o in report.outcomes if o.via_group]
+    if by_group:
+        out.append("")
+        out.append(
+            f"{len(by_group)} client(s) first alerted through their source group (keys sharing a network): "
+            + ", ".join(f"{o.client_id} ({o.variant})" for o in by_group[:12])
+            + (" …" if len(by_group) > 12 else "")
+        )
     missed = [o for o in attackers if o.first_alert_queries is None and not o.group]
     if missed:
         out.append("")

@@ -88,6 +88,11 @@ class BaseStore(abc.ABC):
         self._state_versions: dict[int, int] = {}
         self._closed = False
 
+    def stored_ip(self, ip: str) -> str:
+        """An IP address (or network) as this store writes it: itself, or its keyed hash when
+        ``storage.hash_source_ips`` is on."""
+        return self.rows.hasher(ip) if self.rows.hasher is not None else ip
+
     # -- backend primitives ---------------------------------------------------------------------------
 
     @abc.abstractmethod

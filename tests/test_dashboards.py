@@ -105,7 +105,7 @@ def test_dashboards_have_stable_uids_defaults_and_valid_panels() -> None:
                 render(sql, CTX)  # every macro is known
     # Overlapping panels would hide each other.
     for model in models.values():
-        cells = set()
+        cells: set[tuple[int, int]] = set()
         for panel in model["panels"]:
             g = panel["gridPos"]
             mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from detectors.engine import SessionDetector
+from detectors.groups import SourceGroup, binomial_tail, source_group
 from detectors.input_model import InputDensityModel, input_summaries
 from detectors.population import ModelPopulation, bucket_of, tail_probability
 from detectors.scoring import CalibratedScorer
@@ -220,3 +222,27 @@ def test_low_margin_share_counts_a_repeated_input_once() -> None:
             signal.learn_block(b)
     assert (canary.known, canary.low) == (1, 1)
     assert walker.values()[0] == 1.0 and walker.known == 40
+
+
+def test_source_group_is_the_network_of_the_address() -> None:
+    assert source_group("203.0.113.77") == "net:203.0.113.0/24"
+    assert source_group("2001:db8:1:2::5") == "net:2001:db8:1::/48"
+    assert source_group("10.1.2.3", 16) == "net:10.1.0.0/16"
+    assert source_group("not-an-ip") is None
+    assert source_group("10.1.2.3", 0) is None  # grouping off for IPv4
+
+
+def test_group_evidence_needs_several_suspicious_members() -> None:
+    group = SourceGroup()
+    ordinary, suspicious = (0.5, 1.0, 0.5), (0.03, 1.0, 0.5)
+    for i in range(12):  # twelve honest clients behind one NAT, two of them a little odd
+        group.update(f"nat-{i}", suspicious if i < 2 else ordinary, 100.0 + i, 50)
+    assert group.evidence()["extraction"][0] == 1.0
+    for i in range(4):  # four keys of one actor, each only a little suspicious
+        group.update(f"key-{i}", suspicious, 200.0 + i, 50)
+    p, members, m = group.evidence()["extraction"]
+    assert m == 16 and members == ["key-0", "key-1", "key-2", "key-3", "nat-0", "nat-1"]
+    assert p == pytest.approx(binomial_tail(16, 6, 0.05)) and p < 1e-4
+    group.expire(150.0)  # the NAT clients' evaluations are old
+    assert sorted(group.members) == ["key-0", "key-1", "key-2", "key-3"]
+    assert binomial_tail(3, 3, 0.05) == pytest.approx(0.05**3)

@@ -132,3 +132,20 @@ def test_state_per_session_is_bounded() -> None:
         )
         sizes.append(scores[-1].state_bytes)
     assert sizes[0] == sizes[-1] < 8192  # session + client state: kilobytes, whatever the volume
+
+
+def test_source_group_members_survive_a_restart(simulated: list[QueryRecord]) -> None:
+    first = small_detector()
+    run(simulated, 500, first)
+    assert len(first.groups) > 20  # one per client network, each holding its members' latest evidence
+    second = small_detector()
+    for partition, entries in first.take_checkpoint().items():
+        second.restore(partition, {k: v for k, v in entries.items() if v is not None})
+    assert {k: g.members for k, g in second.groups.items()} == {k: g.members for k, g in first.groups.items()}
+
+
+def test_source_groups_are_named_by_the_network_label(simulated: list[QueryRecord]) -> None:
+    # With storage.hash_source_ips the app passes the store's IP hasher: no network in clear anywhere.
+    detector = SessionDetector(min_queries=10, epoch_records=100, min_population=6, network_label=lambda n: "h" * 8)
+    run(simulated, 1000, detector)
+    assert detector.groups and {group for _, group in detector.groups} == {"net:hhhhhhhh"}

@@ -93,3 +93,21 @@ def test_cli_simulate_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "benign clients flagged" in out and "queries to detect" in out
     assert main(["simulate", "--out", str(log), "--attacks", "nonsense"]) == 2
+
+
+def test_multi_key_extraction_is_caught_through_its_source_group(tmp_path: Path) -> None:
+    """KnockoffNets split over 8 API keys from one /24: no key is alerted on its own, the group is;
+    the benign clients behind one NAT (one /24 too) are not."""
+    log, truth = _scenario(tmp_path, benign_clients=60, attacks=("knockoff",), modes=("sybil",), queries_per_client=150)
+    alone = evaluate(log, truth, batch_records=1000, detector_options={**DETECTOR, "group_v4_prefix": 0})
+    grouped = evaluate(log, truth, batch_records=1000, detector_options=DETECTOR)
+    text = format_report(grouped)
+    assert grouped.false_positive_rate() == 0.0, text
+    assert any(o.variant == "nat" for o in grouped.benign())
+    keys = [o for o in grouped.attackers() if o.variant == "knockoff-sybil"]
+    assert not [o for o in alone.attackers() if o.variant == "knockoff-sybil" and o.first_alert_queries], format_report(
+        alone
+    )
+    via_group = [o for o in keys if o.via_group and o.right_kind_queries is not None]
+    assert len(via_group) >= 3, text
+    assert "first alerted through their source group" in text

@@ -1,0 +1,114 @@
+"""Cross-client evidence: API keys that share a source network are judged together too (Sybil).
+
+Real attackers split their query budget over many API keys, so that no key alone looks like much:
+a KnockoffNets extraction spread over 8 keys gives each key a 150-query history whose coverage sits
+at the population's 96th percentile (tail p ≈ 0.04), well short of an alert, while together they
+are plainly one actor. Blacklight keeps one store for all accounts for this reason.
+
+A *source group* is the network of a client's latest source IP (IPv4 /24, IPv6 /48 by default).
+Per (model, group) we keep each member's latest calibrated tail probability per attack kind (from
+its own scheduled evaluation, so nothing here depends on batch cuts). The group's evidence for a
+kind is a binomial test: of the ``m`` members with a judged history, ``k`` are *suspicious* (p ≤
+``SUSPICIOUS_P``); if members were honest and their p-values calibrated, k would be Binomial(m,
+``SUSPICIOUS_P``), so P(K ≥ k) is the group's tail probability, mapped to a score exactly like a
+client's. Honest clients behind one NAT or proxy each look ordinary (their p-values are spread out),
+so many of them do not add up to an alert; a handful of keys that each look a little like an attack
+do. At least ``MIN_SUSPICIOUS`` members must be suspicious, so one client alone never raises its group.
+
+Limits, by design: members are the clients *this worker* sees (records are keyed by client, so with
+N workers a group's keys are spread over them; a second stage keyed by group would see them all),
+and keys spread over unrelated networks are not linked (fingerprint overlap across clients is not
+implemented).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import math
+from collections.abc import Callable
+
+from detectors.scores import GROUP_PREFIX
+
+# A member is suspicious for a kind when its own tail probability is at most this.
+SUSPICIOUS_P = 0.05
+# A group needs at least this many suspicious members before it can score at all.
+MIN_SUSPICIOUS = 3
+# Members kept per group (the most recently evaluated); bounds state for a huge NAT.
+MAX_MEMBERS = 256
+# Kinds judged across clients: volume never alerts alone, and a NAT's summed rate is not evidence.
+GROUP_KINDS = ("extraction", "boundary_probing", "adversarial_input")
+
+
+@functools.lru_cache(maxsize=65_536)
+def source_group(
+    ip: str, v4_prefix: int = 24, v6_prefix: int = 48, label: Callable[[str], str] | None = None
+) -> str | None:
+    """The network of ``ip`` as a group id (``net:203.0.113.0/24``, or ``net:<label(network)>``, e.g.
+    a keyed hash where source IPs must not be stored); None for a malformed address or a prefix of 0
+    (grouping off for that family)."""
+    try:
+        address = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return None
+    prefix = v4_prefix if address.version == 4 else v6_prefix
+    if prefix <= 0:
+        return None
+    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    return f"{GROUP_PREFIX}{label(str(network)) if label else network}"
+
+
+def binomial_tail(m: int, k: int, p: float) -> float:
+    """P(K ≥ k) for K ~ Binomial(m, p)."""
+    if k <= 0:
+        return 1.0
+    if k > m:
+        return 0.0
+    return min(1.0, sum(math.comb(m, i) * p**i * (1.0 - p) ** (m - i) for i in range(k, m + 1)))
+
+
+class SourceGroup:
+    """One (model, source network): its members' latest per-kind tail probabilities."""
+
+    __slots__ = ("kind_max", "members")
+
+    def __init__(self) -> None:
+        # client id -> (tail p per kind in GROUP_KINDS order, event time of that evaluation, the
+        # client's queries then); insertion order is recency of evaluation, oldest first.
+        self.members: dict[str, tuple[tuple[float, ...], float, int]] = {}
+        self.kind_max: dict[str, float] = {}
+
+    def update(self, client_id: str, kind_p: tuple[float, ...], event_time: float, queries: int) -> None:
+        self.members.pop(client_id, None)
+        self.members[client_id] = (kind_p, event_time, queries)
+        if len(self.members) > MAX_MEMBERS:
+            self.members.pop(next(iter(self.members)))
+
+    def forget(self, client_id: str) -> None:
+        self.members.pop(client_id, None)
+
+    def expire(self, before: float) -> None:
+        """Forget members whose latest evaluation is older than ``before`` (event time)."""
+        for client_id in [c for c, (_, ts, _) in self.members.items() if ts < before]:
+            del self.members[client_id]
+
+    @property
+    def first_seen(self) -> float:
+        return min((ts for _, ts, _ in self.members.values()), default=0.0)
+
+    def queries(self) -> int:
+        return sum(q for _, _, q in self.members.values())
+
+    def evidence(self) -> dict[str, tuple[float, list[str], int]]:
+        """Per kind: (group tail probability, suspicious members, members judged)."""
+        m = len(self.members)
+        out: dict[str, tuple[float, list[str], int]] = {}
+        for i, kind in enumerate(GROUP_KINDS):
+            suspicious = sorted(c for c, (ps, _, _) in self.members.items() if ps[i] <= SUSPICIOUS_P)
+            k = len(suspicious)
+            p = binomial_tail(m, k, SUSPICIOUS_P) if k >= MIN_SUSPICIOUS else 1.0
+            out[kind] = (p, suspicious, m)
+        return out
+
+    def nbytes(self) -> int:
+        return 120 + len(self.members) * (100 + 8 * len(GROUP_KINDS))
