@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from detectors.groups import GROUP_KINDS, SourceGroup, source_group
+from detectors.groups import GROUP_KINDS, MIN_SUSPICIOUS, SourceGroup, source_group
 from detectors.input_model import river_anomaly
 from detectors.population import ModelPopulation, bucket_of, mix64, text_hash
 from detectors.scores import ATTACK_KINDS, SessionScore
@@ -112,6 +112,7 @@ class _ClientHistory:
         "group",
         "hash",
         "last_bucket",
+        "last_seen",
         "last_values",
         "open_session",
         "partition",
@@ -135,6 +136,7 @@ class _ClientHistory:
         self.sample_epoch = -1
         self.sample_count = 0
         self.group: str | None = None  # source group (network of the latest source IP)
+        self.last_seen = float("-inf")  # event time of the client's newest record
 
     def state(self) -> dict[str, Any]:
         return {
@@ -147,6 +149,7 @@ class _ClientHistory:
             "se": self.sample_epoch,
             "sc": self.sample_count,
             "g": self.group,
+            "ls": self.last_seen,
             "signals": {sig.name: sig.to_state() for sig in self.signals},
         }
 
@@ -159,6 +162,7 @@ class _ClientHistory:
         self.last_values = np.asarray(data["lv"], dtype=np.float64)
         self.sample_epoch, self.sample_count = data["se"], data["sc"]
         self.group = data.get("g")
+        self.last_seen = float(data.get("ls", float("-inf")))
         for sig in self.signals:
             if sig.name in data["signals"]:
                 sig.load_state(data["signals"][sig.name])
@@ -195,6 +199,7 @@ class SessionDetector:
         inactivity_gap_s: float = 1800.0,
         allowed_lateness_s: float = 60.0,
         max_open_sessions: int = 1_000_000,
+        client_ttl_s: float = 30 * 86400.0,
         signal_types: Sequence[type[SessionSignal]] = DEFAULT_SIGNALS,
         false_alarm_budget: float = 1e-3,
         epoch_records: int = 250,
@@ -213,6 +218,9 @@ class SessionDetector:
         self.gap = inactivity_gap_s
         self.lateness = allowed_lateness_s
         self.max_open_sessions = max_open_sessions
+        self.client_ttl = client_ttl_s
+        self._next_sweep = float("-inf")  # event time of the next sweep for expired clients
+        self._forgotten: dict[ClientKey, int] = {}  # expired clients -> partition, for tombstones
         self.signal_types = tuple(signal_types)
         self.specs = output_specs(self.signal_types)
         self.scales = [spec[2] for spec in self.specs]
@@ -317,10 +325,17 @@ class SessionDetector:
     ) -> SessionKey:
         client_key = (record.model_id, record.client_id)
         history = self.clients.get(client_key)
+        if history is not None and self._expired(history, record.ts):
+            # Back after more than the client TTL: it starts clean, exactly as if it had been swept.
+            if client_key in runs:
+                emitted.extend(self._flush({client_key: runs.pop(client_key)}))
+            self._forget_client(client_key, history)
+            history = None
         if history is None:
             history = self.clients[client_key] = _ClientHistory(
                 partition, record.client_id, [t() for t in self.signal_types], len(self.specs)
             )
+        history.last_seen = max(history.last_seen, record.ts)
         if record.session_id is not None:
             key = (record.model_id, record.client_id, record.session_id)
         else:
@@ -479,6 +494,8 @@ class SessionDetector:
             now,
             history.queries,
         )
+        if len(group.members) < MIN_SUSPICIOUS:  # most networks hold one client: nothing to add up
+            return
         group.expire(now - GROUP_MEMBER_TTL_S)
         evidence = group.evidence()
         scores = {
@@ -540,7 +557,37 @@ class SessionDetector:
             watermark = self.watermarks.get(session.partition, float("-inf")) - self.lateness
             if watermark - session.last_seen > self.gap:
                 out.extend(self._end(session))
+        self._sweep_expired_clients()
         return out
+
+    def _sweep_expired_clients(self) -> None:
+        """Forget clients silent for longer than the client TTL (memory and checkpoints stay bounded
+        over months of new clients). Runs when event time has moved a sixteenth of the TTL since the
+        last sweep; a swept client that comes back starts clean, as the TTL check on its next record
+        would have made it anyway."""
+        newest = max(self.watermarks.values(), default=float("-inf"))
+        if self.client_ttl <= 0 or newest < self._next_sweep:
+            return
+        self._next_sweep = newest + max(self.client_ttl / 16, 60.0)
+        busy = {(s.model_id, s.client_id) for s in self.sessions.values()}
+        for key, history in list(self.clients.items()):
+            watermark = self.watermarks.get(history.partition, float("-inf"))
+            if key not in busy and self._expired(history, watermark):
+                self._forget_client(key, history)
+
+    def _expired(self, history: _ClientHistory, now: float) -> bool:
+        # last_seen is -inf only for histories restored from checkpoints older than this field.
+        return self.client_ttl > 0 and history.last_seen > float("-inf") and now - history.last_seen > self.client_ttl
+
+    def _forget_client(self, key: ClientKey, history: _ClientHistory) -> None:
+        self.clients.pop(key, None)
+        group = self.groups.get((key[0], history.group)) if history.group else None
+        if group is not None:
+            group.forget(key[1])
+            if not group.members:
+                del self.groups[(key[0], history.group)]  # type: ignore[arg-type]
+        if self.checkpointing:
+            self._forgotten[key] = history.partition
 
     def _evict_oldest(self, count: int, runs: dict[ClientKey, Segments]) -> list[SessionScore]:
         oldest = sorted(self.sessions.values(), key=lambda s: s.last_seen)[:count]
@@ -590,6 +637,10 @@ class SessionDetector:
                 entries[key] = None if session is None else self._encode_session(session)
             entries["__watermark__"] = _encoder.encode(self.watermarks.get(partition, float("-inf")))
             out[partition] = entries
+        for (model_id, client_id), partition in self._forgotten.items():
+            if (model_id, client_id) not in self.clients:  # still gone: delete its checkpoint
+                out.setdefault(partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = None
+        self._forgotten.clear()
         for model_id, client_id in self._dirty_clients:
             history = self.clients.get((model_id, client_id))
             if history is not None:

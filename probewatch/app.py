@@ -108,6 +108,7 @@ class Pipeline:
             # Group ids name a network: where source IPs are stored hashed, so are they.
             network_label=store.stored_ip if config.storage.hash_source_ips else None,
             inactivity_gap_s=config.sessions.inactivity_gap_s,
+            client_ttl_s=config.sessions.client_ttl_s,
             allowed_lateness_s=config.sessions.allowed_lateness_s,
             max_open_sessions=config.sessions.max_open_sessions,
             checkpointing=state is not None,

@@ -133,6 +133,9 @@ class SessionConfig(_Section):
     allowed_lateness_s: float = 60.0
     # Upper bound on open sessions held in memory; the least recently active are closed first.
     max_open_sessions: int = 1_000_000
+    # A client's history (its signals across sessions) is forgotten after this much event-time silence;
+    # it starts clean if it comes back. Bounds state over months of new clients; 0 keeps it forever.
+    client_ttl_s: float = 30 * 86400.0
 
 
 class DetectionConfig(_Section):
@@ -297,6 +300,8 @@ class Config(_Section):
                 problems.append(f"{key} must be positive, got {value}")
         if self.sessions.inactivity_gap_s <= 0 or self.sessions.allowed_lateness_s < 0:
             problems.append("sessions.inactivity_gap_s must be > 0 and sessions.allowed_lateness_s >= 0")
+        if 0 < self.sessions.client_ttl_s <= self.sessions.inactivity_gap_s:
+            problems.append("sessions.client_ttl_s must be 0 (keep forever) or longer than sessions.inactivity_gap_s")
         problems.extend(self.alerting.problems())
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.storage.database):
             problems.append(f"storage.database must be a plain identifier, got {self.storage.database!r}")

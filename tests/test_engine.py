@@ -149,3 +149,31 @@ def test_source_groups_are_named_by_the_network_label(simulated: list[QueryRecor
     detector = SessionDetector(min_queries=10, epoch_records=100, min_population=6, network_label=lambda n: "h" * 8)
     run(simulated, 1000, detector)
     assert detector.groups and {group for _, group in detector.groups} == {"net:hhhhhhhh"}
+
+
+def test_a_client_silent_longer_than_the_ttl_is_forgotten() -> None:
+    detector = SessionDetector(inactivity_gap_s=60.0, allowed_lateness_s=0.0, min_queries=1, client_ttl_s=3600.0)
+    vector = np.zeros(2, dtype=np.float32)
+
+    def record(client: str, ts: float, offset: int) -> QueryRecord:
+        return QueryRecord(
+            ts=ts, client_id=client, model_id="m", position=SourcePosition("t", 0, offset), vector=vector
+        )
+
+    detector.process([record("quiet", 1000.0 + i, i) for i in range(10)])
+    detector.take_checkpoint()
+    # Another client moves event time on: past the TTL the quiet client is swept (memory and checkpoint).
+    detector.process([record("busy", 1000.0 + 600.0 * i, 100 + i) for i in range(1, 12)])
+    assert ("m", "quiet") not in detector.clients and ("m", "busy") in detector.clients
+    assert detector.take_checkpoint()[0]["client\x1fm\x1fquiet"] is None
+    # Back after the TTL: it starts clean; the same holds without a sweep (the rule is per record).
+    detector.process([record("quiet", 9000.0, 200)])
+    assert detector.clients[("m", "quiet")].queries == 1
+    unswept = SessionDetector(inactivity_gap_s=60.0, allowed_lateness_s=0.0, min_queries=1, client_ttl_s=3600.0)
+    unswept.process([record("quiet", 1000.0 + i, i) for i in range(10)])
+    unswept.process([record("quiet", 9000.0, 200)])
+    assert unswept.clients[("m", "quiet")].queries == 1
+    forever = SessionDetector(inactivity_gap_s=60.0, allowed_lateness_s=0.0, min_queries=1, client_ttl_s=0)
+    forever.process([record("quiet", 1000.0 + i, i) for i in range(10)])
+    forever.process([record("quiet", 9000.0, 200)])
+    assert forever.clients[("m", "quiet")].queries == 11
