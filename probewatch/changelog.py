@@ -19,6 +19,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from storage import StorageError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -58,10 +60,13 @@ class StateBackend(Protocol):
 
 
 class StoreStateBackend:
-    """Checkpoints in the ClickHouse store's `detector_state` table (writes are durable at once)."""
+    """Checkpoints in the ClickHouse store's `detector_state` table (writes are durable at once).
+    Every ``purge_every_s`` (wall clock) it has the store drop the keys deleted since (tombstones)."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, purge_every_s: float = 3600.0) -> None:
         self.store = store
+        self.purge_every_s = purge_every_s
+        self._next_purge = time.monotonic() + purge_every_s
 
     def save_state(self, partition: int, entries: dict[str, bytes | None], position: int, version: int) -> None:
         self.store.save_state(partition, entries, position, version)
@@ -71,7 +76,14 @@ class StoreStateBackend:
         return result
 
     def flush(self) -> None:
-        return None
+        if time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + self.purge_every_s
+        try:
+            self.store.purge_deleted_state()
+            log.info("asked ClickHouse to purge detector_state keys deleted more than an hour ago")
+        except StorageError as exc:  # housekeeping: never fail a checkpoint for it
+            log.warning("could not purge deleted detector state (%s: %s); will try again", type(exc).__name__, exc)
 
     def close(self) -> None:
         return None  # the store is closed by its owner

@@ -294,6 +294,20 @@ class BaseStore(abc.ABC):
                 states[partition][key] = bytes.fromhex(blob_hex)
         return states, positions
 
+    def purge_deleted_state(self, older_than_s: int = 3600) -> None:
+        """Remove every row of the state keys whose newest row is a tombstone written more than
+        ``older_than_s`` ago (ended sessions, forgotten clients), so that `detector_state` does not
+        grow forever: ReplacingMergeTree keeps a tombstone row per key, and older versions until
+        merges. All rows of such a key go together, so no older version can resurface. A mutation:
+        the server applies it in the background, to the parts that exist when it is submitted (a key
+        written again meanwhile lands in a new part and is kept)."""
+        table = self._t(DETECTOR_STATE)
+        self._run(
+            f"ALTER TABLE {table} DELETE WHERE (source_partition, state_key) IN ("
+            f"SELECT source_partition, state_key FROM {table} GROUP BY source_partition, state_key "
+            f"HAVING argMax(deleted, version) = 1 AND max(inserted_at) < now() - {int(older_than_s)})"
+        )
+
     def record_deliveries(self, rows: list[Delivery]) -> None:
         """Record delivery attempts/outcomes; per (alert_id, receiver) the latest updated_at wins."""
         self._insert(ALERT_DELIVERIES, [self.rows.delivery_row(d) for d in rows])

@@ -282,7 +282,9 @@ DETECTOR_STATE = Table(
     name="detector_state",
     doc=f"""Checkpoints of per-session detector state per source partition. The highest `version` of a
     (source_partition, state_key) wins; `deleted`=1 is a tombstone. The row with state_key
-    '{POSITION_KEY}' carries the partition's source position in `source_offset`. No TTL.""",
+    '{POSITION_KEY}' carries the partition's source position in `source_offset`. No TTL: a worker
+    using this table for state has every row of the keys deleted more than an hour ago removed, hourly
+    (`purge_deleted_state`).""",
     columns=(
         Column("source_partition", "Int32", "source (Kafka) partition"),
         Column("state_key", "String", f"detector state key; '{POSITION_KEY}' for the position row"),

@@ -841,3 +841,23 @@ def test_chdb_result_conversion() -> None:
     assert converter_for("Map(String, UInt64)")({"k": 1}) == {"k": 1}
     assert converter_for("LowCardinality(String)")("x") == "x"
     assert parse_version("18.16.1") == (18, 16, 1) and parse_version("26.9.2.1") == (26, 9, 2, 1)
+
+
+def test_purge_removes_deleted_state_keys_and_nothing_else(make_store: StoreFactory) -> None:
+    store = make_store()
+    store.save_state(0, {"ended": b"v1", "kept": b"v1", "back": b"v1"}, position=10, version=1)
+    store.save_state(0, {"ended": None, "back": None}, position=20, version=2)
+    store.save_state(0, {"back": b"v3"}, position=30, version=3)  # deleted, then written again
+    time.sleep(1.1)  # inserted_at has whole seconds: let "older than 0 s" be true
+    store.purge_deleted_state(older_than_s=0)
+
+    def rows(key: str) -> int:
+        sql = f"SELECT count() FROM {store._t(DETECTOR_STATE)} WHERE state_key = {{k:String}}"
+        return int(store.query(sql, {"k": key})[0][0])
+
+    deadline = time.monotonic() + 30
+    while rows("ended") and time.monotonic() < deadline:  # a mutation: applied in the background
+        time.sleep(0.2)
+    assert rows("ended") == 0  # its live row and its tombstone are both gone
+    assert rows("back") >= 1 and rows("kept") == 1
+    assert store.load_state([0]) == ({0: {"kept": b"v1", "back": b"v3"}}, {0: 30})
