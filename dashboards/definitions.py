@@ -25,7 +25,7 @@ from dashboards.model import (
     Threshold,
     Variable,
 )
-from detectors.scores import ATTACK_KINDS
+from detectors.scores import ATTACK_KINDS, GROUP_PREFIX
 from storage.schema import POSITION_KEY
 from storage.sql import quote_string, validate_identifier
 
@@ -79,6 +79,9 @@ def _in_list(names: tuple[str, ...]) -> str:
 
 
 MODEL_FILTER = "model_id IN (${model:singlequote})"
+# Source groups (client ids starting with GROUP_PREFIX) are scored too; their query counts are their
+# members' sums, so traffic panels leave them out (the tables of suspicious clients keep them).
+CLIENTS_ONLY = f"client_id NOT LIKE {quote_string(GROUP_PREFIX + '%')}"
 CLIENT_FILTER = "model_id = ${model:singlequote} AND client_id = ${client:singlequote}"
 
 
@@ -110,7 +113,7 @@ FROM
             (
                 SELECT DISTINCT model_id, client_id, session_id, n_queries, event_time, first_seen
                 FROM {scores}
-                WHERE $__timeFilter(event_time) AND {MODEL_FILTER}
+                WHERE $__timeFilter(event_time) AND {MODEL_FILTER} AND {CLIENTS_ONLY}
             )
             GROUP BY model_id, client_id, session_id
         )
@@ -122,7 +125,7 @@ ORDER BY time, model_id"""
     active_clients = f"""
 SELECT {b} AS time, model_id, uniqExact(client_id) AS clients
 FROM {scores}
-WHERE $__timeFilter(event_time) AND {MODEL_FILTER}
+WHERE $__timeFilter(event_time) AND {MODEL_FILTER} AND {CLIENTS_ONLY}
 GROUP BY time, model_id
 ORDER BY time, model_id"""
     alerts_by_severity = f"""
@@ -159,7 +162,7 @@ FROM
 (
     SELECT least(toUInt8(floor(argMax(score, n_queries) * {SCORE_BUCKETS})), {SCORE_BUCKETS - 1}) AS bucket
     FROM {scores}
-    WHERE $__timeFilter(event_time) AND {MODEL_FILTER}
+    WHERE $__timeFilter(event_time) AND {MODEL_FILTER} AND {CLIENTS_ONLY}
     GROUP BY model_id, client_id, session_id
 )
 GROUP BY bucket
@@ -222,7 +225,8 @@ ORDER BY bucket"""
                 "table",
                 [Query(top_clients)],
                 description=f"Clients by their highest session score in the range; alerting_kinds are the "
-                f"attack kinds at or above the alert threshold ({s.alert_threshold}). Click a client for "
+                f"attack kinds at or above the alert threshold ({s.alert_threshold}). Client ids starting "
+                f"with {GROUP_PREFIX} are source groups (API keys sharing a network). Click a client for "
                 "its drill-down.",
                 width=24,
                 height=10,
