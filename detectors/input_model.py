@@ -38,11 +38,9 @@ def _squash(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + x)
 
 
-def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Per query (rows of ``raw`` and its standardised ``z``): pinned-at-bounds share, roughness,
-    RMS of z, max |z|, share of |z| > 3 (the ``N_SUMMARIES`` summaries), then z's first eight
-    coordinates. Columns 0 and 1 are also the values behind ``InputShapeSignal`` (pinned share as is,
-    roughness before squashing); ``tree_features`` squashes the rest."""
+def pinned_and_roughness(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Per query: the share of features pinned at the bounds and the roughness (the first two
+    columns of ``input_summaries``, which ``InputShapeSignal`` needs for every query)."""
     # At (or beyond) a bound means equal to it up to float32 rounding: clipped values sit exactly
     # there. A tolerance relative to the box's width would let one client with wild values (the box
     # is learned from the reference sample) put ordinary inputs "at the bounds".
@@ -56,11 +54,19 @@ def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.nd
         rough = num / den
     else:
         rough = np.zeros(len(z))
+    return np.column_stack([at_bound.mean(axis=1), rough])
+
+
+def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Per query (rows of ``raw`` and its standardised ``z``): pinned-at-bounds share, roughness,
+    RMS of z, max |z|, share of |z| > 3 (the ``N_SUMMARIES`` summaries), then z's first eight
+    coordinates. Columns 0 and 1 are also the values behind ``InputShapeSignal`` (pinned share as is,
+    roughness before squashing); ``tree_features`` squashes the rest."""
+    z = z.astype(np.float64)
     absz = np.abs(z)
     return np.column_stack(
         [
-            at_bound.mean(axis=1),
-            rough,
+            pinned_and_roughness(raw, z, low, high),
             _squash(np.sqrt((z * z).mean(axis=1)) / 2.0),
             _squash(absz.max(axis=1) / 4.0),
             (absz > 3.0).mean(axis=1),

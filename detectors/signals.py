@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import msgspec
 import numpy as np
 
-from detectors.input_model import input_summaries
+from detectors.input_model import input_summaries, pinned_and_roughness
 from detectors.population import ModelPopulation, mix64
 
 FIXED = 1_000_000  # fixed-point scale for exact sums of per-query floats
@@ -373,15 +373,24 @@ def fingerprints(z: np.ndarray) -> np.ndarray:
     if len(starts) > 16:
         starts = starts[np.linspace(0, len(starts) - 1, 16).astype(np.int64)]
     cols = starts[:, None] + np.arange(w)[None, :]
-    out = []
-    for offset in (0.0, 0.5):
-        q = np.floor(z / _FP_STEP + offset).astype(np.int64).astype(np.uint64)
-        windows = q[:, cols]  # (n, W, w)
-        with np.errstate(over="ignore"):
-            mixed = mix64(windows + (np.arange(w, dtype=np.uint64) * np.uint64(0x632BE59BD9B4E019))[None, None, :])
-            code = mixed.sum(axis=2, dtype=np.uint64) + starts.astype(np.uint64)[None, :] * np.uint64(0x85EBCA6B)
-        out.append(mix64(code + np.uint64(int(offset * 2))))
-    return (np.concatenate(out, axis=1) >> np.uint64(32)).astype(np.uint32)
+    # Both grid offsets at once: (2, n, d) cells. A window's hash is a linear combination of its cells
+    # with random odd 64-bit weights (distinct windows collide with probability ~2^-64), mixed once,
+    # salted by its start and grid offset so that it only ever matches the same slot of another print.
+    q = np.floor(z[None, :, :] / _FP_STEP + _FP_OFFSETS[:, None, None]).astype(np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        code = (q[:, :, cols] * _fp_weights(w)).sum(axis=3, dtype=np.uint64)  # (2, n, W)
+        code += starts.astype(np.uint64)[None, None, :] * np.uint64(0x85EBCA6B) + _FP_SALTS[:, None, None]
+    hashes = mix64(code)
+    return (np.concatenate([hashes[0], hashes[1]], axis=1) >> np.uint64(32)).astype(np.uint32)
+
+
+_FP_OFFSETS = np.array([0.0, 0.5])
+_FP_SALTS = np.array([0x632BE59BD9B4E019, 0x9E3779B97F4A7C15], dtype=np.uint64)
+
+
+@functools.cache
+def _fp_weights(w: int) -> np.ndarray:
+    return np.random.default_rng(0xF1A9 + w).integers(0, 2**63, size=w, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
 class NearDuplicateChainSignal(SessionSignal):
@@ -564,14 +573,15 @@ class InputShapeSignal(SessionSignal):
         pop = block.population
         if block.vectors is None or block.z is None or pop is None or pop.low is None or pop.high is None:
             return
-        summaries = input_summaries(block.vectors, block.z, pop.low, pop.high)
-        self.pinned += int(np.round(summaries[:, 0] * FIXED).sum())
-        self.rough += int(np.round(summaries[:, 1] * FIXED).sum())
+        shape = pinned_and_roughness(block.vectors, block.z, pop.low, pop.high)
+        self.pinned += int(np.round(shape[:, 0] * FIXED).sum())
+        self.rough += int(np.round(shape[:, 1] * FIXED).sum())
         self.n += len(block)
         if pop.input_model is not None:
             k = min(self.SCORED_PER_BLOCK, len(block))
             pick = np.arange(k) * (len(block) - 1) // max(k - 1, 1)  # evenly spaced, first and last
-            self.strange += int(np.round(pop.input_model.score(summaries[pick]) * FIXED).sum())
+            summaries = input_summaries(block.vectors[pick], block.z[pick], pop.low, pop.high)
+            self.strange += int(np.round(pop.input_model.score(summaries) * FIXED).sum())
             self.n_scored += len(pick)
 
     def values(self) -> list[float]:
