@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import math
 from collections.abc import Callable
 
+from detectors.population import binomial_tail
 from detectors.scores import GROUP_PREFIX
 
 # A member is suspicious for a kind when its own tail probability is at most this.
@@ -56,15 +56,6 @@ def source_group(
         return None
     network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
     return f"{GROUP_PREFIX}{label(str(network)) if label else network}"
-
-
-def binomial_tail(m: int, k: int, p: float) -> float:
-    """P(K ≥ k) for K ~ Binomial(m, p)."""
-    if k <= 0:
-        return 1.0
-    if k > m:
-        return 0.0
-    return min(1.0, sum(math.comb(m, i) * p**i * (1.0 - p) ** (m - i) for i in range(k, m + 1)))
 
 
 class SourceGroup:
@@ -106,7 +97,7 @@ class SourceGroup:
         for i, kind in enumerate(GROUP_KINDS):
             suspicious = sorted(c for c, (ps, _, _) in self.members.items() if ps[i] <= SUSPICIOUS_P)
             k = len(suspicious)
-            p = binomial_tail(m, k, SUSPICIOUS_P) if k >= MIN_SUSPICIOUS else 1.0
+            p = binomial_tail(k, m, SUSPICIOUS_P) if k >= MIN_SUSPICIOUS else 1.0
             out[kind] = (p, suspicious, m)
         return out
 

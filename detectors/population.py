@@ -333,6 +333,45 @@ def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0))
 
 
+_GRID = 256  # rates at which the population's upper tail is integrated in share_tail_probability
+_BAND = 8  # ... and its quarter between the median and the upper quartile
+
+
+def share_tail_probability(k: float, n: int, q50: float, q75: float, floor: float) -> float:
+    """P(a population client shows ≥ ``k`` of ``n`` queries), for a share that counts queries: the
+    binomial luck of ``n`` queries integrated over the population's rates, modelled as in
+    ``tail_probability`` (half the clients at or below q50, a quarter up to q75, the rest in the
+    exponential tail). With many queries this is ``tail_probability`` of the share; with few, a high
+    share is only as surprising as the chance that an ordinary client, or one of the population's
+    higher-rate clients, gets that many by luck."""
+    if k <= 0.0:
+        return 1.0
+    spread = max(q75 - q50, floor)
+    edges = np.linspace(q75, 1.0, _GRID + 1)
+    beyond = 0.25 * np.exp2(-(edges - q75) / spread)  # P(rate > edge)
+    band = q50 + (q75 - q50) * (np.arange(_BAND) + 0.5) / _BAND  # the quarter between q50 and q75
+    rates = np.concatenate([[q50], band, 0.5 * (edges[:-1] + edges[1:]), [1.0]])
+    mass = np.concatenate([[0.5], np.full(_BAND, 0.25 / _BAND), beyond[:-1] - beyond[1:], [beyond[-1]]])
+    luck = _binomial_sf(k, n, rates)
+    return float(min(1.0, (mass * luck).sum()))
+
+
+def _binomial_sf(k: float, n: int, rates: np.ndarray) -> np.ndarray:
+    """P(X ≥ k) for X ~ Binomial(n, rate) per rate, continuous in k (the regularised incomplete beta)."""
+    if k > n:
+        return np.zeros_like(rates)
+    from scipy.special import betainc  # lazily: scipy is slow to import for commands that score nothing
+
+    return np.asarray(betainc(k, n - k + 1.0, np.clip(rates, 0.0, 1.0)), dtype=np.float64)
+
+
+def binomial_tail(k: float, n: int, rate: float) -> float:
+    """P(X ≥ k) for X ~ Binomial(n, rate)."""
+    if k <= 0.0:
+        return 1.0
+    return float(_binomial_sf(k, n, np.array([rate]))[0])
+
+
 def tail_probability(value: float, q50: float, q75: float, floor: float) -> float:
     """P(a population value ≥ ``value``): an exponential tail beyond the upper quartile whose rate
     is fixed by the robust spread q75 - q50 (for an exponential tail, the value doubles its odds every

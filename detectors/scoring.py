@@ -3,8 +3,10 @@
 Calibration is per model and population-relative, not hand-tuned: for each signal value the model's
 population baseline (histograms of client values at a similar query count, learned from the stream)
 gives a tail probability p — an exponential tail beyond the population's upper quartile whose rate is
-set by the robust spread q75 - q50 (at least a per-signal unit floor, and for shares the binomial
-noise of the client's query count).
+set by the robust spread q75 - q50 (at least a per-signal unit floor). For shares that count queries
+(k of the client's n) p is exact under that model: the binomial chance of k or more in n queries,
+integrated over the population's rates, so a high share of few queries is as surprising as it is and
+no more; other shares take the binomial noise of n queries as a floor on the spread.
 
 Each kind has *primary* signals — evidence specific to the attack (coverage for extraction; label
 flips, halving and coordinate-wise steps, low margins for boundary probing; clipped and rough inputs
@@ -24,12 +26,29 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from detectors.population import ModelPopulation, bucket_floor, bucket_of, tail_probability
+from detectors.population import (
+    ModelPopulation,
+    bucket_floor,
+    bucket_of,
+    share_tail_probability,
+    tail_probability,
+)
 from detectors.scores import ATTACK_KINDS
 from detectors.signals import SessionSignal
 
 # Signals that may back up a primary signal but never raise a kind on their own (see the docstring).
 CORROBORATING_ONLY = frozenset({"query_rate_per_min", "near_duplicate_share", "ood_share", "prada_nonnormality"})
+# Shares that count queries (k of the client's n): their sampling noise is binomial, tested exactly.
+COUNT_SHARES = frozenset(
+    {
+        "ood_share",
+        "near_duplicate_share",
+        "label_flip_share",
+        "halving_step_share",
+        "sparse_step_share",
+        "low_margin_share",
+    }
+)
 
 
 class KindScores:
@@ -99,7 +118,9 @@ class CalibratedScorer:
             wb, q50, q75, total = base
             if scale == "log":  # rates and counts: compare orders of magnitude
                 p = tail_probability(math.log10(max(value, 1e-3)), math.log10(q50), math.log10(q75), floor)
-            else:  # shares: the spread is at least the binomial noise of this many queries
+            elif name in COUNT_SHARES:  # k of n queries: the luck of few queries, integrated exactly
+                p = share_tail_probability(value * client_queries, client_queries, q50, q75, floor)
+            else:  # other shares: the spread is at least the binomial noise of this many queries
                 noise = math.sqrt(max(q75, 1.0 / client_queries) * (1.0 - min(q75, 0.99)) / client_queries)
                 p = tail_probability(value, q50, q75, max(floor, noise))
             for kind in kinds:

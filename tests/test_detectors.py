@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 
 from detectors.engine import SessionDetector
-from detectors.groups import SourceGroup, binomial_tail, source_group
+from detectors.groups import SourceGroup, source_group
 from detectors.input_model import InputDensityModel, input_summaries
-from detectors.population import ModelPopulation, bucket_of, tail_probability
+from detectors.population import (
+    ModelPopulation,
+    binomial_tail,
+    bucket_of,
+    share_tail_probability,
+    tail_probability,
+)
 from detectors.scoring import CalibratedScorer
 from detectors.signals import (
     DEFAULT_SIGNALS,
@@ -242,7 +248,22 @@ def test_group_evidence_needs_several_suspicious_members() -> None:
         group.update(f"key-{i}", suspicious, 200.0 + i, 50)
     p, members, m = group.evidence()["extraction"]
     assert m == 16 and members == ["key-0", "key-1", "key-2", "key-3", "nat-0", "nat-1"]
-    assert p == pytest.approx(binomial_tail(16, 6, 0.05)) and p < 1e-4
+    assert p == pytest.approx(binomial_tail(6, 16, 0.05)) and p < 1e-4
     group.expire(150.0)  # the NAT clients' evaluations are old
     assert sorted(group.members) == ["key-0", "key-1", "key-2", "key-3"]
     assert binomial_tail(3, 3, 0.05) == pytest.approx(0.05**3)
+    assert binomial_tail(2, 10, 0.1) == pytest.approx(1 - 0.9**10 - 10 * 0.1 * 0.9**9)
+
+
+def test_share_tail_probability_weighs_the_luck_of_few_queries() -> None:
+    q50, q75, floor = 0.0025, 0.0025, 0.01
+    # One event in five queries is ordinary luck; seven in ten is not (HopSkipJump's first queries).
+    assert share_tail_probability(1, 5, q50, q75, floor) > 0.01
+    assert share_tail_probability(7, 10, q50, q75, floor) < 1e-6
+    # The same share is more surprising the more queries it rests on, and never below the
+    # population tail alone: with many queries the two agree.
+    p10, p100, p1000 = (share_tail_probability(0.3 * n, n, q50, q75, floor) for n in (10, 100, 1000))
+    assert p10 > p100 > p1000
+    assert p1000 >= tail_probability(0.3, q50, q75, floor)
+    assert share_tail_probability(100, 1000, 0.0, 0.1, 0.05) == pytest.approx(0.25, rel=0.2)  # at q75
+    assert share_tail_probability(0, 10, q50, q75, floor) == 1.0
