@@ -27,7 +27,7 @@ import numpy as np
 from detectors.groups import GROUP_KINDS, MIN_SUSPICIOUS, SourceGroup, source_group
 from detectors.input_model import river_anomaly
 from detectors.population import ModelPopulation, bucket_of, mix64, text_hash
-from detectors.scores import ATTACK_KINDS, SessionScore
+from detectors.scores import SessionScore
 from detectors.scoring import CalibratedScorer
 from detectors.signals import (
     DEFAULT_SIGNALS,
@@ -497,48 +497,9 @@ class SessionDetector:
         if len(group.members) < MIN_SUSPICIOUS:  # most networks hold one client: nothing to add up
             return
         group.expire(now - GROUP_MEMBER_TTL_S)
-        evidence = group.evidence()
-        scores = {
-            kind: round(self.scorer.score_of(evidence[kind][0]), 6) if kind in evidence else 0.0
-            for kind in ATTACK_KINDS
-        }
-        if max(scores.values()) <= 0.0:
-            return
-        top = max(scores, key=lambda k: scores[k])
-        reasons = []
-        for kind in GROUP_KINDS:
-            p, suspicious, m = evidence[kind]
-            if scores[kind] >= 0.5 * self.alert_threshold:
-                shown = ", ".join(suspicious[:8]) + (f" (+{len(suspicious) - 8} more)" if len(suspicious) > 8 else "")
-                reasons.append(
-                    f"{kind}: {len(suspicious)} of the {m} API keys from {history.group.removeprefix('net:')} "
-                    f"each show {kind} evidence at tail p ≤ 0.05 ({shown}); by chance P ≈ {p:.0e}"
-                )
-        score = SessionScore(
-            model_id=session.model_id,
-            client_id=history.group,
-            session_id="group",
-            event_time=now,
-            first_seen=group.first_seen,
-            n_queries=group.queries(),
-            client_queries=group.queries(),
-            score=scores[top],
-            kind_scores=scores,
-            signals={
-                "group_members": float(len(group.members)),
-                **{f"suspicious_{k}": float(len(evidence[k][1])) for k in GROUP_KINDS},
-            },
-            reasons=reasons,
-            source_ips=[],
-            state_bytes=group.nbytes(),
-            members=evidence[top][1][:32],
-        )
-        for kind, value in scores.items():
-            if value >= self.alert_threshold > group.kind_max.get(kind, 0.0):
-                score.crossed_kinds.append(kind)
-            group.kind_max[kind] = max(group.kind_max.get(kind, 0.0), value)
-        score.peak_kind_scores = dict(group.kind_max)
-        self._group_scores.append(score)
+        score = group.judge(session.model_id, history.group, now, self.scorer.score_of, self.alert_threshold)
+        if score is not None:
+            self._group_scores.append(score)
 
     def _end(self, session: _Session) -> list[SessionScore]:
         key = (session.model_id, session.client_id, session.session_id)

@@ -28,7 +28,7 @@ import ipaddress
 from collections.abc import Callable
 
 from detectors.population import binomial_tail
-from detectors.scores import GROUP_PREFIX
+from detectors.scores import ATTACK_KINDS, GROUP_PREFIX, SessionScore
 
 # A member is suspicious for a kind when its own tail probability is at most this.
 SUSPICIOUS_P = 0.05
@@ -100,6 +100,53 @@ class SourceGroup:
             p = binomial_tail(k, m, SUSPICIOUS_P) if k >= MIN_SUSPICIOUS else 1.0
             out[kind] = (p, suspicious, m)
         return out
+
+    def judge(
+        self, model_id: str, group_id: str, now: float, score_of: Callable[[float], float], threshold: float
+    ) -> SessionScore | None:
+        """The group's score (client ``group_id``, as of event time ``now``), or None while no kind has
+        enough suspicious members. ``score_of`` maps a tail probability onto the detector's scale."""
+        evidence = self.evidence()
+        scores = {kind: round(score_of(evidence[kind][0]), 6) if kind in evidence else 0.0 for kind in ATTACK_KINDS}
+        if max(scores.values()) <= 0.0:
+            return None
+        top = max(scores, key=lambda k: scores[k])
+        network = group_id.removeprefix(GROUP_PREFIX)
+        reasons = []
+        for kind in GROUP_KINDS:
+            p, suspicious, m = evidence[kind]
+            if scores[kind] >= 0.5 * threshold:
+                shown = ", ".join(suspicious[:8]) + (f" (+{len(suspicious) - 8} more)" if len(suspicious) > 8 else "")
+                reasons.append(
+                    f"{kind}: {len(suspicious)} of the {m} API keys from {network} each show {kind} evidence "
+                    f"at tail p ≤ {SUSPICIOUS_P} ({shown}); by chance P ≈ {p:.0e}"
+                )
+        queries = self.queries()
+        score = SessionScore(
+            model_id=model_id,
+            client_id=group_id,
+            session_id="group",
+            event_time=now,
+            first_seen=self.first_seen,
+            n_queries=queries,
+            client_queries=queries,
+            score=scores[top],
+            kind_scores=scores,
+            signals={
+                "group_members": float(len(self.members)),
+                **{f"suspicious_{k}": float(len(evidence[k][1])) for k in GROUP_KINDS},
+            },
+            reasons=reasons,
+            source_ips=[],
+            state_bytes=self.nbytes(),
+            members=evidence[top][1][:32],
+        )
+        for kind, value in scores.items():
+            if value >= threshold > self.kind_max.get(kind, 0.0):
+                score.crossed_kinds.append(kind)
+            self.kind_max[kind] = max(self.kind_max.get(kind, 0.0), value)
+        score.peak_kind_scores = dict(self.kind_max)
+        return score
 
     def nbytes(self) -> int:
         return 120 + len(self.members) * (100 + 8 * len(GROUP_KINDS))
