@@ -542,11 +542,13 @@ class SessionDetector:
 
     def _forget_client(self, key: ClientKey, history: _ClientHistory) -> None:
         self.clients.pop(key, None)
-        group = self.groups.get((key[0], history.group)) if history.group else None
-        if group is not None:
-            group.forget(key[1])
-            if not group.members:
-                del self.groups[(key[0], history.group)]  # type: ignore[arg-type]
+        if history.group is not None:
+            group_key = (key[0], history.group)
+            group = self.groups.get(group_key)
+            if group is not None:
+                group.forget(key[1])
+                if not group.members:
+                    del self.groups[group_key]
         if self.checkpointing:
             self._forgotten[key] = history.partition
 
