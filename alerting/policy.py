@@ -117,8 +117,7 @@ class _Incident:
 def _is_evaluation(score: SessionScore) -> bool:
     """True for the detector's scheduled evaluations (fixed query counts) and final scores; False for
     the snapshots it emits at batch ends (source-group scores are made at member evaluations only).
-    Only evaluations drive alerts, so alerts do not depend on
-    where the stream was cut into batches."""
+    Only evaluations drive alerts, so alerts do not depend on where the stream was cut into batches."""
     n = score.n_queries
     if score.members:  # a source group's score: made at a member's evaluation
         return True

@@ -473,12 +473,20 @@ class SessionDetector:
     # ------------------------------------------------------------------------------ source groups
     def _join_group(self, model_id: str, client_id: str, history: _ClientHistory, ip: str) -> None:
         group_id = source_group(ip, *self.group_prefixes, self.network_label)
-        if group_id == history.group:
+        if group_id != history.group:
+            self._leave_group(model_id, client_id, history)
+            history.group = group_id
+
+    def _leave_group(self, model_id: str, client_id: str, history: _ClientHistory) -> None:
+        """Take the client out of its source group (the history keeps its group id)."""
+        if history.group is None:
             return
-        old = self.groups.get((model_id, history.group)) if history.group else None
-        if old is not None:
-            old.forget(client_id)
-        history.group = group_id
+        group_key = (model_id, history.group)
+        group = self.groups.get(group_key)
+        if group is not None:
+            group.forget(client_id)
+            if not group.members:
+                del self.groups[group_key]
 
     def _judge_group(self, session: _Session, history: _ClientHistory, tail_p: dict[str, float]) -> None:
         """Record a member's evaluation in its source group and score the group (detectors.groups)."""
@@ -542,13 +550,7 @@ class SessionDetector:
 
     def _forget_client(self, key: ClientKey, history: _ClientHistory) -> None:
         self.clients.pop(key, None)
-        if history.group is not None:
-            group_key = (key[0], history.group)
-            group = self.groups.get(group_key)
-            if group is not None:
-                group.forget(key[1])
-                if not group.members:
-                    del self.groups[group_key]
+        self._leave_group(key[0], key[1], history)
         if self.checkpointing:
             self._forgotten[key] = history.partition
 
@@ -678,10 +680,8 @@ class SessionDetector:
         gone = set(partitions) - {POPULATION_PARTITION}
         self.sessions = {k: s for k, s in self.sessions.items() if s.partition not in gone}
         for (model_id, client_id), history in self.clients.items():
-            group = self.groups.get((model_id, history.group)) if history.group else None
-            if group is not None and history.partition in gone:
-                group.forget(client_id)
-        self.groups = {k: g for k, g in self.groups.items() if g.members}
+            if history.partition in gone:
+                self._leave_group(model_id, client_id, history)
         self.clients = {k: c for k, c in self.clients.items() if c.partition not in gone}
         for model_id, waiting in self._warming.items():
             self._warming[model_id] = {k: s for k, s in waiting.items() if s.partition not in gone}

@@ -61,15 +61,14 @@ class KindScores:
         scores: dict[str, float],
         signals: dict[str, float],
         reasons: list[str],
+        tail_p: dict[str, float],
         warming_up: bool = False,
-        tail_p: dict[str, float] | None = None,
     ) -> None:
         self.scores = scores
         self.signals = signals
         self.reasons = reasons
+        self.tail_p = tail_p  # per kind, the tail probability the score was mapped from (1.0: none)
         self.warming_up = warming_up
-        # Per kind, the tail probability the score was mapped from (1.0: no evidence at all).
-        self.tail_p = tail_p if tail_p is not None else {k: 1.0 for k in scores}
 
 
 class CalibratedScorer:
@@ -154,7 +153,7 @@ class CalibratedScorer:
                     if p <= max(p_kind, found[0][0])
                 )
         reasons.sort(key=lambda item: -item[0])
-        return KindScores(scores, shown, [r for _, r in reasons], warming, tail_p)
+        return KindScores(scores, shown, [r for _, r in reasons], tail_p, warming)
 
     def score_of(self, p: float) -> float:
         """The score in [0, 1] of a tail probability: the alert threshold is the false-alarm budget."""

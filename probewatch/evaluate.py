@@ -161,22 +161,21 @@ def evaluate(
         for alert in alerts:
             if alert.status != "firing":
                 continue
-            # A source group's alert counts for the members whose evidence made it, each at its own
-            # query count at the end of this batch.
+            # A source group's alert counts for the members whose evidence made it, each at what it
+            # had sent by the alert's event time; a multi-key attacker has spent all its keys' queries.
             members = group_members.get((alert.model_id, alert.client_id))
-            hits = (
-                [(m, sent.spent(alert.model_id, [m], alert.event_time), True) for m in members]
-                if members
-                else [(alert.client_id, alert.n_queries, False)]
-            )
-            for client_id, queries, via_group in hits:
+            for client_id in members or [alert.client_id]:
                 outcome = outcomes.get((alert.model_id, client_id))
                 if outcome is None:
                     continue
-                if outcome.group:  # a multi-key attacker has spent the queries of all its keys
+                if outcome.group:
                     keys = [o.client_id for o in truth_groups[outcome.group]]
                     queries = sent.spent(alert.model_id, keys, alert.event_time)
-                _record_alert(outcome, alert.kind, queries, alert.reasons, via_group)
+                elif members:
+                    queries = sent.spent(alert.model_id, [client_id], alert.event_time)
+                else:
+                    queries = alert.n_queries
+                _record_alert(outcome, alert.kind, queries, alert.reasons, bool(members))
     for (model_id, client_id), history in detector.clients.items():
         if (model_id, client_id) in outcomes:
             outcomes[(model_id, client_id)].queries = history.queries
