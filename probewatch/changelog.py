@@ -131,6 +131,8 @@ class KafkaChangelog:
         return max(partition, 0) % self.partitions
 
     def save_state(self, partition: int, entries: dict[str, bytes | None], position: int, version: int) -> None:
+        # The position message comes last: on replay it is what completes the checkpoint (a process
+        # killed in the middle of a flush leaves a prefix of these messages, which replay discards).
         physical = self._physical(partition)
         for key, blob in entries.items():
             self.producer.send(self.topic, key=f"{partition}{_SEP}{key}".encode(), value=blob, partition=physical)
@@ -151,6 +153,10 @@ class KafkaChangelog:
         wanted = set(partitions)
         states: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
         positions: dict[int, int] = {}
+        # Per logical partition, the entries read since its last position message: a checkpoint is
+        # applied only when its position message is read, so state never runs ahead of its position
+        # (otherwise records between the two would be counted twice after the restart).
+        unfinished: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
         physical = sorted({self._physical(p) for p in partitions})
         if not physical:
             return states, positions
@@ -173,12 +179,21 @@ class KafkaChangelog:
                             continue
                         if key == POSITION_KEY:
                             positions[logical] = int(message.value)
-                        elif message.value is None:
-                            states[logical].pop(key, None)
+                            for entry, blob in unfinished[logical].items():
+                                if blob is None:
+                                    states[logical].pop(entry, None)
+                                else:
+                                    states[logical][entry] = blob
+                            unfinished[logical].clear()
                         else:
-                            states[logical][key] = message.value
+                            unfinished[logical][key] = message.value
                     if consumer.position(tp) >= ends[tp]:
                         remaining.discard(tp)
+            dropped = {p: len(u) for p, u in unfinished.items() if u}
+            if dropped:
+                log.warning(
+                    "ignored the unfinished last checkpoint of partitions %s (entries: %s)", sorted(dropped), dropped
+                )
             log.info(
                 "replayed %d changelog messages of %s partitions %s in %.2f s",
                 read,
