@@ -33,6 +33,7 @@ from detectors.signals import (
     DEFAULT_SIGNALS,
     QueryBlock,
     SessionSignal,
+    derive_features,
     exact_hashes,
     label_codes,
     output_specs,
@@ -307,13 +308,29 @@ class SessionDetector:
         return population
 
     def _flush(self, runs: dict[ClientKey, Segments]) -> list[SessionScore]:
-        out: list[SessionScore] = []
-        for segments in runs.values():
+        # The per-query features of every client's runs are derived per model in one pass (the
+        # published population cannot change before the next publish, which only follows a flush);
+        # then each run learns from its slice, in the order the runs were met.
+        todo: list[tuple[_Session, list[QueryRecord], int]] = []
+        per_model: dict[str, tuple[list[QueryRecord], list[np.ndarray]]] = {}
+        for (model_id, client_id), segments in runs.items():
+            records, hashes = per_model.setdefault(model_id, ([], []))
+            client_hash = np.uint64(self.clients[(model_id, client_id)].hash)
             for key, run in segments:
                 session = self.sessions.get(key)
                 if session is not None and run:
-                    out.extend(self._learn_run(session, run))
+                    todo.append((session, run, len(records)))
+                    records.extend(run)
+                    hashes.append(np.full(len(run), client_hash, dtype=np.uint64))
         runs.clear()
+        batches = {
+            model_id: _ModelBatch(records, self._population(model_id), np.concatenate(hashes))
+            for model_id, (records, hashes) in per_model.items()
+            if records
+        }
+        out: list[SessionScore] = []
+        for session, run, offset in todo:
+            out.extend(self._learn_run(session, run, batches[session.model_id], offset))
         return out
 
     def _session_key(
@@ -365,7 +382,10 @@ class SessionDetector:
                 emitted.extend(self._evict_oldest(len(self.sessions) - self.max_open_sessions, runs))
         return key
 
-    def _learn_run(self, session: _Session, run: list[QueryRecord]) -> list[SessionScore]:
+    def _learn_run(
+        self, session: _Session, run: list[QueryRecord], batch: _ModelBatch, offset: int
+    ) -> list[SessionScore]:
+        """Learn ``run`` (rows ``offset:`` of ``batch``), scoring the session at its evaluation points."""
         history = self.clients[(session.model_id, session.client_id)]
         population = self._population(session.model_id)
         out: list[SessionScore] = []
@@ -374,8 +394,8 @@ class SessionDetector:
         while i < len(run):
             target = next_evaluation(session.n)
             chunk = run[i : i + target - session.n]
+            block = batch.block(offset + i, offset + i + len(chunk), history.hash)
             i += len(chunk)
-            block = _block(chunk, population, history)
             for signal in history.signals:
                 signal.learn_block(block)
             if block.vectors is not None and not history.flagged:
@@ -694,29 +714,47 @@ class SessionDetector:
         return sorted(scored, key=lambda s: s.score, reverse=True)[:limit]
 
 
-def _block(chunk: list[QueryRecord], population: ModelPopulation, history: _ClientHistory) -> QueryBlock:
-    nan = float("nan")
-    vectors = [r.vector for r in chunk]
-    matrix = np.stack(vectors) if all(v is not None for v in vectors) else None  # type: ignore[arg-type]
-    labels = [r.label for r in chunk]
-    z = zp = exact = None
-    if matrix is not None:
-        exact = exact_hashes(matrix)
-        if population.frame is not None and population.frame.centre.shape == (matrix.shape[1],):
-            z = population.frame.standardise(matrix)
-            zp = population.frame.project(z)
-    return QueryBlock(
-        ts=np.fromiter((r.ts for r in chunk), dtype=np.float64, count=len(chunk)),
-        vectors=matrix,
-        margins=np.fromiter((nan if r.margin is None else r.margin for r in chunk), dtype=np.float32, count=len(chunk)),
-        confidences=np.fromiter(
-            (nan if r.confidence is None else r.confidence for r in chunk), dtype=np.float32, count=len(chunk)
-        ),
-        labels=labels,
-        label_codes=label_codes(labels),
-        z=z,
-        zp=zp,
-        exact=exact,
-        population=population,
-        client_hash=history.hash,
-    )
+class _ModelBatch:
+    """One model's queries of a flush, in columns, with their per-query features derived once
+    (detectors.signals.derive_features); clients' blocks are slices of it."""
+
+    __slots__ = ("columns", "has_vector")
+
+    def __init__(self, records: list[QueryRecord], population: ModelPopulation, client_hashes: np.ndarray) -> None:
+        n = len(records)
+        nan = float("nan")
+        self.has_vector = np.fromiter((r.vector is not None for r in records), dtype=bool, count=n)
+        matrix = z = zp = exact = None
+        if self.has_vector.any():
+            present = np.flatnonzero(self.has_vector)
+            stacked = np.stack([records[i].vector for i in present])  # type: ignore[misc]
+            # Rows without a vector stay zero: no block uses them (a block has vectors for all its
+            # queries or none), and one matrix keeps every client's rows at their offsets.
+            matrix = stacked if len(present) == n else np.zeros((n, stacked.shape[1]), dtype=stacked.dtype)
+            if len(present) < n:
+                matrix[present] = stacked
+            exact = exact_hashes(matrix)
+            if population.frame is not None and population.frame.centre.shape == (matrix.shape[1],):
+                z = population.frame.standardise(matrix)
+                zp = population.frame.project(z)
+        labels = [r.label for r in records]
+        self.columns = derive_features(
+            QueryBlock(
+                ts=np.fromiter((r.ts for r in records), dtype=np.float64, count=n),
+                vectors=matrix,
+                margins=np.fromiter((nan if r.margin is None else r.margin for r in records), np.float32, count=n),
+                confidences=np.fromiter(
+                    (nan if r.confidence is None else r.confidence for r in records), np.float32, count=n
+                ),
+                labels=labels,
+                label_codes=label_codes(labels),
+                z=z,
+                zp=zp,
+                exact=exact,
+                population=population,
+            ),
+            client_hashes,
+        )
+
+    def block(self, start: int, stop: int, client_hash: int) -> QueryBlock:
+        return self.columns.rows(start, stop, client_hash, bool(self.has_vector[start:stop].all()))

@@ -256,12 +256,6 @@ class ModelPopulation:
     def inputs_ready(self) -> bool:
         return self.frame is not None and len(self.sample) > 0
 
-    def nn_other(self, z: np.ndarray, client: int) -> np.ndarray:
-        """Distance from each (projected) query to the nearest reference input of another client."""
-        d = _pairwise(z, self.sample)
-        d[:, self.sample_clients == np.uint64(client)] = np.inf
-        return d.min(axis=1)
-
     def baseline(self, s: int, bucket: int) -> tuple[int, float, float, float] | None:
         """(bucket used, median, upper quartile, clients) of signal ``s`` for a client in ``bucket``:
         the highest bucket at or below it with enough clients; None while warming up."""

@@ -7,6 +7,12 @@ signal values (NaN: not available, e.g. no input vectors or label-only outputs) 
 explains value ``i`` in words. State is fixed-size, so a client costs the same bytes after ten queries
 or ten million.
 
+What a signal needs per query that depends only on the query and the model's published population
+(fingerprints, LSH cells, nearest reference input, pinned features) is derived once per model for a
+whole micro-batch by ``derive_features``, across clients, and a client's block is a slice of it:
+the per-block work left is folding into state. (Per block, those computations were most of the cost
+when clients send a few queries each.)
+
 Signals live on the (model, client) history, not on one session, so pausing between sessions does
 not start clean. Everything accumulated is exact under re-chunking (integer counters, fixed-point
 sums, per-query computations that do not depend on the block's shape): the alerts of a replay must
@@ -46,9 +52,60 @@ class QueryBlock(msgspec.Struct, gc=False):
     exact: np.ndarray | None = None  # uint64 content hash of each raw vector
     population: ModelPopulation | None = None
     client_hash: int = 0
+    # Per-query features (derive_features), where the inputs they need are there:
+    cells: np.ndarray | None = None  # uint64 LSH cell hash of zp
+    fp: np.ndarray | None = None  # uint32 content fingerprints of z
+    far: np.ndarray | None = None  # bool: farther from other clients' reference inputs than normal
+    shape: np.ndarray | None = None  # float64 (n, 2): pinned-feature share and roughness
 
     def __len__(self) -> int:
         return len(self.ts)
+
+    def rows(self, start: int, stop: int, client_hash: int, with_vectors: bool) -> QueryBlock:
+        """Rows ``start:stop`` as one client's block (views, no copies). ``with_vectors`` false drops
+        every vector-derived column: a block has vectors for all its queries or for none."""
+        cut = slice(start, stop)
+
+        def part(column: np.ndarray | None, vector_derived: bool = True) -> np.ndarray | None:
+            return None if column is None or (vector_derived and not with_vectors) else column[cut]
+
+        return QueryBlock(
+            ts=self.ts[cut],
+            vectors=part(self.vectors),
+            margins=self.margins[cut],
+            confidences=self.confidences[cut],
+            labels=self.labels[cut],
+            label_codes=part(self.label_codes, vector_derived=False),
+            z=part(self.z),
+            zp=part(self.zp),
+            exact=part(self.exact),
+            population=self.population,
+            client_hash=client_hash,
+            cells=part(self.cells),
+            fp=part(self.fp),
+            far=part(self.far),
+            shape=part(self.shape),
+        )
+
+
+def derive_features(block: QueryBlock, client_hashes: np.ndarray | None = None) -> QueryBlock:
+    """Fill the block's per-query features from its vectors and population (in place; returns it).
+
+    Each row's features depend on its own query and the published population only (exact per row:
+    no BLAS), so deriving them for a model's whole micro-batch at once gives what block by block
+    would. ``client_hashes`` names each row's client for the leave-one-client-out distance (default:
+    the block's ``client_hash``)."""
+    pop = block.population
+    if block.zp is not None:
+        block.cells = lsh_cells(block.zp)
+        if pop is not None and pop.inputs_ready:
+            clients = client_hashes if client_hashes is not None else np.full(len(block), block.client_hash, np.uint64)
+            block.far = nearest_other_client(pop, block.zp, clients) > pop.ood_radius
+    if block.z is not None:
+        block.fp = fingerprints(block.z)
+        if block.vectors is not None and pop is not None and pop.low is not None and pop.high is not None:
+            block.shape = pinned_and_roughness(block.vectors, block.z, pop.low, pop.high)
+    return block
 
 
 def label_codes(labels: list[str | None]) -> np.ndarray:
@@ -200,9 +257,9 @@ class CellCoverageSignal(SessionSignal):
         self.n = 0
 
     def learn_block(self, block: QueryBlock) -> None:
-        if block.zp is None:
+        if block.cells is None:
             return
-        HyperLogLog(registers=self.registers).add_hashes(lsh_cells(block.zp))
+        HyperLogLog(registers=self.registers).add_hashes(block.cells)
         self.n += len(block)
 
     def distinct(self) -> float:
@@ -263,11 +320,9 @@ class OutOfDistributionSignal(SessionSignal):
         self.far = 0
 
     def learn_block(self, block: QueryBlock) -> None:
-        pop = block.population
-        if block.zp is None or pop is None or not pop.inputs_ready:
+        if block.far is None:
             return
-        nn = _nn_other(pop, block.zp, block.client_hash)
-        self.far += int((nn > pop.ood_radius).sum())
+        self.far += int(block.far.sum())
         self.n += len(block)
 
     def values(self) -> list[float]:
@@ -277,10 +332,17 @@ class OutOfDistributionSignal(SessionSignal):
         return f"{self.far} of {self.n} queries are out of the model's input distribution"
 
 
-def _nn_other(pop: ModelPopulation, zp: np.ndarray, client: int) -> np.ndarray:
-    d = bcast_dist(zp, pop.sample)
-    d[:, pop.sample_clients == np.uint64(client)] = np.inf
-    return d.min(axis=1)
+_NN_ROWS = 128  # rows per distance slab: (rows, sample, dims) float64 stays ~10 MB
+
+
+def nearest_other_client(pop: ModelPopulation, zp: np.ndarray, clients: np.ndarray) -> np.ndarray:
+    """Per query, the distance to the nearest reference input sent by another client than its own."""
+    out = np.empty(len(zp), dtype=np.float64)
+    for start in range(0, len(zp), _NN_ROWS):
+        d = bcast_dist(zp[start : start + _NN_ROWS], pop.sample)
+        d[clients[start : start + _NN_ROWS, None] == pop.sample_clients[None, :]] = np.inf
+        out[start : start + _NN_ROWS] = d.min(axis=1)
+    return out
 
 
 class PradaSignal(SessionSignal):
@@ -417,9 +479,9 @@ class NearDuplicateChainSignal(SessionSignal):
         self.flips = 0
 
     def learn_block(self, block: QueryBlock) -> None:
-        if block.z is None or block.exact is None:
+        if block.fp is None or block.exact is None:
             return
-        fp = fingerprints(block.z)
+        fp = block.fp
         codes = block.label_codes if block.label_codes is not None else np.zeros(len(block), dtype=np.uint32)
         if self.ring.shape[1:] != (fp.shape[1],):
             self.ring = np.zeros((self.RING, fp.shape[1]), dtype=np.uint32)
@@ -571,9 +633,10 @@ class InputShapeSignal(SessionSignal):
 
     def learn_block(self, block: QueryBlock) -> None:
         pop = block.population
-        if block.vectors is None or block.z is None or pop is None or pop.low is None or pop.high is None:
+        shape = block.shape
+        if shape is None or block.vectors is None or block.z is None or pop is None:
             return
-        shape = pinned_and_roughness(block.vectors, block.z, pop.low, pop.high)
+        assert pop.low is not None and pop.high is not None  # shape is derived only with the bounds
         self.pinned += int(np.round(shape[:, 0] * FIXED).sum())
         self.rough += int(np.round(shape[:, 1] * FIXED).sum())
         self.n += len(block)

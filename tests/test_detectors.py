@@ -28,6 +28,7 @@ from detectors.signals import (
     PradaSignal,
     QueryBlock,
     StepGeometrySignal,
+    derive_features,
     exact_hashes,
     label_codes,
     output_specs,
@@ -40,17 +41,19 @@ def block(
 ) -> QueryBlock:
     n = len(z) if z is not None else len(labels or [])
     labels = labels if labels is not None else ["0"] * n
-    return QueryBlock(
-        ts=np.arange(n, dtype=np.float64),
-        vectors=None if z is None else z.astype(np.float32),
-        margins=np.full(n, np.nan, dtype=np.float32),
-        confidences=np.full(n, np.nan, dtype=np.float32),
-        labels=labels,
-        label_codes=label_codes(labels),
-        z=None if z is None else z.astype(np.float32),
-        zp=None if z is None else z.astype(np.float32),
-        exact=None if z is None else exact_hashes(z.astype(np.float32)),
-        population=pop,
+    return derive_features(
+        QueryBlock(
+            ts=np.arange(n, dtype=np.float64),
+            vectors=None if z is None else z.astype(np.float32),
+            margins=np.full(n, np.nan, dtype=np.float32),
+            confidences=np.full(n, np.nan, dtype=np.float32),
+            labels=labels,
+            label_codes=label_codes(labels),
+            z=None if z is None else z.astype(np.float32),
+            zp=None if z is None else z.astype(np.float32),
+            exact=None if z is None else exact_hashes(z.astype(np.float32)),
+            population=pop,
+        )
     )
 
 
