@@ -38,9 +38,11 @@ def _squash(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + x)
 
 
-def pinned_and_roughness(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Per query: the share of features pinned at the bounds and the roughness (the first two
-    columns of ``input_summaries``, which ``InputShapeSignal`` needs for every query)."""
+def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Per query (rows of ``raw`` and its standardised ``z``): pinned-at-bounds share, roughness,
+    RMS of z, max |z|, share of |z| > 3 (the ``N_SUMMARIES`` summaries), then z's first eight
+    coordinates. Columns 0 and 1 are also the values behind ``InputShapeSignal`` (pinned share as is,
+    roughness before squashing); ``tree_features`` squashes the rest."""
     # At (or beyond) a bound means equal to it up to float32 rounding: clipped values sit exactly
     # there. A tolerance relative to the box's width would let one client with wild values (the box
     # is learned from the reference sample) put ordinary inputs "at the bounds".
@@ -54,19 +56,11 @@ def pinned_and_roughness(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: 
         rough = num / den
     else:
         rough = np.zeros(len(z))
-    return np.column_stack([at_bound.mean(axis=1), rough])
-
-
-def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Per query (rows of ``raw`` and its standardised ``z``): pinned-at-bounds share, roughness,
-    RMS of z, max |z|, share of |z| > 3 (the ``N_SUMMARIES`` summaries), then z's first eight
-    coordinates. Columns 0 and 1 are also the values behind ``InputShapeSignal`` (pinned share as is,
-    roughness before squashing); ``tree_features`` squashes the rest."""
-    z = z.astype(np.float64)
     absz = np.abs(z)
     return np.column_stack(
         [
-            pinned_and_roughness(raw, z, low, high),
+            at_bound.mean(axis=1),
+            rough,
             _squash(np.sqrt((z * z).mean(axis=1)) / 2.0),
             _squash(absz.max(axis=1) / 4.0),
             (absz > 3.0).mean(axis=1),
@@ -85,7 +79,12 @@ def tree_features(summaries: np.ndarray) -> np.ndarray:
 
 class InputDensityModel:
     """HalfSpaceTrees fitted on one window of normal inputs; ``score`` is River's anomaly score
-    (higher: fewer normal inputs fell into the same half-spaces)."""
+    (higher: fewer normal inputs fell into the same half-spaces).
+
+    River builds the trees (``learn_one`` over the window). Scoring walks the same trees for a whole
+    batch of rows in numpy: River's ``score_one`` walks one row in Python, and every query of a
+    micro-batch is scored. The masses are integers and the depth weights powers of two, so the sums
+    are exact in float64 and the batched scores equal ``score_one``'s (tested)."""
 
     def __init__(self, reference: np.ndarray) -> None:
         rows = tree_features(reference)
@@ -99,7 +98,35 @@ class InputDensityModel:
         # One full window: the trees swap it in as the reference mass that scores are read against.
         for row in rows.tolist():
             self.trees.learn_one(dict(enumerate(row)))
+        # The trees are complete binary trees of TREE_HEIGHT levels: heap order, children of node i
+        # at 2i+1 (value < threshold) and 2i+2.
+        size = 2 ** (TREE_HEIGHT + 1) - 1
+        self._feature = np.zeros((N_TREES, size), dtype=np.int64)
+        self._threshold = np.zeros((N_TREES, size), dtype=np.float64)
+        self._mass = np.zeros((N_TREES, size), dtype=np.float64)
+        for t, root in enumerate(self.trees.trees):
+            stack = [(root, 0)]
+            while stack:
+                node, i = stack.pop()
+                self._mass[t, i] = node.r_mass
+                if hasattr(node, "threshold"):
+                    self._feature[t, i], self._threshold[t, i] = node.feature, node.threshold
+                    stack += [(node.children[0], 2 * i + 1), (node.children[1], 2 * i + 2)]
 
     def score(self, summaries: np.ndarray) -> np.ndarray:
-        rows = tree_features(summaries).tolist()
-        return np.array([self.trees.score_one(dict(enumerate(row))) for row in rows], dtype=np.float64)
+        x = tree_features(summaries)
+        trees = np.arange(N_TREES)[:, None]
+        node = np.zeros((N_TREES, len(x)), dtype=np.int64)
+        walking = np.ones((N_TREES, len(x)), dtype=bool)
+        total = np.zeros((N_TREES, len(x)), dtype=np.float64)
+        size_limit = 0.1 * self.trees.window_size
+        for depth in range(TREE_HEIGHT + 1):
+            mass = self._mass[trees, node]
+            total += np.where(walking, mass * float(1 << depth), 0.0)
+            if depth == TREE_HEIGHT:
+                break
+            walking &= mass >= size_limit  # River stops walking where the mass gets too small
+            left = x[np.arange(len(x))[None, :], self._feature[trees, node]] < self._threshold[trees, node]
+            node = 2 * node + np.where(left, 1, 2)
+        max_score = N_TREES * self.trees.window_size * (2 ** (TREE_HEIGHT + 1) - 1)
+        return 1.0 - total.sum(axis=0) / max_score

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import msgspec
 import numpy as np
 
-from detectors.input_model import input_summaries, pinned_and_roughness
+from detectors.input_model import input_summaries
 from detectors.population import ModelPopulation, mix64
 
 FIXED = 1_000_000  # fixed-point scale for exact sums of per-query floats
@@ -57,6 +57,7 @@ class QueryBlock(msgspec.Struct, gc=False):
     fp: np.ndarray | None = None  # uint32 content fingerprints of z
     far: np.ndarray | None = None  # bool: farther from other clients' reference inputs than normal
     shape: np.ndarray | None = None  # float64 (n, 2): pinned-feature share and roughness
+    strangeness: np.ndarray | None = None  # float64 HalfSpaceTrees anomaly score of the input
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -85,6 +86,7 @@ class QueryBlock(msgspec.Struct, gc=False):
             fp=part(self.fp),
             far=part(self.far),
             shape=part(self.shape),
+            strangeness=part(self.strangeness),
         )
 
 
@@ -104,7 +106,10 @@ def derive_features(block: QueryBlock, client_hashes: np.ndarray | None = None) 
     if block.z is not None:
         block.fp = fingerprints(block.z)
         if block.vectors is not None and pop is not None and pop.low is not None and pop.high is not None:
-            block.shape = pinned_and_roughness(block.vectors, block.z, pop.low, pop.high)
+            summaries = input_summaries(block.vectors, block.z, pop.low, pop.high)
+            block.shape = summaries[:, :2]
+            if pop.input_model is not None:
+                block.strangeness = pop.input_model.score(summaries)
     return block
 
 
@@ -613,7 +618,7 @@ class InputShapeSignal(SessionSignal):
     differences between neighbouring features relative to the input's own energy), and strangeness:
     the River HalfSpaceTrees anomaly score of the query's input summary under the model's normal
     inputs (detectors/input_model.py), for up to ``SCORED_PER_BLOCK`` evenly spaced queries per block
-    (the trees walk in Python; the block's boundaries are fixed query counts, so the choice is too)."""
+    (the block's boundaries are fixed query counts, so the choice is too)."""
 
     name = "shape"
     OUTPUTS = (
@@ -632,19 +637,16 @@ class InputShapeSignal(SessionSignal):
         self.strange = 0
 
     def learn_block(self, block: QueryBlock) -> None:
-        pop = block.population
         shape = block.shape
-        if shape is None or block.vectors is None or block.z is None or pop is None:
+        if shape is None:
             return
-        assert pop.low is not None and pop.high is not None  # shape is derived only with the bounds
         self.pinned += int(np.round(shape[:, 0] * FIXED).sum())
         self.rough += int(np.round(shape[:, 1] * FIXED).sum())
         self.n += len(block)
-        if pop.input_model is not None:
+        if block.strangeness is not None:
             k = min(self.SCORED_PER_BLOCK, len(block))
             pick = np.arange(k) * (len(block) - 1) // max(k - 1, 1)  # evenly spaced, first and last
-            summaries = input_summaries(block.vectors[pick], block.z[pick], pop.low, pop.high)
-            self.strange += int(np.round(pop.input_model.score(summaries) * FIXED).sum())
+            self.strange += int(np.round(block.strangeness[pick] * FIXED).sum())
             self.n_scored += len(pick)
 
     def values(self) -> list[float]:

@@ -9,7 +9,7 @@ import pytest
 
 from detectors.engine import SessionDetector
 from detectors.groups import SourceGroup, source_group
-from detectors.input_model import InputDensityModel, input_summaries
+from detectors.input_model import InputDensityModel, input_summaries, tree_features
 from detectors.population import (
     ModelPopulation,
     binomial_tail,
@@ -205,6 +205,11 @@ def test_input_density_model_scores_crafted_inputs_above_normal_ones() -> None:
     # Rebuilt from the same reference sample (as after a restart), the trees score identically.
     again = InputDensityModel(input_summaries(normal, (normal - centre) / scale, low, high))
     assert np.array_equal(again.score(input_summaries(crafted, (crafted - centre) / scale, low, high)), crafted_scores)
+    # The batched numpy walk scores exactly what River's own score_one does, row by row.
+    summaries = input_summaries(crafted, (crafted - centre) / scale, low, high)
+    rows = tree_features(np.concatenate([summaries, input_summaries(fresh, (fresh - centre) / scale, low, high)]))
+    river_scores = np.array([model.trees.score_one(dict(enumerate(row))) for row in rows.tolist()])
+    assert np.array_equal(np.concatenate([crafted_scores, normal_scores]), river_scores)
 
 
 def test_pinned_means_at_the_bound_not_near_it_in_a_wide_box() -> None:
