@@ -18,6 +18,7 @@ reads exactly the baselines the live stream read.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,13 +62,12 @@ def text_hash(text: str) -> int:
     return int(mix64(np.array([value], dtype=np.uint64))[0] >> np.uint64(1))
 
 
-def to_bin(values: np.ndarray, scale: str) -> np.ndarray:
+def to_bins(values: np.ndarray, log: np.ndarray) -> np.ndarray:
+    """Histogram bin of each value: on the log scale where ``log``, else on [0, 1] (NaN: bin 0)."""
     values = np.nan_to_num(values, nan=0.0)
-    if scale == "unit":
-        pos = np.clip(values, 0.0, 1.0) * N_BINS
-    else:
-        pos = (np.log10(np.maximum(values, 10**LOG_LO)) - LOG_LO) / (LOG_HI - LOG_LO) * N_BINS
-    return np.clip(pos.astype(np.int64), 0, N_BINS - 1)
+    unit = np.clip(values, 0.0, 1.0) * N_BINS
+    logs = (np.log10(np.maximum(values, 10**LOG_LO)) - LOG_LO) / (LOG_HI - LOG_LO) * N_BINS
+    return np.clip(np.where(log, logs, unit).astype(np.int64), 0, N_BINS - 1)
 
 
 def from_bin(index: float, scale: str) -> float:
@@ -179,7 +179,7 @@ class ModelPopulation:
         if self._log_mask is None or len(self._log_mask) != len(values):
             self._log_mask = np.array([sc == "log" for sc in scales])
         ok = ~np.isnan(values)
-        bins = np.where(self._log_mask, to_bin(values, "log"), to_bin(values, "unit"))
+        bins = to_bins(values, self._log_mask)
         idx = np.nonzero(ok)[0]
         self.pending[idx, bucket, bins[idx]] += float(weight)
 
@@ -331,23 +331,36 @@ _GRID = 256  # rates at which the population's upper tail is integrated in share
 _BAND = 8  # ... and its quarter between the median and the upper quartile
 
 
+@functools.lru_cache(maxsize=8192)
 def share_tail_probability(k: float, n: int, q50: float, q75: float, floor: float) -> float:
     """P(a population client shows ≥ ``k`` of ``n`` queries), for a share that counts queries: the
     binomial luck of ``n`` queries integrated over the population's rates, modelled as in
     ``tail_probability`` (half the clients at or below q50, a quarter up to q75, the rest in the
     exponential tail). With many queries this is ``tail_probability`` of the share; with few, a high
     share is only as surprising as the chance that an ordinary client, or one of the population's
-    higher-rate clients, gets that many by luck."""
+    higher-rate clients, gets that many by luck.
+
+    Cached: a baseline holds between publishes and clients are scored at the same query counts, so
+    the same (k, n) against the same quartiles recurs across clients and evaluations."""
     if k <= 0.0:
         return 1.0
+    rates, mass = _rate_mixture(q50, q75, floor)
+    luck = _binomial_sf(k, n, rates)
+    return float(min(1.0, (mass * luck).sum()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rate_mixture(q50: float, q75: float, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """The population's rates and their probability masses, as ``share_tail_probability`` models them."""
     spread = max(q75 - q50, floor)
     edges = np.linspace(q75, 1.0, _GRID + 1)
     beyond = 0.25 * np.exp2(-(edges - q75) / spread)  # P(rate > edge)
     band = q50 + (q75 - q50) * (np.arange(_BAND) + 0.5) / _BAND  # the quarter between q50 and q75
     rates = np.concatenate([[q50], band, 0.5 * (edges[:-1] + edges[1:]), [1.0]])
     mass = np.concatenate([[0.5], np.full(_BAND, 0.25 / _BAND), beyond[:-1] - beyond[1:], [beyond[-1]]])
-    luck = _binomial_sf(k, n, rates)
-    return float(min(1.0, (mass * luck).sum()))
+    rates.setflags(write=False)  # shared by the cache
+    mass.setflags(write=False)
+    return rates, mass
 
 
 def _binomial_sf(k: float, n: int, rates: np.ndarray) -> np.ndarray:
