@@ -308,30 +308,68 @@ class SessionDetector:
         return population
 
     def _flush(self, runs: dict[ClientKey, Segments]) -> list[SessionScore]:
-        # The per-query features of every client's runs are derived per model in one pass (the
-        # published population cannot change before the next publish, which only follows a flush);
-        # then each run learns from its slice, in the order the runs were met.
-        todo: list[tuple[_Session, list[QueryRecord], int]] = []
+        """Learn the pending runs of every client and score them at their evaluation points.
+
+        The per-query features of all runs are derived per model in one pass (the published
+        population cannot change before the next publish, which only follows a flush). Then the
+        clients advance together, one chunk (up to each one's next evaluation point) per round, so
+        that each signal learns a whole round of clients' chunks in one vectorised call. A client's
+        own chunks stay in order; what clients share within a flush (pending population sums, the
+        bottom-k reference sample) does not depend on the order between clients."""
         per_model: dict[str, tuple[list[QueryRecord], list[np.ndarray]]] = {}
+        cursors: list[_ClientCursor] = []
         for (model_id, client_id), segments in runs.items():
             records, hashes = per_model.setdefault(model_id, ([], []))
-            client_hash = np.uint64(self.clients[(model_id, client_id)].hash)
+            history = self.clients[(model_id, client_id)]
+            cursor = _ClientCursor(history, self._population(model_id))
             for key, run in segments:
                 session = self.sessions.get(key)
                 if session is not None and run:
-                    todo.append((session, run, len(records)))
+                    cursor.segments.append((session, run, len(records)))
                     records.extend(run)
-                    hashes.append(np.full(len(run), client_hash, dtype=np.uint64))
+                    hashes.append(np.full(len(run), history.hash, dtype=np.uint64))
+            if cursor.segments:
+                cursors.append(cursor)
         runs.clear()
         batches = {
             model_id: _ModelBatch(records, self._population(model_id), np.concatenate(hashes))
             for model_id, (records, hashes) in per_model.items()
             if records
         }
-        out: list[SessionScore] = []
-        for session, run, offset in todo:
-            out.extend(self._learn_run(session, run, batches[session.model_id], offset))
-        return out
+        active = cursors
+        while active:
+            blocks = [cursor.next_block(batches[cursor.session.model_id]) for cursor in active]
+            for j, signal_type in enumerate(self.signal_types):
+                signal_type.learn_many([cursor.history.signals[j] for cursor in active], blocks)
+            for cursor, block in zip(active, blocks, strict=True):
+                self._learned(cursor, block)
+            active = [cursor for cursor in active if not cursor.done]
+        return [score for cursor in cursors for score in cursor.out]
+
+    def _learned(self, cursor: _ClientCursor, block: QueryBlock) -> None:
+        """Bookkeeping after a client's chunk was learned; scores the session at its evaluation point."""
+        session, history, chunk = cursor.session, cursor.history, cursor.chunk
+        if block.vectors is not None and not history.flagged:
+            self._offer_sample(cursor.population, history, block)
+        session.n += len(chunk)
+        history.queries += len(chunk)
+        session.last_seen = max(session.last_seen, float(block.ts.max()))
+        session.first_seen = min(session.first_seen, float(block.ts.min()))
+        for record in chunk:
+            if record.source_ip and record.source_ip not in session.ips and len(session.ips) < MAX_SOURCE_IPS:
+                session.ips.append(record.source_ip)
+        if chunk[-1].source_ip and any(self.group_prefixes):
+            self._join_group(session.model_id, session.client_id, history, chunk[-1].source_ip)
+        if session.n == cursor.target:
+            cursor.latest = self._evaluate(session, history)
+            if cursor.latest.crossed_kinds:
+                cursor.out.append(cursor.latest)
+        if cursor.run_done:
+            # A run's output: every score that crossed a kind's threshold, and its latest score.
+            if cursor.latest is not None and (not cursor.out or cursor.out[-1] is not cursor.latest):
+                cursor.out.append(cursor.latest)
+            self._mark_dirty(session)
+            cursor.next_run()
 
     def _session_key(
         self,
@@ -381,42 +419,6 @@ class SessionDetector:
             if len(self.sessions) > self.max_open_sessions:
                 emitted.extend(self._evict_oldest(len(self.sessions) - self.max_open_sessions, runs))
         return key
-
-    def _learn_run(
-        self, session: _Session, run: list[QueryRecord], batch: _ModelBatch, offset: int
-    ) -> list[SessionScore]:
-        """Learn ``run`` (rows ``offset:`` of ``batch``), scoring the session at its evaluation points."""
-        history = self.clients[(session.model_id, session.client_id)]
-        population = self._population(session.model_id)
-        out: list[SessionScore] = []
-        latest: SessionScore | None = None
-        i = 0
-        while i < len(run):
-            target = next_evaluation(session.n)
-            chunk = run[i : i + target - session.n]
-            block = batch.block(offset + i, offset + i + len(chunk), history.hash)
-            i += len(chunk)
-            for signal in history.signals:
-                signal.learn_block(block)
-            if block.vectors is not None and not history.flagged:
-                self._offer_sample(population, history, block)
-            session.n += len(chunk)
-            history.queries += len(chunk)
-            session.last_seen = max(session.last_seen, float(block.ts.max()))
-            session.first_seen = min(session.first_seen, float(block.ts.min()))
-            for record in chunk:
-                if record.source_ip and record.source_ip not in session.ips and len(session.ips) < MAX_SOURCE_IPS:
-                    session.ips.append(record.source_ip)
-            if chunk[-1].source_ip and any(self.group_prefixes):
-                self._join_group(session.model_id, session.client_id, history, chunk[-1].source_ip)
-            if session.n == target:
-                latest = self._evaluate(session, history)
-                if latest.crossed_kinds:
-                    out.append(latest)
-        if latest is not None and (not out or out[-1] is not latest):
-            out.append(latest)
-        self._mark_dirty(session)
-        return out
 
     @staticmethod
     def _offer_sample(population: ModelPopulation, history: _ClientHistory, block: QueryBlock) -> None:
@@ -712,6 +714,48 @@ class SessionDetector:
     def top_sessions(self, limit: int = 10) -> list[SessionScore]:
         scored = [s.last_score for s in self.sessions.values() if s.last_score is not None]
         return sorted(scored, key=lambda s: s.score, reverse=True)[:limit]
+
+
+class _ClientCursor:
+    """Where one client is in its runs of a flush (one run per session, learned in order)."""
+
+    __slots__ = ("chunk", "history", "i", "latest", "out", "population", "segments", "target")
+
+    def __init__(self, history: _ClientHistory, population: ModelPopulation) -> None:
+        self.history = history
+        self.population = population
+        self.segments: list[tuple[_Session, list[QueryRecord], int]] = []  # (session, run, batch offset)
+        self.i = 0  # position in the current run
+        self.chunk: list[QueryRecord] = []
+        self.target = 0  # the session's query count at the end of the chunk being learned
+        self.latest: SessionScore | None = None
+        self.out: list[SessionScore] = []
+
+    @property
+    def session(self) -> _Session:
+        return self.segments[0][0]
+
+    @property
+    def run_done(self) -> bool:
+        return self.i >= len(self.segments[0][1])
+
+    @property
+    def done(self) -> bool:
+        return not self.segments
+
+    def next_block(self, batch: _ModelBatch) -> QueryBlock:
+        """The next chunk of the current run: up to the session's next evaluation point."""
+        session, run, offset = self.segments[0]
+        self.target = next_evaluation(session.n)
+        self.chunk = run[self.i : self.i + self.target - session.n]
+        start = offset + self.i
+        self.i += len(self.chunk)
+        return batch.block(start, start + len(self.chunk), self.history.hash)
+
+    def next_run(self) -> None:
+        self.segments.pop(0)
+        self.i = 0
+        self.latest = None
 
 
 class _ModelBatch:

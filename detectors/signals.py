@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -185,6 +185,14 @@ class SessionSignal:
 
     def learn_block(self, block: QueryBlock) -> None:
         raise NotImplementedError
+
+    @classmethod
+    def learn_many(cls, signals: Sequence[SessionSignal], blocks: Sequence[QueryBlock]) -> None:
+        """``signals[i].learn_block(blocks[i])`` for each i: one round of many clients' chunks.
+        Signals whose per-block cost is mostly numpy call overhead override it with one vectorised
+        pass over the whole round."""
+        for signal, block in zip(signals, blocks, strict=True):
+            signal.learn_block(block)
 
     def values(self) -> list[float]:
         raise NotImplementedError
