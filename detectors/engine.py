@@ -31,6 +31,7 @@ from detectors.scores import SessionScore
 from detectors.scoring import CalibratedScorer
 from detectors.signals import (
     DEFAULT_SIGNALS,
+    BlockRound,
     QueryBlock,
     SessionSignal,
     derive_features,
@@ -338,16 +339,29 @@ class SessionDetector:
         }
         active = cursors
         while active:
-            blocks = [cursor.next_block(batches[cursor.session.model_id]) for cursor in active]
+            blocks = BlockRound([cursor.next_block(batches[cursor.session.model_id]) for cursor in active])
             for j, signal_type in enumerate(self.signal_types):
                 signal_type.learn_many([cursor.history.signals[j] for cursor in active], blocks)
-            for cursor, block in zip(active, blocks, strict=True):
+            for cursor, block in zip(active, blocks.blocks, strict=True):
                 self._learned(cursor, block)
+            due = [cursor for cursor in active if cursor.session.n == cursor.target]
+            scores = self._evaluate_many([(cursor.session, cursor.history) for cursor in due])
+            for cursor, score in zip(due, scores, strict=True):
+                cursor.latest = score
+                if score.crossed_kinds:
+                    cursor.out.append(score)
+            for cursor in active:
+                if cursor.run_done:
+                    # A run's output: every score that crossed a kind's threshold, and its latest score.
+                    if cursor.latest is not None and (not cursor.out or cursor.out[-1] is not cursor.latest):
+                        cursor.out.append(cursor.latest)
+                    self._mark_dirty(cursor.session)
+                    cursor.next_run()
             active = [cursor for cursor in active if not cursor.done]
         return [score for cursor in cursors for score in cursor.out]
 
     def _learned(self, cursor: _ClientCursor, block: QueryBlock) -> None:
-        """Bookkeeping after a client's chunk was learned; scores the session at its evaluation point."""
+        """Bookkeeping after a client's chunk was learned (the round then scores the sessions due)."""
         session, history, chunk = cursor.session, cursor.history, cursor.chunk
         if block.vectors is not None and not history.flagged:
             self._offer_sample(cursor.population, history, block)
@@ -360,16 +374,6 @@ class SessionDetector:
                 session.ips.append(record.source_ip)
         if chunk[-1].source_ip and any(self.group_prefixes):
             self._join_group(session.model_id, session.client_id, history, chunk[-1].source_ip)
-        if session.n == cursor.target:
-            cursor.latest = self._evaluate(session, history)
-            if cursor.latest.crossed_kinds:
-                cursor.out.append(cursor.latest)
-        if cursor.run_done:
-            # A run's output: every score that crossed a kind's threshold, and its latest score.
-            if cursor.latest is not None and (not cursor.out or cursor.out[-1] is not cursor.latest):
-                cursor.out.append(cursor.latest)
-            self._mark_dirty(session)
-            cursor.next_run()
 
     def _session_key(
         self,
@@ -434,20 +438,46 @@ class SessionDetector:
         population.add_inputs(take, hashes, history.hash)
         history.sample_count += len(take)
 
-    def _client_values(self, history: _ClientHistory) -> np.ndarray:
-        return np.array([v for sig in history.signals for v in sig.values()], dtype=np.float64)
-
     def _evaluate(self, session: _Session, history: _ClientHistory, closed: bool = False) -> SessionScore:
-        population = self.populations.get(session.model_id)
-        values = self._client_values(history)
-        if population is not None and not history.flagged:
-            # The values join the population of their query-count bucket, weighted by the queries
-            # since the client's previous evaluation (integers: the sums do not depend on order), so
-            # every client weighs the same in every bucket it passes through.
-            population.add_values(
-                values, bucket_of(history.queries), self.scales, history.queries - history.last_bucket
+        return self._evaluate_many([(session, history)], closed)[0]
+
+    def _evaluate_many(
+        self, due: Sequence[tuple[_Session, _ClientHistory]], closed: bool = False
+    ) -> list[SessionScore]:
+        """Score sessions of different clients at once: their signal values are read as one matrix and
+        join the population baselines in one update per model."""
+        if not due:
+            return []
+        values = np.hstack(
+            [
+                signal_type.values_many([history.signals[j] for _, history in due])
+                for j, signal_type in enumerate(self.signal_types)
+            ]
+        )
+        # The values join the population of their query-count bucket, weighted by the queries since
+        # the client's previous evaluation (integers: the sums do not depend on order), so every
+        # client weighs the same in every bucket it passes through. Flagged clients no longer train it.
+        joining: dict[str, list[int]] = {}
+        for row, (session, history) in enumerate(due):
+            if session.model_id in self.populations and not history.flagged:
+                joining.setdefault(session.model_id, []).append(row)
+        for model_id, rows in joining.items():
+            histories = [due[row][1] for row in rows]
+            self.populations[model_id].add_values(
+                values[rows],
+                np.array([bucket_of(h.queries) for h in histories], dtype=np.int64),
+                self.scales,
+                np.array([h.queries - h.last_bucket for h in histories], dtype=np.int64),
             )
-            self._note_model_change(session.model_id)
+            self._note_model_change(model_id)
+        return [
+            self._score_session(session, history, values[row], closed) for row, (session, history) in enumerate(due)
+        ]
+
+    def _score_session(
+        self, session: _Session, history: _ClientHistory, values: np.ndarray, closed: bool
+    ) -> SessionScore:
+        population = self.populations.get(session.model_id)
         history.last_bucket = history.queries
         history.last_values = values
         kinds = self.scorer.score(values, history.signals, population, history.queries)

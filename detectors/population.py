@@ -171,17 +171,15 @@ class ModelPopulation:
         keep = np.lexsort((self.p_clients, self.p_hash))[:SAMPLE_SIZE]
         self.p_raw, self.p_hash, self.p_clients = self.p_raw[keep], self.p_hash[keep], self.p_clients[keep]
 
-    def add_values(self, values: np.ndarray, bucket: int, scales: list[str], weight: int) -> None:
-        """One client's signal values (NaN: unavailable), weighted by the queries they stand for."""
+    def add_values(self, values: np.ndarray, buckets: np.ndarray, scales: list[str], weights: np.ndarray) -> None:
+        """Clients' signal values (rows; NaN: unavailable), each in its query-count bucket, weighted
+        by the queries they stand for."""
         self.scales = scales
-        if weight <= 0:
-            return
-        if self._log_mask is None or len(self._log_mask) != len(values):
+        if self._log_mask is None or len(self._log_mask) != values.shape[1]:
             self._log_mask = np.array([sc == "log" for sc in scales])
-        ok = ~np.isnan(values)
-        bins = to_bins(values, self._log_mask)
-        idx = np.nonzero(ok)[0]
-        self.pending[idx, bucket, bins[idx]] += float(weight)
+        rows, signals = np.nonzero(~np.isnan(values) & (weights > 0)[:, None])
+        bins = to_bins(values[rows, signals], self._log_mask[signals])
+        np.add.at(self.pending, (signals, buckets[rows], bins), weights[rows].astype(np.float64))
 
     def publish(self) -> None:
         """Fold pending evidence into the published baselines (at a fixed point of the stream)."""

@@ -176,26 +176,67 @@ def ring_append(
     return (cursor + m) % size, min(filled + m, size)
 
 
+class BlockRound:
+    """One round of many clients' blocks (one block per client), for a vectorised ``learn_many``:
+    a column of every block that has it, concatenated, with each row's index into those blocks."""
+
+    __slots__ = ("_columns", "blocks")
+
+    def __init__(self, blocks: Sequence[QueryBlock]) -> None:
+        self.blocks = blocks
+        self._columns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indices of the blocks that have column ``name``, their rows concatenated, the position
+        in those indices of each row's block). Cached: several signals read the same columns."""
+        found = self._columns.get(name)
+        if found is None:
+            which = [i for i, b in enumerate(self.blocks) if getattr(b, name) is not None]
+            parts = [getattr(self.blocks[i], name) for i in which]
+            lengths = np.fromiter((len(part) for part in parts), dtype=np.int64, count=len(parts))
+            rows = np.concatenate(parts) if parts else np.zeros(0)
+            found = (np.array(which, dtype=np.int64), rows, np.repeat(np.arange(len(which)), lengths))
+            self._columns[name] = found
+        return found
+
+
+def _per_block(values: np.ndarray, owner: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Sum of ``values`` (integers, or floats holding integers: exact in any order) per block."""
+    return np.bincount(owner, weights=values, minlength=n_blocks).astype(np.int64)
+
+
 class SessionSignal:
-    """Base class: one or more named values that are evidence for attack kinds."""
+    """Base class: one or more named values that are evidence for attack kinds.
+
+    A signal implements ``learn_block`` (one client's chunk) or ``learn_many`` (a round of many
+    clients' chunks, vectorised across them, where per-block work is mostly numpy call overhead);
+    each defaults to the other."""
 
     name: ClassVar[str]
     OUTPUTS: ClassVar[tuple[tuple[str, tuple[str, ...], str, float], ...]]
     __slots__: tuple[str, ...] = ()
 
     def learn_block(self, block: QueryBlock) -> None:
-        raise NotImplementedError
+        type(self).learn_many([self], BlockRound([block]))
 
     @classmethod
-    def learn_many(cls, signals: Sequence[SessionSignal], blocks: Sequence[QueryBlock]) -> None:
-        """``signals[i].learn_block(blocks[i])`` for each i: one round of many clients' chunks.
-        Signals whose per-block cost is mostly numpy call overhead override it with one vectorised
-        pass over the whole round."""
-        for signal, block in zip(signals, blocks, strict=True):
+    def learn_many(cls, signals: Sequence[Any], blocks: BlockRound) -> None:
+        """``signals[i]`` learns ``blocks.blocks[i]``, for each i."""
+        for signal, block in zip(signals, blocks.blocks, strict=True):
             signal.learn_block(block)
 
     def values(self) -> list[float]:
         raise NotImplementedError
+
+    @classmethod
+    def values_many(cls, signals: Sequence[Any]) -> np.ndarray:
+        """The values of many clients' signals, one row each (float64, NaN: not available)."""
+        return np.array([signal.values() for signal in signals], dtype=np.float64).reshape(
+            len(signals), len(cls.OUTPUTS)
+        )
 
     def evidence(self, i: int) -> str:
         raise NotImplementedError
@@ -221,28 +262,27 @@ def _share(num: int, den: int) -> float:
 
 
 # --------------------------------------------------------------------------------------- extraction
-class HyperLogLog:
-    """A 2^p-register HyperLogLog over 64-bit hashes, updated with numpy (p=8: 256 bytes, ~6.5% error)."""
+HLL_P = 8  # 2^8 HyperLogLog registers: 256 bytes, ~6.5% error
 
-    def __init__(self, p: int = 8, registers: np.ndarray | None = None) -> None:
-        self.p = p
-        self.registers = registers if registers is not None else np.zeros(1 << p, dtype=np.uint8)
 
-    def add_hashes(self, hashes: np.ndarray) -> None:
-        hashes = hashes.astype(np.uint64, copy=False)
-        index = (hashes >> np.uint64(64 - self.p)).astype(np.int64)
-        rest = (hashes << np.uint64(self.p)) | np.uint64(1 << (self.p - 1))
-        rank = (64 - np.floor(np.log2(rest.astype(np.float64))).astype(np.int64)).astype(np.uint8)
-        np.maximum.at(self.registers, index, rank)
+def hll_update(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(register index, rank) of each 64-bit hash in a 2^HLL_P-register HyperLogLog."""
+    hashes = hashes.astype(np.uint64, copy=False)
+    index = (hashes >> np.uint64(64 - HLL_P)).astype(np.int64)
+    rest = (hashes << np.uint64(HLL_P)) | np.uint64(1 << (HLL_P - 1))
+    rank = (64 - np.floor(np.log2(rest.astype(np.float64))).astype(np.int64)).astype(np.uint8)
+    return index, rank
 
-    def count(self) -> float:
-        m = float(len(self.registers))
-        alpha = 0.7213 / (1 + 1.079 / m)
-        estimate = alpha * m * m / float(np.sum(np.exp2(-self.registers.astype(np.float64))))
-        zeros = int(np.count_nonzero(self.registers == 0))
-        if estimate <= 2.5 * m and zeros:
-            return m * float(np.log(m / zeros))
-        return estimate
+
+def hll_count(registers: np.ndarray) -> float:
+    """HyperLogLog cardinality estimate, with the small-range (linear counting) correction."""
+    m = float(len(registers))
+    alpha = 0.7213 / (1 + 1.079 / m)
+    estimate = alpha * m * m / float(np.sum(np.exp2(-registers.astype(np.float64))))
+    zeros = int(np.count_nonzero(registers == 0))
+    if estimate <= 2.5 * m and zeros:
+        return m * float(np.log(m / zeros))
+    return estimate
 
 
 _PLANES: dict[int, np.ndarray] = {}
@@ -266,17 +306,24 @@ class CellCoverageSignal(SessionSignal):
     __slots__ = ("n", "registers")
 
     def __init__(self) -> None:
-        self.registers = np.zeros(256, dtype=np.uint8)
+        self.registers = np.zeros(1 << HLL_P, dtype=np.uint8)
         self.n = 0
 
-    def learn_block(self, block: QueryBlock) -> None:
-        if block.cells is None:
+    @classmethod
+    def learn_many(cls, signals: Sequence[CellCoverageSignal], blocks: BlockRound) -> None:
+        which, cells, owner = blocks.column("cells")
+        if not len(which):
             return
-        HyperLogLog(registers=self.registers).add_hashes(block.cells)
-        self.n += len(block)
+        registers = np.stack([signals[i].registers for i in which])
+        index, rank = hll_update(cells)
+        np.maximum.at(registers, (owner, index), rank)
+        counts = np.bincount(owner, minlength=len(which))
+        for j, i in enumerate(which.tolist()):
+            signals[i].registers = registers[j].copy()  # a copy: a view would keep the whole round alive
+            signals[i].n += int(counts[j])
 
     def distinct(self) -> float:
-        return HyperLogLog(registers=self.registers).count() if self.n else 0.0
+        return hll_count(self.registers) if self.n else 0.0
 
     def values(self) -> list[float]:
         return [round(min(self.distinct() / self.n, 1.0), 4) if self.n >= 5 else float("nan")]
@@ -299,13 +346,18 @@ class ClassCoverageSignal(SessionSignal):
         self.counts = np.zeros(self.BINS, dtype=np.int64)
         self.n = 0
 
-    def learn_block(self, block: QueryBlock) -> None:
-        codes = block.label_codes
-        if codes is None:
+    @classmethod
+    def learn_many(cls, signals: Sequence[ClassCoverageSignal], blocks: BlockRound) -> None:
+        which, codes, owner = blocks.column("label_codes")
+        if not len(which):
             return
-        known = codes[codes > 0]
-        np.add.at(self.counts, (known % self.BINS).astype(np.int64), 1)
-        self.n += len(known)
+        known = codes > 0
+        counts = np.stack([signals[i].counts for i in which])
+        np.add.at(counts, (owner[known], (codes[known] % cls.BINS).astype(np.int64)), 1)
+        added = np.bincount(owner[known], minlength=len(which))
+        for j, i in enumerate(which.tolist()):
+            signals[i].counts = counts[j].copy()
+            signals[i].n += int(added[j])
 
     def values(self) -> list[float]:
         if self.n < 5:
@@ -332,11 +384,14 @@ class OutOfDistributionSignal(SessionSignal):
         self.n = 0
         self.far = 0
 
-    def learn_block(self, block: QueryBlock) -> None:
-        if block.far is None:
-            return
-        self.far += int(block.far.sum())
-        self.n += len(block)
+    @classmethod
+    def learn_many(cls, signals: Sequence[OutOfDistributionSignal], blocks: BlockRound) -> None:
+        which, far, owner = blocks.column("far")
+        far_counts = _per_block(far.astype(np.float64), owner, len(which))
+        sizes = np.bincount(owner, minlength=len(which))
+        for j, i in enumerate(which.tolist()):
+            signals[i].far += int(far_counts[j])
+            signals[i].n += int(sizes[j])
 
     def values(self) -> list[float]:
         return [_share(self.far, self.n) if self.n >= 5 else float("nan")]
@@ -603,14 +658,30 @@ class LowMarginShareSignal(SessionSignal):
         self.low = 0
         self.last = 0  # content hash of the previous query's input (0: none yet)
 
-    def learn_block(self, block: QueryBlock) -> None:
-        known = ~np.isnan(block.margins)
-        if block.exact is not None:
-            previous = np.concatenate([np.array([self.last], dtype=np.uint64), block.exact[:-1]])
-            known &= block.exact != previous
-            self.last = int(block.exact[-1])
-        self.known += int(known.sum())
-        self.low += int((block.margins[known] < self.threshold).sum())
+    @classmethod
+    def learn_many(cls, signals: Sequence[LowMarginShareSignal], blocks: BlockRound) -> None:
+        _, margins, owner = blocks.column("margins")  # every block has margins (NaN where unknown)
+        known = ~np.isnan(margins)
+        which, exact, exact_owner = blocks.column("exact")
+        if len(which):
+            # Each input against the one before it from the same client (the first: the client's last).
+            starts = np.flatnonzero(np.r_[True, exact_owner[1:] != exact_owner[:-1]])
+            previous = np.empty_like(exact)
+            previous[1:] = exact[:-1]
+            previous[starts] = [signals[i].last for i in which.tolist()]
+            has_exact = np.zeros(len(blocks), dtype=bool)
+            has_exact[which] = True
+            repeat = np.zeros(len(margins), dtype=bool)
+            repeat[has_exact[owner]] = exact == previous
+            known &= ~repeat
+            ends = np.r_[starts[1:], len(exact)] - 1
+            for i, last in zip(which.tolist(), exact[ends].tolist(), strict=True):
+                signals[i].last = last
+        known_counts = np.bincount(owner[known], minlength=len(blocks))
+        low_counts = np.bincount(owner[known & (margins < cls.threshold)], minlength=len(blocks))
+        for i, signal in enumerate(signals):
+            signal.known += int(known_counts[i])
+            signal.low += int(low_counts[i])
 
     def values(self) -> list[float]:
         return [self.low / self.known if self.known >= 5 else float("nan")]
@@ -644,18 +715,29 @@ class InputShapeSignal(SessionSignal):
         self.rough = 0
         self.strange = 0
 
-    def learn_block(self, block: QueryBlock) -> None:
-        shape = block.shape
-        if shape is None:
+    @classmethod
+    def learn_many(cls, signals: Sequence[InputShapeSignal], blocks: BlockRound) -> None:
+        which, shape, owner = blocks.column("shape")
+        if not len(which):
             return
-        self.pinned += int(np.round(shape[:, 0] * FIXED).sum())
-        self.rough += int(np.round(shape[:, 1] * FIXED).sum())
-        self.n += len(block)
-        if block.strangeness is not None:
-            k = min(self.SCORED_PER_BLOCK, len(block))
-            pick = np.arange(k) * (len(block) - 1) // max(k - 1, 1)  # evenly spaced, first and last
-            self.strange += int(np.round(block.strangeness[pick] * FIXED).sum())
-            self.n_scored += len(pick)
+        pinned = _per_block(np.round(shape[:, 0] * FIXED), owner, len(which))
+        rough = _per_block(np.round(shape[:, 1] * FIXED), owner, len(which))
+        sizes = np.bincount(owner, minlength=len(which))
+        for j, i in enumerate(which.tolist()):
+            signals[i].pinned += int(pinned[j])
+            signals[i].rough += int(rough[j])
+            signals[i].n += int(sizes[j])
+        scored, strangeness, owner = blocks.column("strangeness")
+        if not len(scored):
+            return
+        # Up to SCORED_PER_BLOCK evenly spaced queries of each block: its first and last.
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        ends = np.r_[starts[1:], len(owner)] - 1
+        first = np.round(strangeness[starts] * FIXED)
+        last = np.where(ends > starts, np.round(strangeness[ends] * FIXED), 0.0)
+        for j, i in enumerate(scored.tolist()):
+            signals[i].strange += int(first[j] + last[j])
+            signals[i].n_scored += 2 if ends[j] > starts[j] else 1
 
     def values(self) -> list[float]:
         nan = float("nan")
@@ -689,10 +771,17 @@ class QueryRateSignal(SessionSignal):
         self.last_ts = float("-inf")
         self.n = 0
 
-    def learn_block(self, block: QueryBlock) -> None:
-        self.first_ts = min(self.first_ts, float(block.ts.min()))
-        self.last_ts = max(self.last_ts, float(block.ts.max()))
-        self.n += len(block)
+    @classmethod
+    def learn_many(cls, signals: Sequence[QueryRateSignal], blocks: BlockRound) -> None:
+        _, ts, owner = blocks.column("ts")
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        first = np.minimum.reduceat(ts, starts).tolist()
+        last = np.maximum.reduceat(ts, starts).tolist()
+        sizes = np.diff(np.r_[starts, len(ts)]).tolist()
+        for signal, lo, hi, size in zip(signals, first, last, sizes, strict=True):
+            signal.first_ts = min(signal.first_ts, lo)
+            signal.last_ts = max(signal.last_ts, hi)
+            signal.n += size
 
     def values(self) -> list[float]:
         span_min = max((self.last_ts - self.first_ts) / 60.0, 1.0)
