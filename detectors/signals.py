@@ -605,31 +605,52 @@ class StepGeometrySignal(SessionSignal):
         self.halving = 0
         self.sparse = 0
 
-    def learn_block(self, block: QueryBlock) -> None:
-        if block.z is None:
+    @classmethod
+    def learn_many(cls, signals: Sequence[StepGeometrySignal], blocks: BlockRound) -> None:
+        which, z, owner = blocks.column("z")
+        if not len(which):
             return
-        z = block.z
-        prev = np.concatenate([self.last[None, :], z[:-1]]) if len(self.last) == z.shape[1] else z[:-1]
-        cur = z if len(self.last) == z.shape[1] else z[1:]
-        if len(cur) == 0:
-            self.last = z[-1].copy()
-            return
-        diff = cur - prev
-        changed = np.abs(diff) > 1e-6
-        n_changed = changed.sum(axis=1)
-        steps = np.sqrt((diff * diff).sum(axis=1)).astype(np.float64)
-        moved = n_changed > 0
-        # Step ratios over consecutive *moving* steps, carried across blocks.
-        mv = steps[moved]
-        chain = np.concatenate([[self.last_step], mv]) if self.last_step > 0 else mv
-        ratio = chain[1:] / np.maximum(chain[:-1], 1e-12)
-        self.halving += int(((ratio > 0.45) & (ratio < 0.55)).sum())
+        mine = [signals[i] for i in which.tolist()]
         d = z.shape[1]
-        self.sparse += int((moved & (n_changed <= max(1, d // 10)) & (n_changed < d)).sum())
-        self.moves += int(moved.sum())
-        if len(mv):
-            self.last_step = float(mv[-1])
-        self.last = z[-1].copy()
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        ends = np.r_[starts[1:], len(z)] - 1
+        # Each query's step from the client's query before it; a client's first query ever has none.
+        prev = np.empty_like(z)
+        prev[1:] = z[:-1]
+        has_prev = np.ones(len(z), dtype=bool)
+        for j, signal in enumerate(mine):
+            if len(signal.last) == d:
+                prev[starts[j]] = signal.last
+            else:
+                prev[starts[j]] = z[starts[j]]  # no step (and no garbage in the arithmetic)
+                has_prev[starts[j]] = False
+        diff = z - prev
+        n_changed = (np.abs(diff) > 1e-6).sum(axis=1)
+        steps = np.sqrt((diff * diff).sum(axis=1)).astype(np.float64)
+        moved = has_prev & (n_changed > 0)
+        sparse = moved & (n_changed <= max(1, d // 10)) & (n_changed < d)
+        # Step ratios over consecutive *moving* steps of a client, carried across blocks.
+        mv, mv_owner = steps[moved], owner[moved]
+        before = np.empty_like(mv)
+        before[1:] = mv[:-1]
+        first_move = np.r_[True, mv_owner[1:] != mv_owner[:-1]] if len(mv) else np.zeros(0, dtype=bool)
+        carried = np.array([signal.last_step for signal in mine])
+        before[first_move] = carried[mv_owner[first_move]]
+        chained = ~first_move | (before > 0)
+        ratio = mv[chained] / np.maximum(before[chained], 1e-12)
+        halving = np.bincount(mv_owner[chained][(ratio > 0.45) & (ratio < 0.55)], minlength=len(mine))
+        moves = np.bincount(mv_owner, minlength=len(mine))
+        sparse_counts = np.bincount(owner[sparse], minlength=len(mine))
+        last_moving = np.full(len(mine), -1)
+        latest = np.flatnonzero(np.r_[mv_owner[1:] != mv_owner[:-1], True]) if len(mv) else np.zeros(0, np.int64)
+        last_moving[mv_owner[latest]] = latest  # each client's latest move
+        for j, signal in enumerate(mine):
+            signal.halving += int(halving[j])
+            signal.sparse += int(sparse_counts[j])
+            signal.moves += int(moves[j])
+            if last_moving[j] >= 0:
+                signal.last_step = float(mv[last_moving[j]])
+            signal.last = z[ends[j]].copy()
 
     def values(self) -> list[float]:
         if self.moves < 5:
