@@ -339,11 +339,16 @@ class SessionDetector:
         }
         active = cursors
         while active:
-            blocks = BlockRound([cursor.next_block(batches[cursor.session.model_id]) for cursor in active])
-            for j, signal_type in enumerate(self.signal_types):
-                signal_type.learn_many([cursor.history.signals[j] for cursor in active], blocks)
-            for cursor, block in zip(active, blocks.blocks, strict=True):
-                self._learned(cursor, block)
+            # A round per model: its blocks share the model's input width.
+            by_model: dict[str, list[_ClientCursor]] = {}
+            for cursor in active:
+                by_model.setdefault(cursor.session.model_id, []).append(cursor)
+            for model_id, members in by_model.items():
+                blocks = BlockRound([cursor.next_block(batches[model_id]) for cursor in members])
+                for j, signal_type in enumerate(self.signal_types):
+                    signal_type.learn_many([cursor.history.signals[j] for cursor in members], blocks)
+                for cursor, block in zip(members, blocks.blocks, strict=True):
+                    self._learned(cursor, block)
             due = [cursor for cursor in active if cursor.session.n == cursor.target]
             scores = self._evaluate_many([(cursor.session, cursor.history) for cursor in due])
             for cursor, score in zip(due, scores, strict=True):

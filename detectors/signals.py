@@ -176,6 +176,42 @@ def ring_append(
     return (cursor + m) % size, min(filled + m, size)
 
 
+class RecentWindows:
+    """For a round of clients, each query's window of the client's recent queries: the ring of its
+    last ``size`` queries from earlier blocks (oldest first, right-aligned), then the round's block,
+    padded to the longest block. Query ``i`` of a block sits at position ``size + i``; its earlier
+    queries within ``size`` are the positions ``[i, size + i)`` that hold a query (see ``earlier``).
+    Per-pair arithmetic is what a block-by-block window gives, so results do not depend on rounds."""
+
+    def __init__(self, size: int, cursors: np.ndarray, filled: np.ndarray, owner: np.ndarray) -> None:
+        self.size = size
+        self.filled = filled
+        self.owner = owner
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        self.index = np.arange(len(owner)) - np.repeat(starts, np.diff(np.r_[starts, len(owner)]))
+        self.width = size + (int(self.index.max()) + 1 if len(owner) else 0)
+        # Ring slot at window position p (p < size): (cursor + p) % size, oldest first; a ring not yet
+        # full has cursor == filled, so its empty slots come first and fall outside `earlier`.
+        self._slots = (cursors[:, None] + np.arange(size)[None, :]) % size
+
+    def stack(self, rings: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        """One padded window array from the clients' rings and the round's rows of one column."""
+        ring = np.stack(rings)
+        out = np.zeros((len(rings), self.width, *rows.shape[1:]), dtype=ring.dtype)
+        out[:, : self.size] = ring[np.arange(len(rings))[:, None], self._slots]
+        out[self.owner, self.size + self.index] = rows
+        return out
+
+    def earlier(self, rows: slice) -> np.ndarray:
+        """(rows, width) mask: the window positions holding an earlier query of the row's client."""
+        j = np.arange(self.width)[None, :]
+        i = self.index[rows][:, None]
+        return (j < self.size + i) & (j >= i) & (j >= self.size - self.filled[self.owner[rows]][:, None])
+
+
+_WINDOW_ROWS = 256  # query rows per slab of window arithmetic (bounded temporaries)
+
+
 class BlockRound:
     """One round of many clients' blocks (one block per client), for a vectorised ``learn_many``:
     a column of every block that has it, concatenated, with each row's index into those blocks."""
@@ -255,6 +291,16 @@ class SessionSignal:
         for slot in self.__slots__:
             if slot in state:
                 setattr(self, slot, state[slot])
+
+
+def _codes_of(blocks: BlockRound, which: np.ndarray) -> np.ndarray:
+    """Label codes of the rows of blocks ``which`` (0 where a block has none)."""
+    return np.concatenate(
+        [
+            codes if (codes := blocks.blocks[i].label_codes) is not None else np.zeros(len(blocks.blocks[i]), np.uint32)
+            for i in which.tolist()
+        ]
+    )
 
 
 def _share(num: int, den: int) -> float:
@@ -446,34 +492,49 @@ class PradaSignal(SessionSignal):
         self.d_total = 0
         self._cache = -1.0
 
-    def learn_block(self, block: QueryBlock) -> None:
-        if block.zp is None:
+    @classmethod
+    def learn_many(cls, signals: Sequence[PradaSignal], blocks: BlockRound) -> None:
+        which, zp, owner = blocks.column("zp")
+        if not len(which):
             return
-        zp = block.zp.astype(np.float16).astype(np.float32)
-        codes = block.label_codes if block.label_codes is not None else np.zeros(len(block), dtype=np.uint32)
-        if self.ring.shape[1:] != (zp.shape[1],):
-            self.ring = np.zeros((self.RING, zp.shape[1]), dtype=np.float16)
-            self.filled = self.cursor = 0
-        order = (np.arange(self.filled) + (self.cursor - self.filled)) % self.RING
-        hist = np.concatenate([self.ring[order].astype(np.float32), zp])
-        hist_labels = np.concatenate([self.ring_labels[order], codes])
-        n, offset = len(zp), self.filled
-        d = bcast_dist(zp, hist)
-        j = np.arange(len(hist))[None, :]
-        pos = (offset + np.arange(n))[:, None]
-        valid = (j < pos) & (j >= pos - self.RING) & (hist_labels[None, :] == codes[:, None])
-        d = np.where(valid, d, np.inf)
-        dmin = d.min(axis=1)
-        keep = np.isfinite(dmin) & (dmin > 1e-6)  # exact repeats (retries) carry no information
-        new = dmin[keep].astype(np.float16)
-        self.d_cursor, self.d_filled = ring_append((self.dists,), (new,), self.d_cursor, self.d_filled)
-        if len(new) and (self.d_total // 8) != ((self.d_total + len(new)) // 8):
-            self._cache = -1.0  # W is recomputed every 8 new distances (a fixed, count-based schedule)
-        self.d_total += len(new)
-        moved = np.concatenate([[True], np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0])
-        self.cursor, self.filled = ring_append(
-            (self.ring, self.ring_labels), (zp[moved], codes[moved]), self.cursor, self.filled
+        mine = [signals[i] for i in which.tolist()]
+        zp = zp.astype(np.float16).astype(np.float32)
+        codes = _codes_of(blocks, which)
+        for signal in mine:
+            if signal.ring.shape[1:] != (zp.shape[1],):
+                signal.ring = np.zeros((cls.RING, zp.shape[1]), dtype=np.float16)
+                signal.filled = signal.cursor = 0
+        windows = RecentWindows(
+            cls.RING,
+            np.array([sig.cursor for sig in mine]),
+            np.array([sig.filled for sig in mine]),
+            owner,
         )
+        hist = windows.stack([sig.ring.astype(np.float32) for sig in mine], zp)
+        hist_labels = windows.stack([sig.ring_labels for sig in mine], codes)
+        dmin = np.empty(len(zp), dtype=np.float64)
+        for start in range(0, len(zp), _WINDOW_ROWS):
+            rows = slice(start, start + _WINDOW_ROWS)
+            mine_rows = owner[rows]
+            diff = zp[rows].astype(np.float64)[:, None, :] - hist[mine_rows].astype(np.float64)
+            d = np.sqrt((diff * diff).sum(axis=2))
+            valid = windows.earlier(rows) & (hist_labels[mine_rows] == codes[rows][:, None])
+            dmin[rows] = np.where(valid, d, np.inf).min(axis=1)
+        keep = np.isfinite(dmin) & (dmin > 1e-6)  # exact repeats (retries) carry no information
+        # A query joins the ring only if it moved from the client's previous query in its block.
+        moved = np.r_[True, (np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0) | (owner[1:] != owner[:-1])]
+        bounds = np.r_[0, np.cumsum(np.bincount(owner, minlength=len(mine)))]
+        for j, signal in enumerate(mine):
+            part = slice(bounds[j], bounds[j + 1])
+            new = dmin[part][keep[part]].astype(np.float16)
+            signal.d_cursor, signal.d_filled = ring_append((signal.dists,), (new,), signal.d_cursor, signal.d_filled)
+            if len(new) and (signal.d_total // 8) != ((signal.d_total + len(new)) // 8):
+                signal._cache = -1.0  # W is recomputed every 8 new distances (a fixed, count-based schedule)
+            signal.d_total += len(new)
+            step = moved[part]
+            signal.cursor, signal.filled = ring_append(
+                (signal.ring, signal.ring_labels), (zp[part][step], codes[part][step]), signal.cursor, signal.filled
+            )
 
     def values(self) -> list[float]:
         if self.d_filled < 20:
@@ -546,34 +607,57 @@ class NearDuplicateChainSignal(SessionSignal):
         self.near = 0
         self.flips = 0
 
-    def learn_block(self, block: QueryBlock) -> None:
-        if block.fp is None or block.exact is None:
+    @classmethod
+    def learn_many(cls, signals: Sequence[NearDuplicateChainSignal], blocks: BlockRound) -> None:
+        which, fp, owner = blocks.column("fp")
+        if not len(which):
             return
-        fp = block.fp
-        codes = block.label_codes if block.label_codes is not None else np.zeros(len(block), dtype=np.uint32)
-        if self.ring.shape[1:] != (fp.shape[1],):
-            self.ring = np.zeros((self.RING, fp.shape[1]), dtype=np.uint32)
-            self.filled = self.cursor = 0
-        order = (np.arange(self.filled) + (self.cursor - self.filled)) % self.RING
-        hist = np.concatenate([self.ring[order], fp])
-        hist_exact = np.concatenate([self.ring_exact[order], block.exact])
-        hist_labels = np.concatenate([self.ring_labels[order], codes])
-        n, k, offset = len(fp), fp.shape[1], self.filled
-        # A hash encodes its window and grid offset, so it can only match the same slot of another print.
-        shared = (fp[:, None, :] == hist[None, :, :]).sum(axis=2)
-        j = np.arange(len(hist))[None, :]
-        pos = (offset + np.arange(n))[:, None]
-        valid = (j < pos) & (j >= pos - self.RING) & (hist_exact[None, :] != block.exact[:, None])
-        match = valid & (shared * 2 >= k)
-        near = match.any(axis=1)
-        latest = np.where(match, j, -1).max(axis=1)
-        flipped = near & (hist_labels[np.maximum(latest, 0)] != codes) & (codes > 0)
-        self.near += int(near.sum())
-        self.flips += int(flipped.sum())
-        self.n += n
-        self.cursor, self.filled = ring_append(
-            (self.ring, self.ring_exact, self.ring_labels), (fp, block.exact, codes), self.cursor, self.filled
+        mine = [signals[i] for i in which.tolist()]
+        k = fp.shape[1]
+        # Fingerprints come from vectors, as content hashes do: a block with one has the other.
+        exact = np.concatenate([blocks.blocks[i].exact for i in which.tolist()])
+        codes = _codes_of(blocks, which)
+        for signal in mine:
+            if signal.ring.shape[1:] != (k,):
+                signal.ring = np.zeros((cls.RING, k), dtype=np.uint32)
+                signal.filled = signal.cursor = 0
+        windows = RecentWindows(
+            cls.RING,
+            np.array([sig.cursor for sig in mine]),
+            np.array([sig.filled for sig in mine]),
+            owner,
         )
+        hist = windows.stack([sig.ring for sig in mine], fp)
+        hist_exact = windows.stack([sig.ring_exact for sig in mine], exact)
+        hist_labels = windows.stack([sig.ring_labels for sig in mine], codes)
+        near = np.zeros(len(fp), dtype=bool)
+        flipped = np.zeros(len(fp), dtype=bool)
+        for start in range(0, len(fp), _WINDOW_ROWS):
+            rows = slice(start, start + _WINDOW_ROWS)
+            mine_rows = owner[rows]
+            # A hash encodes its window and grid offset, so it can only match the same slot of another print.
+            shared = (fp[rows][:, None, :] == hist[mine_rows]).sum(axis=2)
+            valid = windows.earlier(rows) & (hist_exact[mine_rows] != exact[rows][:, None])
+            match = valid & (shared * 2 >= k)
+            near[rows] = match.any(axis=1)
+            latest = np.where(match, np.arange(windows.width)[None, :], -1).max(axis=1)
+            label = hist_labels[mine_rows, np.maximum(latest, 0)]
+            flipped[rows] = near[rows] & (label != codes[rows]) & (codes[rows] > 0)
+        near_counts = np.bincount(owner[near], minlength=len(mine))
+        flip_counts = np.bincount(owner[flipped], minlength=len(mine))
+        sizes = np.bincount(owner, minlength=len(mine))
+        bounds = np.r_[0, np.cumsum(sizes)]
+        for j, signal in enumerate(mine):
+            part = slice(bounds[j], bounds[j + 1])
+            signal.near += int(near_counts[j])
+            signal.flips += int(flip_counts[j])
+            signal.n += int(sizes[j])
+            signal.cursor, signal.filled = ring_append(
+                (signal.ring, signal.ring_exact, signal.ring_labels),
+                (fp[part], exact[part], codes[part]),
+                signal.cursor,
+                signal.filled,
+            )
 
     def values(self) -> list[float]:
         if self.n < 5:

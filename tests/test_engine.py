@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -68,6 +69,27 @@ def test_alerts_do_not_depend_on_batch_boundaries(simulated: list[QueryRecord]) 
     assert {e[3] for e in reference} == {"firing", "resolved"}
     for batch in (1, 97, 1000):
         assert ordered(run(simulated, batch)) == ordered(reference)
+
+
+def test_models_of_different_input_widths_share_a_batch(simulated: list[QueryRecord]) -> None:
+    # Clients of two models learn in the same rounds; each model alerts as it does alone.
+    wide = [
+        msgspec.structs.replace(
+            r, model_id="wide-v1", vector=None if r.vector is None else np.tile(r.vector, 2), position=r.position
+        )
+        for r in simulated
+    ]
+    mixed = [r for pair in zip(simulated, wide, strict=True) for r in pair]
+
+    def alerts(records: list[QueryRecord], model_id: str) -> list[AlertEvent]:
+        detector = small_detector()
+        out = [s for i in range(0, len(records), 500) for s in detector.process(records[i : i + 500])]
+        return ordered(alert_events([s for s in out if s.model_id == model_id], detector.alert_threshold))
+
+    alone = alerts(simulated, "fraud-v3")
+    assert alone
+    assert alerts(mixed, "fraud-v3") == alone
+    assert alerts(mixed, "wide-v1") == alerts(wide, "wide-v1")
 
 
 def test_checkpoint_restore_continues_exactly(simulated: list[QueryRecord]) -> None:
