@@ -254,13 +254,11 @@ class ModelPopulation:
     def inputs_ready(self) -> bool:
         return self.frame is not None and len(self.sample) > 0
 
-    def baseline(self, s: int, bucket: int) -> tuple[int, float, float, float] | None:
-        """(bucket used, median, upper quartile, clients) of signal ``s`` for a client in ``bucket``:
-        the highest bucket at or below it with enough clients; None while warming up."""
-        row = self.table[s, bucket]
-        if math.isnan(row[0]):
-            return None
-        return int(row[0]), float(row[1]), float(row[2]), float(row[3])
+    def baselines(self, bucket: int) -> list[list[float]]:
+        """Per signal, [bucket used, median, upper quartile, clients] for a client in ``bucket``: the
+        highest bucket at or below it with enough clients (all NaN while warming up)."""
+        rows: list[list[float]] = self.table[:, bucket].tolist()
+        return rows
 
     # ----------------------------------------------------------------------------------- checkpoint
     def published_state(self) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class CalibratedScorer:
         self.scales = [s[2] for s in self.specs]
         self.threshold = alert_threshold
         self.budget = false_alarm_budget
+        self._primary = [name not in CORROBORATING_ONLY for name in self.names]
 
     def score(
         self,
@@ -95,26 +96,22 @@ class CalibratedScorer:
         client_queries: int,
     ) -> KindScores:
         bucket = bucket_of(client_queries)
-        signals_by_index: list[tuple[SessionSignal, int]] = [
-            (sig, i) for sig in signals for i in range(len(sig.OUTPUTS))
-        ]
-        value_of = values
         per_kind: dict[str, list[tuple[float, int, str]]] = {k: [] for k in ATTACK_KINDS}
         warming = population is None
         shown: dict[str, float] = {}
         texts: dict[int, tuple[int, float, float, float, float]] = {}
-        for s, (name, kinds, scale, floor) in enumerate(self.specs):
-            value = float(values[s])
+        baselines = population.baselines(bucket) if population is not None else []
+        for s, ((name, kinds, scale, floor), value) in enumerate(zip(self.specs, values.tolist(), strict=True)):
             if math.isnan(value):
                 continue
             shown[name] = value
             if population is None:
                 continue
-            base = population.baseline(s, bucket)
-            if base is None:
+            warm, q50, q75, total = baselines[s]
+            if math.isnan(warm):
                 warming = True
                 continue
-            wb, q50, q75, total = base
+            wb = int(warm)
             if scale == "log":  # rates and counts: compare orders of magnitude
                 p = tail_probability(math.log10(max(value, 1e-3)), math.log10(q50), math.log10(q75), floor)
             elif name in COUNT_SHARES:  # k of n queries: the luck of few queries, integrated exactly
@@ -133,7 +130,7 @@ class CalibratedScorer:
             scores[kind], tail_p[kind] = 0.0, 1.0
             if not found or (kind == "volume" and len(found) < 2):
                 continue
-            primary = [item for item in found if self.names[item[1]] not in CORROBORATING_ONLY]
+            primary = [item for item in found if self._primary[item[1]]]
             if not primary:
                 continue
             p1 = primary[0]
@@ -144,10 +141,11 @@ class CalibratedScorer:
             value = self.score_of(p_kind)
             scores[kind], tail_p[kind] = round(value, 6), p_kind
             if value >= 0.5 * self.threshold:
+                signals_by_index = [(sig, i) for sig in signals for i in range(len(sig.OUTPUTS))]
                 reasons.extend(
                     (
                         value - 1e-3 * rank,
-                        f"{kind}: {self._reason(signals_by_index[s], texts[s], value_of[s], s)}",
+                        f"{kind}: {self._reason(signals_by_index[s], texts[s], values[s], s)}",
                     )
                     for rank, (p, s, _) in enumerate(found[:2])
                     if p <= max(p_kind, found[0][0])

@@ -175,7 +175,7 @@ def test_alert_threshold_corresponds_to_the_false_alarm_budget() -> None:
     pop.publish()
     scorer = CalibratedScorer(specs, alert_threshold=0.8, false_alarm_budget=1e-3)
     shares = [i for i, s in enumerate(specs) if s[2] == "unit" and "boundary_probing" in s[1]]
-    _, q50, q75, _ = pop.baseline(shares[0], bucket_of(100)) or (0, 0.0, 0.0, 0.0)
+    _, q50, q75, _ = pop.baselines(bucket_of(100))[shares[0]]
     spread = max(q75 - q50, 0.01)
     at_budget = q75 + spread * math.log2(0.25 / 1e-3)
     values = np.full(len(specs), np.nan)
