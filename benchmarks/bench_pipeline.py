@@ -1,14 +1,21 @@
 """End-to-end throughput of probewatch beside its baselines, in one run, on the same data.
 
-Rows printed (events/s, one process each):
-  file → chDB            probewatch run --input on a simulated log, embedded ClickHouse
-  bare consumer          kafka-python reading the same topic, values only (the ceiling for this design)
-  kafka → ClickHouse     probewatch's pipeline: Kafka consumer group → detectors → clickhouse-server
-  naive per-event River  json.loads + a River model learn_one/score_one per event + batched inserts
-                         (the pipeline a user would write first)
+Two traffic shapes (simulated logs of one model, benign clients and a few attackers of each kind):
+  long sessions   clients of ~400 queries each: most blocks of a client's queries are long
+  short sessions  many clients of ~25 queries each: per-client work dominates (scored every 5 queries)
+
+Rows printed per shape (events/s, one process each, all reading the same topic):
+  bare consumer            kafka-python reading values only (the ceiling for this design)
+  consume + decode         the same consumer and probewatch's record decoder, nothing else: what is
+                           left of the ceiling before detection starts
+  kafka → ClickHouse       probewatch's pipeline: consumer group → detectors → clickhouse-server
+  naive per-event River    json.loads + a River model learn_one/score_one per event + batched inserts
+                           (the pipeline a user would write first)
+  file → chDB              probewatch run --input on the log file, embedded ClickHouse
 
 Needs the local services (`make services-up`). Usage:
-  python benchmarks/bench_pipeline.py [--records 60000] [--kafka 127.0.0.1:19092] [--clickhouse 127.0.0.1:19000]
+  python benchmarks/bench_pipeline.py [--records 60000] [--shapes long,short] [--skip-naive]
+                                      [--kafka 127.0.0.1:19092] [--clickhouse 127.0.0.1:19000]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
 from ingest.deadletter import FileDeadLetterSink
+from ingest.records import RecordDecoder, SourcePosition
 from ingest.sources import KafkaSource
 from probewatch.app import Pipeline
 from probewatch.config import Config, load_config
@@ -35,15 +43,17 @@ from probewatch.simulate import SimulationPlan, write_simulation
 from probewatch.wiring import build_alert_sinks, build_and_run, build_state_backend
 from storage import open_store
 
+SHAPES = {"long": 400, "short": 25}  # queries per client
 
-def make_log(directory: Path, records: int) -> Path:
-    path = directory / "bench.jsonl"
-    clients = max(8, records // 400)
+
+def make_log(directory: Path, records: int, queries_per_client: int = 400) -> Path:
+    path = directory / f"bench-{queries_per_client}.jsonl"
+    clients = max(8, records // queries_per_client)
     write_simulation(
         SimulationPlan(
             benign_clients=clients,
-            attackers_per_kind=max(1, clients // 20),
-            queries_per_client=400,
+            attackers_per_kind=max(1, min(clients // 20, 4)),
+            queries_per_client=queries_per_client,
             malformed=50,
         ),
         str(path),
@@ -96,6 +106,29 @@ def bench_bare_consumer(bootstrap: str, topic: str, total: int) -> float:
                 started = time.perf_counter()
             seen += len(messages)
             nbytes += sum(len(m.value) for m in messages)
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    consumer.close()
+    return seen / elapsed
+
+
+def bench_consume_decode(bootstrap: str, topic: str, total: int) -> float:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"decode-{uuid.uuid4().hex[:6]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_poll_records=5000,
+    )
+    decoder = RecordDecoder()
+    seen = 0
+    started = None
+    while seen < total:
+        for messages in consumer.poll(timeout_ms=500, max_records=5000).values():
+            if started is None:
+                started = time.perf_counter()
+            seen += len(messages)
+            decoder.decode_batch([(m.value, SourcePosition(m.topic, m.partition, m.offset), m.key) for m in messages])
     elapsed = time.perf_counter() - (started or time.perf_counter())
     consumer.close()
     return seen / elapsed
@@ -210,37 +243,47 @@ def bench_naive_river(bootstrap: str, topic: str, total: int, host: str, port: i
     return seen / elapsed
 
 
+def bench_shape(args: argparse.Namespace, shape: str, directory: Path) -> list[tuple[str, float]]:
+    host, port = args.clickhouse.split(":")
+    path = make_log(directory, args.records, SHAPES[shape])
+    file_rate, n = bench_file(path, directory)
+    print(f"{shape} sessions: {n} records ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    total = produce(args.kafka, topic, path)
+    results = [
+        ("bare kafka-python consumer (ceiling)", bench_bare_consumer(args.kafka, topic, total)),
+        ("consume + decode, no detection", bench_consume_decode(args.kafka, topic, total)),
+        (
+            "probewatch kafka → ClickHouse server",
+            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), directory),
+        ),
+    ]
+    if not args.skip_naive:
+        results.append(("naive per-event River pipeline", bench_naive_river(args.kafka, topic, total, host, int(port))))
+    results.append(("probewatch file → chDB", file_rate))
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=60_000)
+    parser.add_argument("--shapes", default="long,short", help="traffic shapes to run: long, short")
     parser.add_argument("--kafka", default="127.0.0.1:19092")
     parser.add_argument("--clickhouse", default="127.0.0.1:19000")
     parser.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive River baseline")
     args = parser.parse_args()
-    host, port = args.clickhouse.split(":")
+    shapes = [shape.strip() for shape in args.shapes.split(",") if shape.strip()]
+    unknown = [shape for shape in shapes if shape not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        path = make_log(directory, args.records)
-        results: list[tuple[str, float]] = []
-        file_rate, n = bench_file(path, directory)
-        print(f"log: {n} records ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
-        results.append(("probewatch file → chDB", file_rate))
-        topic = f"bench-{uuid.uuid4().hex[:8]}"
-        total = produce(args.kafka, topic, path)
-        bare = bench_bare_consumer(args.kafka, topic, total)
-        results.append(("bare kafka-python consumer (ceiling)", bare))
-        pw = bench_probewatch_kafka(args.kafka, topic, total, host, int(port), directory)
-        results.append(("probewatch kafka → ClickHouse server", pw))
-        if not args.skip_naive:
-            results.append(
-                (
-                    "naive per-event River pipeline",
-                    bench_naive_river(args.kafka, topic, total, host, int(port)),
-                )
-            )
-    print(f"\n{'pipeline':<40} {'events/s':>12} {'vs bare consumer':>18}")
-    for name, rate in results:
-        print(f"{name:<40} {rate:>12,.0f} {rate / bare:>17.0%}")
+        tables = [(shape, bench_shape(args, shape, Path(tmp))) for shape in shapes]
+    for shape, results in tables:
+        bare = results[0][1]
+        title = f"{shape} sessions ({SHAPES[shape]} queries/client)"
+        print(f"\n{title:<40} {'events/s':>12} {'vs bare consumer':>18}")
+        for name, rate in results:
+            print(f"{name:<40} {rate:>12,.0f} {rate / bare:>17.0%}")
     return 0
 
 
