@@ -23,6 +23,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ingest.records import SourcePosition
+from ingest.transactions import KafkaTransactions
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ class Source(Protocol):
 
     def commit(self, batch: list[RawMessage]) -> None:
         """Mark every message of ``batch`` as done; called after its results are stored."""
+        ...
+
+    def rewind(self) -> None:
+        """Go back to the last committed position, reporting the partitions revoked and assigned
+        again (so their state is restored as committed); after an aborted transaction."""
         ...
 
     def stop(self) -> None:
@@ -139,6 +145,9 @@ class FileSource:
         # A file has no consumer offsets; results are already durable when this is called.
         return None
 
+    def rewind(self) -> None:
+        raise NotImplementedError("a file is read once: file runs are never transactional")
+
     def stop(self) -> None:
         self._stopped = True
 
@@ -171,7 +180,10 @@ class KafkaSource:
     Partition assignment changes are reported through ``on_assigned`` / ``on_revoked`` so that the
     application can restore or flush per-partition state. kafka-python runs these callbacks inside
     ``poll()``; since every batch is stored and committed before the next poll, a revocation never
-    strands uncommitted results.
+    strands uncommitted results (nor an open transaction).
+
+    With ``transactions`` (exactly-once), :meth:`commit` adds the offsets to the open transaction
+    instead of committing them, and only committed input is read.
     """
 
     def __init__(
@@ -179,12 +191,14 @@ class KafkaSource:
         config: Any,
         on_assigned: PartitionCallback | None = None,
         on_revoked: PartitionCallback | None = None,
+        transactions: KafkaTransactions | None = None,
     ) -> None:
         self.config = config
         self.name = f"kafka:{config.topic}"
         self._stopped = False
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
+        self._transactions = transactions
         self._consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers.split(","),
             group_id=config.group_id,
@@ -195,6 +209,7 @@ class KafkaSource:
             partition_assignment_strategy=[_ASSIGNORS[config.assignment_strategy]],
             max_poll_interval_ms=config.max_poll_interval_ms,
             session_timeout_ms=config.session_timeout_ms,
+            isolation_level="read_uncommitted" if transactions is None else "read_committed",
             **kafka_security_options(config),
         )
         self._consumer.subscribe([config.topic], listener=_RebalanceListener(self))
@@ -232,8 +247,13 @@ class KafkaSource:
             latest[tp] = max(latest.get(tp, -1), message.position.offset)
         if not latest:
             return
+        offsets = {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in latest.items()}
+        if self._transactions is not None:
+            # Errors go to the transaction, which aborts: the offsets count only if it commits.
+            self._transactions.send_offsets(offsets, self._consumer.group_metadata())
+            return
         try:
-            self._consumer.commit({tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in latest.items()})
+            self._consumer.commit(offsets)
         except KafkaError as exc:
             # Safe to go on: the next successful commit covers these offsets too, and if the partitions
             # moved meanwhile (a rebalance), their new owner replays from the last committed offset onto
@@ -241,6 +261,25 @@ class KafkaSource:
             log.warning(
                 "offset commit failed (%s: %s); the records will be replayed, not lost", type(exc).__name__, exc
             )
+
+    def rewind(self) -> None:
+        assigned = sorted(self._consumer.assignment())
+        partitions = [tp.partition for tp in assigned]
+        if not partitions:
+            return
+        log.info("rewinding partitions %s to their committed offsets", partitions)
+        if self._on_revoked:
+            self._on_revoked(partitions)
+        for tp in assigned:
+            committed = self._consumer.committed(tp)
+            if committed is not None:
+                self._consumer.seek(tp, committed)
+            elif self.config.auto_offset_reset == "earliest":
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek_to_end(tp)
+        if self._on_assigned:
+            self._on_assigned(partitions)
 
     def lag(self) -> dict[int, int]:
         """Messages behind the log end, per assigned partition (for metrics)."""

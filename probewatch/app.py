@@ -5,6 +5,12 @@ scores, alerts and stats written to ClickHouse → session state checkpointed wi
 positions → offsets committed → alerts handed to the receivers. A crash anywhere replays the batch;
 replayed writes collapse in ClickHouse (deterministic keys) and records already folded into a
 checkpoint are skipped, so nothing is lost and nothing is counted twice.
+
+With ``kafka.processing_guarantee = "exactly_once"`` (Kafka Streams' exactly_once_v2) the order is:
+scores, alerts and stats written to ClickHouse (idempotent, as above) → one Kafka transaction with
+the dead letters, the checkpoint and the source offsets → alerts handed to the receivers. A batch
+whose transaction aborts leaves nothing visible to read_committed readers and is processed again from
+the committed offsets and state, so its dead letters are produced once too.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from detectors.scores import SessionScore
 from ingest.deadletter import DeadLetterSink
 from ingest.records import RecordDecoder, SourcePosition
 from ingest.sources import RawMessage, Source
+from ingest.transactions import KafkaTransactions, ProducerFenced, TransactionAborted
 from probewatch.changelog import StateBackend
 from probewatch.config import Config
 from probewatch.metrics import PipelineMetrics
@@ -85,6 +92,8 @@ class Pipeline:
         state: StateBackend | None,
         detector: SessionDetector | None = None,
         progress: ProgressCallback | None = None,
+        worker_id: str | None = None,
+        transactions: KafkaTransactions | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -93,7 +102,10 @@ class Pipeline:
         # Where session state is checkpointed (None: not at all, e.g. a file run, which is a replay).
         self.state = state
         self.progress = progress
-        self.worker_id = f"{config.kafka.client_id}-{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id or new_worker_id(config)
+        # Exactly-once: the producer of `dead_letters` and `state`, whose output and the source's
+        # offsets are committed together per batch (None: at least once).
+        self.transactions = transactions
         self.decoder = RecordDecoder(
             max_record_bytes=config.limits.max_record_bytes,
             max_vector_len=config.limits.max_vector_len,
@@ -223,10 +235,8 @@ class Pipeline:
         records, letters = self.decoder.decode_batch(fresh)
         scores = self.detector.process(records)
         alerts = self.policy.evaluate(scores)
-        if letters:
-            self.dead_letters.write(letters)
-            self._dlq_reasons.update(reason_class(x.reason) for x in letters)
-        self.dead_letters.flush()
+        if self.transactions is None:
+            self._dead_letter(letters)
         batch_id = _batch_id(batch)
         store_started = time.perf_counter()
         if batch or scores:
@@ -251,9 +261,11 @@ class Pipeline:
                     ),
                 )
             )
-        if self.state is not None:
-            self._checkpoint(self.state, max_offsets)
-        source.commit(batch)
+        if self.transactions is None:
+            self._commit(batch, max_offsets, source)
+        elif not self._commit_transaction(self.transactions, batch, letters, max_offsets, source):
+            return []  # replayed from the committed offsets: counted and delivered then
+        self._dlq_reasons.update(reason_class(x.reason) for x in letters)
         self._deliver(alerts)
         self._observe(batch, letters, scores, alerts, started)
         self.summary.batches += 1
@@ -326,6 +338,44 @@ class Pipeline:
                 except Exception as exc:  # metrics must never stop the pipeline
                     log.debug("cannot read consumer lag: %s", exc)
 
+    def _dead_letter(self, letters: list[Any]) -> None:
+        if letters:
+            self.dead_letters.write(letters)
+        self.dead_letters.flush()
+
+    def _commit(self, batch: list[RawMessage], max_offsets: dict[int, int], source: Source) -> None:
+        """Checkpoint the state with the batch's positions, then commit the batch's offsets."""
+        if self.state is not None:
+            self._checkpoint(self.state, max_offsets)
+        source.commit(batch)
+
+    def _commit_transaction(
+        self,
+        transactions: KafkaTransactions,
+        batch: list[RawMessage],
+        letters: list[Any],
+        max_offsets: dict[int, int],
+        source: Source,
+    ) -> bool:
+        """Dead letters, checkpoint and offsets in one transaction; False when it was aborted and the
+        batch is to be processed again. Nothing here polls, so no rebalance runs inside the transaction."""
+        try:
+            with transactions.transaction():
+                self._dead_letter(letters)
+                self._commit(batch, max_offsets, source)
+        except ProducerFenced as exc:
+            log.critical("stopping: this worker is a zombie, its transactional producer was fenced (%s)", exc)
+            raise
+        except TransactionAborted as exc:
+            log.warning("transaction aborted (%s); processing the batch again from the committed offsets", exc)
+            self.metrics.transactions_aborted.inc()
+            # The in-memory state (population baselines included) went ahead with the batch: restore
+            # every owned partition from the changelog, where the aborted checkpoint is not.
+            self._population_restored = False
+            source.rewind()
+            return False
+        return True
+
     def _checkpoint(self, state: StateBackend, max_offsets: dict[int, int]) -> None:
         dirty = self.detector.take_checkpoint()
         self._version += 1
@@ -346,6 +396,11 @@ class Pipeline:
             self.state.close()
         self.dead_letters.close()
         self.store.close()
+
+
+def new_worker_id(config: Config) -> str:
+    """Unique per process: it names this worker's batches and, under exactly-once, its transactional id."""
+    return f"{config.kafka.client_id}-{uuid.uuid4().hex[:8]}"
 
 
 def policy_settings(config: Config) -> PolicySettings:

@@ -90,17 +90,29 @@ class StoreStateBackend:
 
 
 class KafkaChangelog:
-    """A compacted changelog topic with as many partitions as the source topic."""
+    """A compacted changelog topic with as many partitions as the source topic.
+
+    With ``transactional_producer`` (exactly-once) the entries are produced in the caller's open
+    transaction, which makes them visible, and flush() only waits for them; replay reads committed
+    entries only, so an aborted checkpoint is never restored. The caller owns that producer."""
 
     def __init__(
-        self, topic: str, source_topic: str, kafka_options: dict[str, Any], replication_factor: int = -1
+        self,
+        topic: str,
+        source_topic: str,
+        kafka_options: dict[str, Any],
+        replication_factor: int = -1,
+        *,
+        transactional_producer: KafkaProducer | None = None,
     ) -> None:
         self.topic = topic
         self.options = kafka_options
         # -1: the broker's default.replication.factor (KIP-464).
         self.replication_factor = replication_factor
         self.partitions = _retry(lambda: self._ensure_topic(source_topic), f"preparing changelog {topic}")
-        self.producer = KafkaProducer(acks="all", linger_ms=5, **kafka_options)
+        self._owns_producer = transactional_producer is None
+        self._isolation_level = "read_uncommitted" if transactional_producer is None else "read_committed"
+        self.producer = transactional_producer or KafkaProducer(acks="all", linger_ms=5, **kafka_options)
 
     def _ensure_topic(self, source_topic: str) -> int:
         admin = KafkaAdminClient(**self.options)
@@ -161,7 +173,9 @@ class KafkaChangelog:
         if not physical:
             return states, positions
         started = time.monotonic()
-        consumer = KafkaConsumer(enable_auto_commit=False, group_id=None, **self.options)
+        consumer = KafkaConsumer(
+            enable_auto_commit=False, group_id=None, isolation_level=self._isolation_level, **self.options
+        )
         try:
             tps = [TopicPartition(self.topic, p) for p in physical]
             consumer.assign(tps)
@@ -170,7 +184,7 @@ class KafkaChangelog:
             remaining = {tp for tp in tps if ends[tp] > 0}
             read = 0
             while remaining:
-                for tp, messages in consumer.poll(timeout_ms=1000, max_records=10_000).items():
+                for messages in consumer.poll(timeout_ms=1000, max_records=10_000).values():
                     for message in messages:
                         read += 1
                         logical_text, _, key = message.key.decode().partition(_SEP)
@@ -187,8 +201,9 @@ class KafkaChangelog:
                             unfinished[logical].clear()
                         else:
                             unfinished[logical][key] = message.value
-                    if consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
+                # Every partition, not only those that returned records: the end of a transactional
+                # changelog can be an aborted transaction and its marker, which return none.
+                remaining = {tp for tp in remaining if consumer.position(tp) < ends[tp]}
             dropped = {p: len(u) for p, u in unfinished.items() if u}
             if dropped:
                 log.warning(
@@ -207,4 +222,5 @@ class KafkaChangelog:
 
     def close(self) -> None:
         self.producer.flush()
-        self.producer.close()
+        if self._owns_producer:
+            self.producer.close()

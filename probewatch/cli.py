@@ -280,6 +280,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Until the loop installs its own handler, SIGTERM (an orchestrator scaling down or rolling a
     # deployment) ends start-up cleanly: nothing has been consumed yet, so nothing can be lost.
     signal.signal(signal.SIGTERM, _terminate_during_startup)
+    from ingest.transactions import ProducerFenced
     from probewatch.wiring import build_and_run
 
     overrides: dict[str, Any] = {}
@@ -295,7 +296,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.source == "file" and not args.input:
         raise ConfigError("source is 'file': give --input PATH (or '-' for stdin), or use --source kafka")
     show_progress = not args.quiet and sys.stderr.isatty()
-    summary = build_and_run(config, input_path=args.input, dlq_path=args.dlq_out, progress=show_progress)
+    try:
+        summary = build_and_run(config, input_path=args.input, dlq_path=args.dlq_out, progress=show_progress)
+    except ProducerFenced as exc:
+        # A zombie under exactly-once (the pipeline logged it): exit without a traceback.
+        print(f"probewatch: stopped, the transactional producer was fenced: {exc}", file=sys.stderr)
+        return 4
     if config.source == "file":
         print_summary(summary, top=args.top)
     return 0

@@ -53,6 +53,11 @@ class KafkaConfig(_Section):
     # cooperative-sticky (KIP-429): a rebalance moves only the partitions that change owner, so the
     # other workers keep consuming and keep their session state in memory.
     assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
+    # Kafka Streams' names. at_least_once: a crash can re-send a batch's dead letters (ClickHouse
+    # writes are idempotent either way). exactly_once (Streams' exactly_once_v2): each batch's dead
+    # letters, changelog entries and consumer offsets are committed in one Kafka transaction, and the
+    # input and changelog are read read_committed; needs state.backend = "changelog" and brokers >= 2.5.
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     ssl_cafile: str = ""
     ssl_certfile: str = ""
@@ -303,6 +308,10 @@ class Config(_Section):
         if 0 < self.sessions.client_ttl_s <= self.sessions.inactivity_gap_s:
             problems.append("sessions.client_ttl_s must be 0 (keep forever) or longer than sessions.inactivity_gap_s")
         problems.extend(self.alerting.problems())
+        if self.kafka.processing_guarantee == "exactly_once" and self.state.backend != "changelog":
+            # A checkpoint in ClickHouse cannot join the Kafka transaction: an aborted batch would
+            # leave state ahead of the committed offsets, and its records would be counted twice.
+            problems.append('kafka.processing_guarantee = "exactly_once" needs state.backend = "changelog"')
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.storage.database):
             problems.append(f"storage.database must be a plain identifier, got {self.storage.database!r}")
         if problems:

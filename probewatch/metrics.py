@@ -1,7 +1,8 @@
 """Operational metrics in Prometheus format, and health endpoints, on one small HTTP server.
 
 ``/metrics``  Prometheus text format (consumed, scored, dead-lettered, lag, batch latency, state size,
-              alerts raised, alert deliveries per receiver and outcome, alert queues, storage errors)
+              alerts raised, alert deliveries per receiver and outcome, alert queues, storage errors,
+              aborted transactions)
 ``/healthz``  200 while the processing loop has made progress recently (liveness)
 ``/readyz``   200 once the store is migrated and the source is consuming, and while storage is reachable
 """
@@ -38,6 +39,11 @@ class PipelineMetrics:
         self.alerts = Counter("probewatch_alerts", "Alerts raised by the policy", ["kind", "status"], registry=r)
         self.batches = Counter("probewatch_batches", "Micro-batches processed", registry=r)
         self.storage_errors = Counter("probewatch_storage_errors", "Failed writes to storage (retried)", registry=r)
+        self.transactions_aborted = Counter(
+            "probewatch_transactions_aborted",
+            "Batches whose Kafka transaction aborted and that were processed again (exactly-once only)",
+            registry=r,
+        )
         self.batch_latency = Histogram(
             "probewatch_batch_latency_seconds",
             "Time from a batch's arrival to its offsets being committed",

@@ -11,7 +11,8 @@ from alerting.render import AlertFormatter
 from alerting.sinks import AlertSink, ConsoleSink, JsonLinesSink
 from ingest.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
 from ingest.sources import FileSource, KafkaSource, Source, kafka_security_options
-from probewatch.app import Pipeline, RunSummary
+from ingest.transactions import KafkaTransactions
+from probewatch.app import Pipeline, RunSummary, new_worker_id
 from probewatch.changelog import KafkaChangelog, StateBackend, StoreStateBackend
 from probewatch.config import AlertReceiverConfig, Config, ConfigError
 from probewatch.metrics import MetricsServer
@@ -117,8 +118,19 @@ def _progress_printer() -> Any:
     return show
 
 
-def build_state_backend(config: Config, store: Any) -> StateBackend | None:
-    """Kafka workers checkpoint session state; a file run is a replay and keeps none."""
+def _kafka_options(config: Config, role: str) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": config.kafka.bootstrap_servers.split(","),
+        "client_id": f"{config.kafka.client_id}-{role}",
+        **kafka_security_options(config.kafka),
+    }
+
+
+def build_state_backend(
+    config: Config, store: Any, transactions: KafkaTransactions | None = None
+) -> StateBackend | None:
+    """Kafka workers checkpoint session state; a file run is a replay and keeps none. Under
+    exactly-once the changelog is written by the transactional producer of ``transactions``."""
     if config.source != "kafka":
         return None
     if config.state.backend == "clickhouse":
@@ -126,13 +138,17 @@ def build_state_backend(config: Config, store: Any) -> StateBackend | None:
     return KafkaChangelog(
         config.state.changelog_topic or f"{config.kafka.topic}.changelog",
         config.kafka.topic,
-        {
-            "bootstrap_servers": config.kafka.bootstrap_servers.split(","),
-            "client_id": f"{config.kafka.client_id}-state",
-            **kafka_security_options(config.kafka),
-        },
+        _kafka_options(config, "state"),
         replication_factor=config.state.changelog_replication_factor,
+        transactional_producer=transactions.producer if transactions is not None else None,
     )
+
+
+def transactional_id(config: Config, worker_id: str) -> str:
+    """The group names the application, the worker id (unique per process) the producer: two live
+    workers never share an id, so neither fences the other (KIP-447 fences zombies by the consumer
+    group's generation instead, as Kafka Streams' exactly_once_v2 does)."""
+    return f"{config.kafka.group_id}-{worker_id}"
 
 
 def build_and_run(
@@ -140,18 +156,18 @@ def build_and_run(
 ) -> RunSummary:
     store = open_store(config.storage)
     store.migrate()
+    worker_id = new_worker_id(config)
     dead_letters: DeadLetterSink
     producer = None
-    if config.source == "kafka":
+    transactions = None
+    if config.source == "kafka" and config.kafka.processing_guarantee == "exactly_once":
+        transactions = KafkaTransactions(transactional_id(config, worker_id), **_kafka_options(config, "txn"))
+        producer = transactions.producer
+        dead_letters = KafkaDeadLetterSink(producer, config.kafka.effective_dlq_topic)
+    elif config.source == "kafka":
         from kafka import KafkaProducer
 
-        producer = KafkaProducer(
-            bootstrap_servers=config.kafka.bootstrap_servers.split(","),
-            client_id=f"{config.kafka.client_id}-dlq",
-            acks="all",
-            linger_ms=5,
-            **kafka_security_options(config.kafka),
-        )
+        producer = KafkaProducer(acks="all", linger_ms=5, **_kafka_options(config, "dlq"))
         dead_letters = KafkaDeadLetterSink(producer, config.kafka.effective_dlq_topic)
     else:
         default_dlq = "probewatch-dlq.jsonl" if input_path in (None, "-") else f"{input_path}.dlq.jsonl"
@@ -161,8 +177,10 @@ def build_and_run(
         store,
         dead_letters,
         build_alert_sinks(config),
-        state=build_state_backend(config, store),
+        state=build_state_backend(config, store, transactions),
         progress=_progress_printer() if progress else None,
+        worker_id=worker_id,
+        transactions=transactions,
     )
     source: Source
     if config.source == "kafka":
@@ -170,13 +188,16 @@ def build_and_run(
             config.kafka,
             on_assigned=pipeline.on_partitions_assigned,
             on_revoked=pipeline.on_partitions_revoked,
+            transactions=transactions,
         )
         log.info(
-            "consuming %s from %s as group %s (storage: %s)",
+            "consuming %s from %s as group %s (storage: %s, processing guarantee: %s%s)",
             config.kafka.topic,
             config.kafka.bootstrap_servers,
             config.kafka.group_id,
             config.storage.backend,
+            config.kafka.processing_guarantee,
+            f", transactional id {transactions.transactional_id}" if transactions is not None else "",
         )
     else:
         source = FileSource(input_path or "-", config.file.batch_max_records, config.limits.max_record_bytes)

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import requests
@@ -179,9 +179,13 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def dlq_documents(bootstrap: str, topic: str) -> list[dict[str, object]]:
+def dlq_documents(bootstrap: str, topic: str, isolation_level: str = "read_uncommitted") -> list[dict[str, Any]]:
     consumer = KafkaConsumer(
-        f"{topic}.dlq", bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000
+        f"{topic}.dlq",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=3000,
+        isolation_level=isolation_level,
     )
     docs = [json.loads(m.value) for m in consumer]
     consumer.close()

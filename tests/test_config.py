@@ -47,3 +47,14 @@ def test_secrets_from_files_are_redacted(tmp_path: Path) -> None:
     config = load_config(environ={"PROBEWATCH__STORAGE__CLICKHOUSE__PASSWORD_FILE": str(secret)})
     assert config.storage.clickhouse.password == "s3cret"
     assert "s3cret" not in str(redacted(config))
+
+
+def test_processing_guarantee_is_validated() -> None:
+    assert load_config(environ={}).kafka.processing_guarantee == "at_least_once"
+    env = {"PROBEWATCH__KAFKA__PROCESSING_GUARANTEE": "exactly_once"}
+    assert load_config(environ=env).kafka.processing_guarantee == "exactly_once"
+    with pytest.raises(ConfigError, match=r"kafka\.processing_guarantee"):
+        load_config(environ={"PROBEWATCH__KAFKA__PROCESSING_GUARANTEE": "exactly_once_v2"})
+    # The ClickHouse state backend cannot take part in a Kafka transaction.
+    with pytest.raises(ConfigError, match=r'needs state\.backend = "changelog"'):
+        load_config(environ={**env, "PROBEWATCH__STATE__BACKEND": "clickhouse"})
