@@ -39,7 +39,8 @@ FIXED = 1_000_000  # fixed-point scale for exact sums of per-query floats
 
 
 class QueryBlock(msgspec.Struct, gc=False):
-    """One client's queries from one chunk, in columns, plus what the model's population gives."""
+    """One client's queries from one chunk, in columns, plus what the model's population gives (the
+    engine also holds a model's whole micro-batch in one, and cuts clients' blocks from it: ``rows``)."""
 
     ts: np.ndarray  # float64 event times, epoch seconds
     vectors: np.ndarray | None  # float32 (n, d) where every query had an input vector, else None
