@@ -14,12 +14,14 @@ from detectors.population import (
     ModelPopulation,
     binomial_tail,
     bucket_of,
+    mix64,
     share_tail_probability,
     tail_probability,
 )
 from detectors.scoring import CalibratedScorer
 from detectors.signals import (
     DEFAULT_SIGNALS,
+    BlockRound,
     CellCoverageSignal,
     ClassCoverageSignal,
     InputShapeSignal,
@@ -120,6 +122,44 @@ def test_step_geometry_sees_binary_search_and_coordinate_wise_steps() -> None:
     simba.learn_block(block(np.array(out)))
     assert bisect.values()[0] > 0.9
     assert simba.values()[1] > 0.9 and simba.values()[0] < 0.2
+
+
+def test_a_round_of_many_clients_learns_what_each_client_learns_alone() -> None:
+    # The engine folds a round of many clients' chunks in one vectorised pass per signal; nothing may
+    # leak between the clients of a round (windows of recent queries, carried steps, last inputs).
+    rng = np.random.default_rng(9)
+    pop = ModelPopulation("m", 1, min_clients=4)
+    for client in range(8):
+        raw = rng.normal(size=(40, 8)).astype(np.float32)
+        pop.add_inputs(raw, mix64(np.arange(40, dtype=np.uint64) + np.uint64(1000 * client)), client + 1)
+    pop.publish()
+    assert pop.inputs_ready and pop.input_model is not None
+    clients = 5
+    together = [[t() for t in DEFAULT_SIGNALS] for _ in range(clients)]
+    alone = [[t() for t in DEFAULT_SIGNALS] for _ in range(clients)]
+    for _ in range(7):  # enough rounds to wrap the rings of recent queries
+        blocks = []
+        for c in range(clients):
+            n = int(rng.integers(1, 16))
+            labels: list[str | None] = [str(v) for v in rng.integers(0, 4, size=n)]
+            if c == 3:  # label-only outputs, no input vectors
+                b = block(None, labels, pop=pop)
+            else:
+                walk = rng.normal(size=(1, 8)) * 2 + np.cumsum(rng.normal(scale=0.05, size=(n, 8)), axis=0)
+                b = block(np.repeat(walk[:1], n, axis=0) if c == 1 else walk, labels, pop=pop)  # 1: retries
+            b.margins = rng.uniform(0.0, 0.3, size=n).astype(np.float32)
+            blocks.append(b)
+        for j, signal_type in enumerate(DEFAULT_SIGNALS):
+            signal_type.learn_many([together[c][j] for c in range(clients)], BlockRound(blocks))
+        for c in range(clients):
+            for signal in alone[c]:
+                signal.learn_block(blocks[c])
+    for c in range(clients):
+        for mine, reference in zip(together[c], alone[c], strict=True):
+            assert np.array_equal(mine.values(), reference.values(), equal_nan=True), (c, mine.name)
+            for slot, value in reference.to_state().items():
+                assert np.array_equal(mine.to_state()[slot], value), (c, mine.name, slot)
+    assert together[0][DEFAULT_SIGNALS.index(NearDuplicateChainSignal)].near > 0  # the walks were seen
 
 
 def test_pinned_share_reads_the_population_bounds() -> None:
