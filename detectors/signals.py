@@ -9,9 +9,11 @@ or ten million.
 
 What a signal needs per query that depends only on the query and the model's published population
 (fingerprints, LSH cells, nearest reference input, pinned features) is derived once per model for a
-whole micro-batch by ``derive_features``, across clients, and a client's block is a slice of it:
-the per-block work left is folding into state. (Per block, those computations were most of the cost
-when clients send a few queries each.)
+whole micro-batch by ``derive_features``, across clients, and a client's block is a slice of it.
+Folding into state is vectorised across clients too: the engine advances all clients one chunk per
+round, and ``learn_many`` folds a whole round (a ``BlockRound``) in one pass, exactly as the clients'
+blocks one by one would. (Per block, numpy call overhead was most of the cost when clients send a
+few queries each.)
 
 Signals live on the (model, client) history, not on one session, so pausing between sessions does
 not start clean. Everything accumulated is exact under re-chunking (integer counters, fixed-point
