@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,50 +89,44 @@ def produce(bootstrap: str, topic: str, path: Path) -> int:
     return count
 
 
-def bench_bare_consumer(bootstrap: str, topic: str, total: int) -> float:
+def bench_consumer(bootstrap: str, topic: str, total: int, handle: Callable[[list[Any]], object]) -> float:
+    """Events/s of a kafka-python consumer reading the whole topic and passing each poll to ``handle``."""
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
-        group_id=f"bare-{uuid.uuid4().hex[:6]}",
+        group_id=f"bench-{uuid.uuid4().hex[:6]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         max_poll_records=5000,
     )
     seen = 0
     started = None
-    nbytes = 0
     while seen < total:
         for messages in consumer.poll(timeout_ms=500, max_records=5000).values():
             if started is None:
                 started = time.perf_counter()
             seen += len(messages)
-            nbytes += sum(len(m.value) for m in messages)
+            handle(messages)
     elapsed = time.perf_counter() - (started or time.perf_counter())
     consumer.close()
     return seen / elapsed
+
+
+def bench_bare_consumer(bootstrap: str, topic: str, total: int) -> float:
+    # Touches every value, as any pipeline must, and does nothing else.
+    return bench_consumer(bootstrap, topic, total, lambda messages: sum(len(m.value) for m in messages))
 
 
 def bench_consume_decode(bootstrap: str, topic: str, total: int) -> float:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=f"decode-{uuid.uuid4().hex[:6]}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        max_poll_records=5000,
-    )
     decoder = RecordDecoder()
-    seen = 0
-    started = None
-    while seen < total:
-        for messages in consumer.poll(timeout_ms=500, max_records=5000).values():
-            if started is None:
-                started = time.perf_counter()
-            seen += len(messages)
-            decoder.decode_batch([(m.value, SourcePosition(m.topic, m.partition, m.offset), m.key) for m in messages])
-    elapsed = time.perf_counter() - (started or time.perf_counter())
-    consumer.close()
-    return seen / elapsed
+    return bench_consumer(
+        bootstrap,
+        topic,
+        total,
+        lambda messages: decoder.decode_batch(
+            [(m.value, SourcePosition(m.topic, m.partition, m.offset), m.key) for m in messages]
+        ),
+    )
 
 
 def bench_probewatch_kafka(bootstrap: str, topic: str, total: int, host: str, port: int, directory: Path) -> float:

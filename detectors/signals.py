@@ -197,6 +197,20 @@ class RecentWindows:
         # full has cursor == filled, so its empty slots come first and fall outside `earlier`.
         self._slots = (cursors[:, None] + np.arange(size)[None, :]) % size
 
+    @classmethod
+    def over_rings(
+        cls, signals: Sequence[Any], size: int, width: int, dtype: type, owner: np.ndarray
+    ) -> RecentWindows:
+        """Windows over the rings of ``signals`` (each with ``ring``, ``cursor`` and ``filled``); a
+        ring of another width than the round's queries (the model's input changed) starts empty."""
+        for signal in signals:
+            if signal.ring.shape[1:] != (width,):
+                signal.ring = np.zeros((size, width), dtype=dtype)
+                signal.filled = signal.cursor = 0
+        return cls(
+            size, np.array([sig.cursor for sig in signals]), np.array([sig.filled for sig in signals]), owner
+        )
+
     def stack(self, rings: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
         """One padded window array from the clients' rings and the round's rows of one column."""
         ring = np.stack(rings)
@@ -503,16 +517,7 @@ class PradaSignal(SessionSignal):
         mine = [signals[i] for i in which.tolist()]
         zp = zp.astype(np.float16).astype(np.float32)
         codes = _codes_of(blocks, which)
-        for signal in mine:
-            if signal.ring.shape[1:] != (zp.shape[1],):
-                signal.ring = np.zeros((cls.RING, zp.shape[1]), dtype=np.float16)
-                signal.filled = signal.cursor = 0
-        windows = RecentWindows(
-            cls.RING,
-            np.array([sig.cursor for sig in mine]),
-            np.array([sig.filled for sig in mine]),
-            owner,
-        )
+        windows = RecentWindows.over_rings(mine, cls.RING, zp.shape[1], np.float16, owner)
         hist = windows.stack([sig.ring.astype(np.float32) for sig in mine], zp)
         hist_labels = windows.stack([sig.ring_labels for sig in mine], codes)
         dmin = np.empty(len(zp), dtype=np.float64)
@@ -620,16 +625,7 @@ class NearDuplicateChainSignal(SessionSignal):
         # Fingerprints come from vectors, as content hashes do: a block with one has the other.
         exact = np.concatenate([blocks.blocks[i].exact for i in which.tolist()])
         codes = _codes_of(blocks, which)
-        for signal in mine:
-            if signal.ring.shape[1:] != (k,):
-                signal.ring = np.zeros((cls.RING, k), dtype=np.uint32)
-                signal.filled = signal.cursor = 0
-        windows = RecentWindows(
-            cls.RING,
-            np.array([sig.cursor for sig in mine]),
-            np.array([sig.filled for sig in mine]),
-            owner,
-        )
+        windows = RecentWindows.over_rings(mine, cls.RING, k, np.uint32, owner)
         hist = windows.stack([sig.ring for sig in mine], fp)
         hist_exact = windows.stack([sig.ring_exact for sig in mine], exact)
         hist_labels = windows.stack([sig.ring_labels for sig in mine], codes)
