@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from alerting.receivers import AlertmanagerReceiver, KafkaReceiver, PagerDutyReceiver, WebhookReceiver
@@ -151,9 +152,41 @@ def transactional_id(config: Config, worker_id: str) -> str:
     return f"{config.kafka.group_id}-{worker_id}"
 
 
+class Job:
+    """A built run: the pipeline, its source, and what they hold open until the run ends."""
+
+    def __init__(
+        self, pipeline: Pipeline, source: Source, closers: list[Callable[[], None]], progress: bool
+    ) -> None:
+        self.pipeline = pipeline
+        self.source = source
+        self._closers = closers
+        self._progress = progress
+
+    def run(self) -> RunSummary:
+        """Run until the source ends or is stopped (SIGTERM, ``source.stop()``), then close everything."""
+        try:
+            summary = self.pipeline.run(self.source)
+        finally:
+            self.source.close()
+            self.pipeline.close()
+            for close in self._closers:
+                close()
+        if self._progress:
+            sys.stderr.write("\n")
+        return summary
+
+
 def build_and_run(
     config: Config, *, input_path: str | None, dlq_path: str | None = None, progress: bool = False
 ) -> RunSummary:
+    return build_job(config, input_path=input_path, dlq_path=dlq_path, progress=progress).run()
+
+
+def build_job(
+    config: Config, *, input_path: str | None, dlq_path: str | None = None, progress: bool = False
+) -> Job:
+    """Everything `probewatch run` starts, from the configuration, not yet running."""
     store = open_store(config.storage)
     store.migrate()
     worker_id = new_worker_id(config)
@@ -202,18 +235,9 @@ def build_and_run(
     else:
         source = FileSource(input_path or "-", config.file.batch_max_records, config.limits.max_record_bytes)
         log.info("reading %s (storage: %s)", source.name, config.storage.backend)
-    metrics_server = None
+    closers: list[Callable[[], None]] = []
     if config.metrics.port:
-        metrics_server = MetricsServer(pipeline.metrics, config.metrics.host, config.metrics.port).start()
-    try:
-        summary = pipeline.run(source)
-    finally:
-        source.close()
-        pipeline.close()
-        if metrics_server is not None:
-            metrics_server.close()
-        if producer is not None:
-            producer.close()
-    if progress:
-        sys.stderr.write("\n")
-    return summary
+        closers.append(MetricsServer(pipeline.metrics, config.metrics.host, config.metrics.port).start().close)
+    if producer is not None:
+        closers.append(producer.close)
+    return Job(pipeline, source, closers, progress)
