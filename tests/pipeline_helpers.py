@@ -226,3 +226,17 @@ def finish(workers: list[Worker], done: Callable[[], int], total: int, log: Path
     finally:
         codes = [w.stop() for w in workers if w.proc.poll() is None]
     assert all(code == 0 for code in codes), f"exit codes {codes}:\n{log_tail(log, 8000)}"
+
+
+def kill_one_worker_mid_stream(
+    env: dict[str, str], scenario: Scenario, kafka_bootstrap: str, log: Path, workers: int
+) -> None:
+    """Produce the scenario, start ``workers`` workers, SIGKILL one of them once a quarter of the
+    records is committed, and let the others finish the topic."""
+    produce(kafka_bootstrap, env["PROBEWATCH__KAFKA__TOPIC"], scenario)
+    running = [Worker(env, log) for _ in range(workers)]
+    done = progress(kafka_bootstrap, env)
+    wait_until(lambda: done() > len(scenario.lines) // 4, 180, "a quarter of the records committed")
+    running[0].stop(signal.SIGKILL)
+    assert done() < len(scenario.lines), "the workers finished before one could be killed"
+    finish(running[1:], done, len(scenario.lines), log)

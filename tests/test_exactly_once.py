@@ -4,7 +4,6 @@ there exactly once and every record is scored exactly once."""
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from kafka.errors import KafkaError
-from pipeline_helpers import Scenario, Worker, check_results, dlq_documents, finish, produce, progress, wait_until
+from pipeline_helpers import Scenario, check_results, dlq_documents, kill_one_worker_mid_stream, produce
 
 from ingest.deadletter import KafkaDeadLetterSink
 from ingest.records import DeadLetter, SourcePosition
@@ -184,15 +183,9 @@ def test_a_worker_killed_mid_stream_leaves_each_dead_letter_once(
     env = {**pipeline_env, "PROBEWATCH__KAFKA__PROCESSING_GUARANTEE": "exactly_once"}
     topic = env["PROBEWATCH__KAFKA__TOPIC"]
     log = tmp_path / "workers.log"
-    produce(kafka_bootstrap, topic, scenario)
-    workers = [Worker(env, log) for _ in range(2)]
-    done = progress(kafka_bootstrap, env)
-    wait_until(lambda: done() > len(scenario.lines) // 4, 180, "a quarter of the records committed")
     # SIGKILL: whatever the killed worker had produced in its open transaction stays invisible, and
     # its partitions are processed again by the other from the last committed transaction.
-    workers[0].stop(signal.SIGKILL)
-    assert done() < len(scenario.lines), "the workers finished before one could be killed"
-    finish(workers[1:], done, len(scenario.lines), log)
+    kill_one_worker_mid_stream(env, scenario, kafka_bootstrap, log, workers=2)
     check_results(env, scenario)
     docs = dlq_documents(kafka_bootstrap, topic, "read_committed")
     letters = Counter(str(d["payload"]).encode() for d in docs)

@@ -3,14 +3,23 @@ restart, a rolling restart. In each, every record ends up scored exactly once an
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import Scenario, Worker, check_results, finish, log_tail, produce, progress, wait_until
+from pipeline_helpers import (
+    Scenario,
+    Worker,
+    check_results,
+    finish,
+    kill_one_worker_mid_stream,
+    log_tail,
+    produce,
+    progress,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -18,14 +27,7 @@ pytestmark = pytest.mark.integration
 def test_kill_one_of_three_workers(
     pipeline_env: dict[str, str], scenario: Scenario, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    log = tmp_path / "workers.log"
-    produce(kafka_bootstrap, pipeline_env["PROBEWATCH__KAFKA__TOPIC"], scenario)
-    workers = [Worker(pipeline_env, log) for _ in range(3)]
-    done = progress(kafka_bootstrap, pipeline_env)
-    wait_until(lambda: done() > len(scenario.lines) // 4, 180, "a quarter of the records committed")
-    workers[0].stop(signal.SIGKILL)
-    assert done() < len(scenario.lines), "the workers finished before one could be killed"
-    finish(workers[1:], done, len(scenario.lines), log)
+    kill_one_worker_mid_stream(pipeline_env, scenario, kafka_bootstrap, tmp_path / "workers.log", workers=3)
     check_results(pipeline_env, scenario)  # includes: no session restarted from zero
 
 
