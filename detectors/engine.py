@@ -87,6 +87,7 @@ class _Session:
         "model_id",
         "n",
         "partition",
+        "scored_against",
         "session_id",
         "warming",
     )
@@ -103,6 +104,7 @@ class _Session:
         self.kind_max: dict[str, float] = {}
         self.last_score: SessionScore | None = None
         self.warming = False  # last scored while a baseline was warming up or the population young
+        self.scored_against = 0  # version of the population baselines it was last scored against
 
 
 class _ClientHistory:
@@ -242,6 +244,7 @@ class SessionDetector:
         # Per model, the sessions (open or ended) last scored against baselines still warming up or a
         # young population: scored again at the model's next publish (see _rescore_warming).
         self._warming: dict[str, dict[SessionKey, _Session]] = {}
+        self._adopted_warming: list[SessionKey] = []  # restored while waiting: see _rescore_adopted
         # Source groups (API keys sharing a network, see detectors.groups): (model, group id) -> group.
         self.group_prefixes = (group_v4_prefix, group_v6_prefix)
         self.network_label = network_label  # how a network is named in group ids (e.g. hashed)
@@ -251,7 +254,7 @@ class SessionDetector:
     # ----------------------------------------------------------------------------------- processing
     def process(self, records: Sequence[QueryRecord]) -> list[SessionScore]:
         runs: dict[ClientKey, Segments] = {}
-        emitted: list[SessionScore] = []
+        emitted: list[SessionScore] = self._rescore_adopted()
         for record in records:
             partition = record.position.partition
             newest = self.watermarks.get(partition, float("-inf"))
@@ -298,6 +301,28 @@ class SessionDetector:
             score = self._evaluate(session, history, closed=key not in self.sessions)
             if score.crossed_kinds:
                 out.append(score)
+        return out
+
+    def _rescore_adopted(self) -> list[SessionScore]:
+        """Score the sessions restored while waiting for a warm population against this worker's
+        baselines, if those are not the ones they were scored against. A worker that adopts a
+        partition on rebalance has its own population, often warm already (it read other
+        partitions), and its next publish may be far off: the adopted partition may even be fully
+        read, as when a worker read a backlog partition alone and was then killed. Sessions restored
+        with the very baselines they were scored against (a restart) wait as before, so a restart
+        continues exactly."""
+        adopted, self._adopted_warming = self._adopted_warming, []
+        out: list[SessionScore] = []
+        for key in adopted:
+            session = self._warming.get(key[0], {}).get(key)
+            history = self.clients.get((key[0], key[1]))
+            population = self.populations.get(key[0])
+            if session is None or history is None or history.flagged or population is None:
+                continue
+            if population.epochs and session.scored_against != population.version:
+                score = self._evaluate(session, history, closed=key not in self.sessions)
+                if score.crossed_kinds:
+                    out.append(score)
         return out
 
     def _population(self, model_id: str) -> ModelPopulation:
@@ -516,6 +541,7 @@ class SessionDetector:
         # Scores read against a young population are provisional too: its next publish may well change
         # them (a backlog consumed partition by partition shows the model's clients a third at a time).
         session.warming = kinds.warming_up or (population is not None and population.young)
+        session.scored_against = 0 if population is None else population.version
         if session.warming:
             waiting = self._warming.setdefault(session.model_id, {})
             waiting[key] = session
@@ -692,6 +718,7 @@ class SessionDetector:
                 "ips": session.ips,
                 "kind_max": session.kind_max,
                 "warming": session.warming,
+                "scored_against": session.scored_against,
             }
         )
 
@@ -727,9 +754,12 @@ class SessionDetector:
                 session.ips = list(data["ips"])
                 session.kind_max = dict(data["kind_max"])
                 session.warming = bool(data.get("warming", False))
-                self.sessions[(model_id, client_id, session_id)] = session
+                session.scored_against = int(data.get("scored_against", 0))
+                session_key = (model_id, client_id, session_id)
+                self.sessions[session_key] = session
                 if session.warming:
-                    self._warming.setdefault(model_id, {})[(model_id, client_id, session_id)] = session
+                    self._warming.setdefault(model_id, {})[session_key] = session
+                    self._adopted_warming.append(session_key)
 
     def drop_partitions(self, partitions: Iterable[int]) -> None:
         """Forget the state of partitions this worker no longer owns (after they were checkpointed).

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from typing import Any
 
 import numpy as np
@@ -146,6 +147,7 @@ class ModelPopulation:
         self.scales: list[str] = ["unit"] * n_signals
         self._log_mask: np.ndarray | None = None
         self.table = np.full((n_signals, N_BUCKETS, 4), np.nan)  # warm bucket, q50, q75, clients
+        self.version = 0  # names the published baselines (see _refresh_table)
 
     # -------------------------------------------------------------------------------------- stream
     def count(self, n: int) -> bool:
@@ -229,6 +231,9 @@ class ModelPopulation:
     def _refresh_table(self) -> None:
         """Per signal and bucket: the warm bucket to use and its median, upper quartile and size."""
         # Weights are queries; a client passing through a bucket contributes about its width.
+        # Names the published baselines: sessions scored against other baselines (another worker's,
+        # before an adoption) can tell.
+        self.version = zlib.crc32(self.hist.tobytes(), self.epochs)
         totals = self.hist.sum(axis=2) / BUCKET_WIDTHS[None, :]
         cum = np.cumsum(self.hist, axis=2) / BUCKET_WIDTHS[None, :, None]
         table = np.full((self.n_signals, N_BUCKETS, 4), np.nan)

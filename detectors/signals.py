@@ -198,18 +198,14 @@ class RecentWindows:
         self._slots = (cursors[:, None] + np.arange(size)[None, :]) % size
 
     @classmethod
-    def over_rings(
-        cls, signals: Sequence[Any], size: int, width: int, dtype: type, owner: np.ndarray
-    ) -> RecentWindows:
+    def over_rings(cls, signals: Sequence[Any], size: int, width: int, dtype: type, owner: np.ndarray) -> RecentWindows:
         """Windows over the rings of ``signals`` (each with ``ring``, ``cursor`` and ``filled``); a
         ring of another width than the round's queries (the model's input changed) starts empty."""
         for signal in signals:
             if signal.ring.shape[1:] != (width,):
                 signal.ring = np.zeros((size, width), dtype=dtype)
                 signal.filled = signal.cursor = 0
-        return cls(
-            size, np.array([sig.cursor for sig in signals]), np.array([sig.filled for sig in signals]), owner
-        )
+        return cls(size, np.array([sig.cursor for sig in signals]), np.array([sig.filled for sig in signals]), owner)
 
     def stack(self, rings: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
         """One padded window array from the clients' rings and the round's rows of one column."""

@@ -155,9 +155,7 @@ def transactional_id(config: Config, worker_id: str) -> str:
 class Job:
     """A built run: the pipeline, its source, and what they hold open until the run ends."""
 
-    def __init__(
-        self, pipeline: Pipeline, source: Source, closers: list[Callable[[], None]], progress: bool
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, source: Source, closers: list[Callable[[], None]], progress: bool) -> None:
         self.pipeline = pipeline
         self.source = source
         self._closers = closers
@@ -183,9 +181,7 @@ def build_and_run(
     return build_job(config, input_path=input_path, dlq_path=dlq_path, progress=progress).run()
 
 
-def build_job(
-    config: Config, *, input_path: str | None, dlq_path: str | None = None, progress: bool = False
-) -> Job:
+def build_job(config: Config, *, input_path: str | None, dlq_path: str | None = None, progress: bool = False) -> Job:
     """Everything `probewatch run` starts, from the configuration, not yet running."""
     store = open_store(config.storage)
     store.migrate()

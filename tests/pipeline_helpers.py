@@ -193,10 +193,7 @@ def dlq_documents(bootstrap: str, topic: str, isolation_level: str = "read_uncom
 
 
 def check_results(env: dict[str, str], scenario: Scenario) -> Client:
-    client = Client(
-        host=env["PROBEWATCH__STORAGE__CLICKHOUSE__HOST"],
-        port=int(env["PROBEWATCH__STORAGE__CLICKHOUSE__PORT"]),
-    )
+    client = clickhouse_client(env)
     db = env["PROBEWATCH__STORAGE__DATABASE"]
     # Every valid record is stored exactly once (as readers see it), under its own source offset.
     events = client.execute(f"SELECT source_partition, source_offset FROM {db}.events FINAL")
@@ -210,9 +207,18 @@ def check_results(env: dict[str, str], scenario: Scenario) -> Client:
     # Alerts: no duplicates as readers see them; every attacker alerted, no benign client.
     alert_rows = client.execute(f"SELECT alert_id, client_id, status FROM {db}.alerts FINAL")
     assert len(alert_rows) == len({row[0] for row in alert_rows})
-    firing = {client_id for _, client_id, status in alert_rows if status == "firing"}
-    assert scenario.attackers and firing == scenario.attackers
+    assert scenario.attackers and firing_clients(client, db) == scenario.attackers
     return client
+
+
+def clickhouse_client(env: dict[str, str]) -> Client:
+    return Client(
+        host=env["PROBEWATCH__STORAGE__CLICKHOUSE__HOST"], port=int(env["PROBEWATCH__STORAGE__CLICKHOUSE__PORT"])
+    )
+
+
+def firing_clients(client: Client, db: str) -> set[str]:
+    return {row[0] for row in client.execute(f"SELECT client_id FROM {db}.alerts FINAL WHERE status = 'firing'")}
 
 
 def progress(kafka_bootstrap: str, env: dict[str, str]) -> Callable[[], int]:
@@ -220,9 +226,13 @@ def progress(kafka_bootstrap: str, env: dict[str, str]) -> Callable[[], int]:
     return lambda: committed_total(kafka_bootstrap, group, topic, PARTITIONS)
 
 
-def finish(workers: list[Worker], done: Callable[[], int], total: int, log: Path) -> None:
+def finish(
+    workers: list[Worker], done: Callable[[], int], total: int, log: Path, alerted: Callable[[], bool] | None = None
+) -> None:
     try:
         wait_until(lambda: done() == total, 240, "all offsets committed")
+        if alerted is not None:
+            wait_until(alerted, 120, "every attacker alerted")
     finally:
         codes = [w.stop() for w in workers if w.proc.poll() is None]
     assert all(code == 0 for code in codes), f"exit codes {codes}:\n{log_tail(log, 8000)}"
@@ -239,4 +249,8 @@ def kill_one_worker_mid_stream(
     wait_until(lambda: done() > len(scenario.lines) // 4, 180, "a quarter of the records committed")
     running[0].stop(signal.SIGKILL)
     assert done() < len(scenario.lines), "the workers finished before one could be killed"
-    finish(running[1:], done, len(scenario.lines), log)
+    # The survivors run on until every attacker has alerted, as workers in service would: the killed
+    # worker may have read its partitions to the end with scores still waiting for a warm population,
+    # which the worker adopting them gives only after the rebalance (about a session timeout later).
+    client, db = clickhouse_client(env), env["PROBEWATCH__STORAGE__DATABASE"]
+    finish(running[1:], done, len(scenario.lines), log, lambda: firing_clients(client, db) >= scenario.attackers)

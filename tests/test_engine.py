@@ -199,3 +199,25 @@ def test_a_client_silent_longer_than_the_ttl_is_forgotten() -> None:
     forever.process([record("quiet", 1000.0 + i, i) for i in range(10)])
     forever.process([record("quiet", 9000.0, 200)])
     assert forever.clients[("m", "quiet")].queries == 11
+
+
+def test_a_worker_adopting_a_waiting_session_scores_it_against_its_own_population(
+    simulated: list[QueryRecord],
+) -> None:
+    # Worker A reads a partition alone: the attacker and six benign clients, barely enough for
+    # baselines, so the attacker's scores wait for a warm population. A is then killed at the end of its partition, and
+    # worker B, warm from the other partition, adopts it: B scores the waiting session at once, since
+    # no more records (and so no publish of A's partition) may ever come.
+    def on(partition: int, records: list[QueryRecord]) -> list[QueryRecord]:
+        return [msgspec.structs.replace(r, position=SourcePosition("t", partition, i)) for i, r in enumerate(records)]
+
+    few = {"rand-00", *(f"acct-{i:03d}" for i in range(6))}
+    first = small_detector()
+    assert not [s for s in first.process(on(0, [r for r in simulated if r.client_id in few])) if s.crossed_kinds]
+    checkpoint = first.take_checkpoint()
+    second = small_detector()
+    second.process(on(1, [r for r in simulated if r.client_id not in few and r.client_id.startswith("acct")]))
+    second.restore(0, {k: v for k, v in checkpoint[0].items() if v is not None})
+    adopted = second.process([])
+    assert [s.client_id for s in adopted if s.crossed_kinds] == ["rand-00"]
+    assert second.process([]) == []  # scored once, not at every idle batch
