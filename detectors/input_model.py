@@ -4,7 +4,7 @@ Each query's input is summarised by a few numbers that crafted inputs push to th
 pinned at the clip bounds, high-frequency energy, a norm far from the population's, a large single
 coordinate, many coordinates in the tails) plus its first eight standardised coordinates (where in the
 input space it lies), all squashed into [0, 1] as HalfSpaceTrees expects. The trees
-are rebuilt from the model's published reference sample at every publish of its population: a pure
+are refitted to the model's published reference sample at every publish of its population: a pure
 function of checkpointed state, so a restart rebuilds the same model (no pickled estimator in the
 changelog) and a replay of the log reads the same scores however it is cut into batches.
 """
@@ -77,56 +77,67 @@ def tree_features(summaries: np.ndarray) -> np.ndarray:
     return out
 
 
-class InputDensityModel:
-    """HalfSpaceTrees fitted on one window of normal inputs; ``score`` is River's anomaly score
-    (higher: fewer normal inputs fell into the same half-spaces).
+@functools.cache
+def _tree_shapes(n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """River's trees for inputs of ``n_features`` columns: split feature and threshold per node, in
+    heap order (the trees are complete binary trees of TREE_HEIGHT levels; the children of node i are
+    2i+1, for values below its threshold, and 2i+2). River draws them from the seed and the [0, 1]
+    limits alone, so they are the same at every rebuild: drawn once per input width."""
+    trees = river_anomaly().HalfSpaceTrees(
+        n_trees=N_TREES, height=TREE_HEIGHT, window_size=1, seed=SEED, limits={i: (0.0, 1.0) for i in range(n_features)}
+    )
+    trees.learn_one(dict.fromkeys(range(n_features), 0.5))  # River draws the trees at the first row
+    size = 2 ** (TREE_HEIGHT + 1) - 1
+    feature = np.zeros((N_TREES, size), dtype=np.int64)
+    threshold = np.zeros((N_TREES, size), dtype=np.float64)
+    for t, root in enumerate(trees.trees):
+        stack = [(root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if hasattr(node, "threshold"):
+                feature[t, i], threshold[t, i] = node.feature, node.threshold
+                stack += [(node.children[0], 2 * i + 1), (node.children[1], 2 * i + 2)]
+    return feature, threshold
 
-    River builds the trees (``learn_one`` over the window). Scoring walks the same trees for a whole
-    batch of rows in numpy: River's ``score_one`` walks one row in Python, and every query of a
-    micro-batch is scored. The masses are integers and the depth weights powers of two, so the sums
-    are exact in float64 and the batched scores equal ``score_one``'s (tested)."""
+
+class InputDensityModel:
+    """River's HalfSpaceTrees fitted on one window of normal inputs; ``score`` is River's anomaly
+    score (higher: fewer normal inputs fell into the same half-spaces).
+
+    River draws the trees. Fitting and scoring walk them for a whole batch of rows in numpy: River's
+    ``learn_one`` and ``score_one`` walk one row at a time in Python, and the model is refitted at
+    every publish and scores every query. Fitting one window is counting the rows that pass through
+    each node (River's mass after the window pivots); the masses are integers and the depth weights
+    powers of two, so the sums are exact in float64 and the scores equal those of River's
+    HalfSpaceTrees fed the same window with ``learn_one`` (tested)."""
 
     def __init__(self, reference: np.ndarray) -> None:
         rows = tree_features(reference)
-        self.trees = river_anomaly().HalfSpaceTrees(
-            n_trees=N_TREES,
-            height=TREE_HEIGHT,
-            window_size=len(rows),
-            seed=SEED,
-            limits={i: (0.0, 1.0) for i in range(rows.shape[1])},
-        )
-        # One full window: the trees swap it in as the reference mass that scores are read against.
-        for row in rows.tolist():
-            self.trees.learn_one(dict(enumerate(row)))
-        # The trees are complete binary trees of TREE_HEIGHT levels: heap order, children of node i
-        # at 2i+1 (value < threshold) and 2i+2.
-        size = 2 ** (TREE_HEIGHT + 1) - 1
-        self._feature = np.zeros((N_TREES, size), dtype=np.int64)
-        self._threshold = np.zeros((N_TREES, size), dtype=np.float64)
-        self._mass = np.zeros((N_TREES, size), dtype=np.float64)
-        for t, root in enumerate(self.trees.trees):
-            stack = [(root, 0)]
-            while stack:
-                node, i = stack.pop()
-                self._mass[t, i] = node.r_mass
-                if hasattr(node, "threshold"):
-                    self._feature[t, i], self._threshold[t, i] = node.feature, node.threshold
-                    stack += [(node.children[0], 2 * i + 1), (node.children[1], 2 * i + 2)]
+        self.window_size = len(rows)
+        self._feature, self._threshold = _tree_shapes(rows.shape[1])
+        size = self._feature.shape[1]
+        paths = self._paths(rows) + (np.arange(N_TREES) * size)[None, :, None]
+        self._mass = np.bincount(paths.ravel(), minlength=N_TREES * size).reshape(N_TREES, size).astype(np.float64)
+
+    def _paths(self, x: np.ndarray) -> np.ndarray:
+        """The node each row reaches in each tree at each depth: (TREE_HEIGHT + 1, N_TREES, rows)."""
+        trees = np.arange(N_TREES)[:, None]
+        cols = np.arange(len(x))[None, :]
+        nodes = np.zeros((TREE_HEIGHT + 1, N_TREES, len(x)), dtype=np.int64)
+        for depth in range(TREE_HEIGHT):
+            node = nodes[depth]
+            left = x[cols, self._feature[trees, node]] < self._threshold[trees, node]
+            nodes[depth + 1] = 2 * node + np.where(left, 1, 2)
+        return nodes
 
     def score(self, summaries: np.ndarray) -> np.ndarray:
         x = tree_features(summaries)
-        trees = np.arange(N_TREES)[:, None]
-        node = np.zeros((N_TREES, len(x)), dtype=np.int64)
-        walking = np.ones((N_TREES, len(x)), dtype=bool)
-        total = np.zeros((N_TREES, len(x)), dtype=np.float64)
-        size_limit = 0.1 * self.trees.window_size
-        for depth in range(TREE_HEIGHT + 1):
-            mass = self._mass[trees, node]
-            total += np.where(walking, mass * float(1 << depth), 0.0)
-            if depth == TREE_HEIGHT:
-                break
-            walking &= mass >= size_limit  # River stops walking where the mass gets too small
-            left = x[np.arange(len(x))[None, :], self._feature[trees, node]] < self._threshold[trees, node]
-            node = 2 * node + np.where(left, 1, 2)
-        max_score = N_TREES * self.trees.window_size * (2 ** (TREE_HEIGHT + 1) - 1)
-        return 1.0 - total.sum(axis=0) / max_score
+        mass = self._mass[np.arange(N_TREES)[None, :, None], self._paths(x)]
+        # River stops walking where the mass gets too small: a depth counts while every node above
+        # it had at least the size limit.
+        enough = mass[:-1] >= 0.1 * self.window_size
+        walking = np.concatenate([np.ones((1, *mass.shape[1:]), dtype=bool), np.cumprod(enough, axis=0, dtype=bool)])
+        depth_weight = (2.0 ** np.arange(TREE_HEIGHT + 1))[:, None, None]
+        total = np.where(walking, mass * depth_weight, 0.0).sum(axis=(0, 1))
+        max_score = N_TREES * self.window_size * (2 ** (TREE_HEIGHT + 1) - 1)
+        return 1.0 - total / max_score

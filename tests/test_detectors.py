@@ -9,7 +9,15 @@ import pytest
 
 from detectors.engine import SessionDetector
 from detectors.groups import SourceGroup, source_group
-from detectors.input_model import InputDensityModel, input_summaries, tree_features
+from detectors.input_model import (
+    N_TREES,
+    SEED,
+    TREE_HEIGHT,
+    InputDensityModel,
+    input_summaries,
+    river_anomaly,
+    tree_features,
+)
 from detectors.population import (
     ModelPopulation,
     binomial_tail,
@@ -245,10 +253,21 @@ def test_input_density_model_scores_crafted_inputs_above_normal_ones() -> None:
     # Rebuilt from the same reference sample (as after a restart), the trees score identically.
     again = InputDensityModel(input_summaries(normal, (normal - centre) / scale, low, high))
     assert np.array_equal(again.score(input_summaries(crafted, (crafted - centre) / scale, low, high)), crafted_scores)
-    # The batched numpy walk scores exactly what River's own score_one does, row by row.
+    # The numpy fit and walk score exactly what River's own HalfSpaceTrees does, fed the same window
+    # row by row with learn_one and scored row by row with score_one.
+    reference = tree_features(input_summaries(normal, (normal - centre) / scale, low, high))
+    river = river_anomaly().HalfSpaceTrees(
+        n_trees=N_TREES,
+        height=TREE_HEIGHT,
+        window_size=len(reference),
+        seed=SEED,
+        limits={i: (0.0, 1.0) for i in range(reference.shape[1])},
+    )
+    for row in reference.tolist():
+        river.learn_one(dict(enumerate(row)))
     summaries = input_summaries(crafted, (crafted - centre) / scale, low, high)
     rows = tree_features(np.concatenate([summaries, input_summaries(fresh, (fresh - centre) / scale, low, high)]))
-    river_scores = np.array([model.trees.score_one(dict(enumerate(row))) for row in rows.tolist()])
+    river_scores = np.array([river.score_one(dict(enumerate(row))) for row in rows.tolist()])
     assert np.array_equal(np.concatenate([crafted_scores, normal_scores]), river_scores)
 
 
