@@ -215,11 +215,16 @@ class RecentWindows:
         out[self.owner, self.size + self.index] = rows
         return out
 
+    def recent(self, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Index (into a ``stack``) of the ``size`` window positions before each of the round's query
+        ``rows``: positions ``[i, size + i)`` for query ``i`` of its block, as (rows, size)."""
+        return self.owner[rows][:, None], self.index[rows][:, None] + np.arange(self.size)[None, :]
+
     def earlier(self, rows: slice) -> np.ndarray:
-        """(rows, width) mask: the window positions holding an earlier query of the row's client."""
-        j = np.arange(self.width)[None, :]
-        i = self.index[rows][:, None]
-        return (j < self.size + i) & (j >= i) & (j >= self.size - self.filled[self.owner[rows]][:, None])
+        """(rows, size) mask over ``recent(rows)``: the positions holding an earlier query of the row's
+        client (a ring not yet full has its empty slots first)."""
+        position = self.index[rows][:, None] + np.arange(self.size)[None, :]
+        return position >= self.size - self.filled[self.owner[rows]][:, None]
 
 
 _WINDOW_ROWS = 256  # query rows per slab of window arithmetic (bounded temporaries)
@@ -519,10 +524,10 @@ class PradaSignal(SessionSignal):
         dmin = np.empty(len(zp), dtype=np.float64)
         for start in range(0, len(zp), _WINDOW_ROWS):
             rows = slice(start, start + _WINDOW_ROWS)
-            mine_rows = owner[rows]
-            diff = zp[rows].astype(np.float64)[:, None, :] - hist[mine_rows].astype(np.float64)
+            recent = windows.recent(rows)
+            diff = zp[rows].astype(np.float64)[:, None, :] - hist[recent].astype(np.float64)
             d = np.sqrt((diff * diff).sum(axis=2))
-            valid = windows.earlier(rows) & (hist_labels[mine_rows] == codes[rows][:, None])
+            valid = windows.earlier(rows) & (hist_labels[recent] == codes[rows][:, None])
             dmin[rows] = np.where(valid, d, np.inf).min(axis=1)
         keep = np.isfinite(dmin) & (dmin > 1e-6)  # exact repeats (retries) carry no information
         # A query joins the ring only if it moved from the client's previous query in its block.
@@ -629,14 +634,14 @@ class NearDuplicateChainSignal(SessionSignal):
         flipped = np.zeros(len(fp), dtype=bool)
         for start in range(0, len(fp), _WINDOW_ROWS):
             rows = slice(start, start + _WINDOW_ROWS)
-            mine_rows = owner[rows]
+            recent = windows.recent(rows)
             # A hash encodes its window and grid offset, so it can only match the same slot of another print.
-            shared = (fp[rows][:, None, :] == hist[mine_rows]).sum(axis=2)
-            valid = windows.earlier(rows) & (hist_exact[mine_rows] != exact[rows][:, None])
+            shared = (fp[rows][:, None, :] == hist[recent]).sum(axis=2)
+            valid = windows.earlier(rows) & (hist_exact[recent] != exact[rows][:, None])
             match = valid & (shared * 2 >= k)
             near[rows] = match.any(axis=1)
-            latest = np.where(match, np.arange(windows.width)[None, :], -1).max(axis=1)
-            label = hist_labels[mine_rows, np.maximum(latest, 0)]
+            latest = np.where(match, np.arange(windows.size)[None, :], -1).max(axis=1)
+            label = hist_labels[recent][np.arange(len(latest)), np.maximum(latest, 0)]
             flipped[rows] = near[rows] & (label != codes[rows]) & (codes[rows] > 0)
         near_counts = np.bincount(owner[near], minlength=len(mine))
         flip_counts = np.bincount(owner[flipped], minlength=len(mine))
