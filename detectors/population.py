@@ -134,7 +134,7 @@ class ModelPopulation:
         self.high: np.ndarray | None = None
         self.sample = np.zeros((0, 0), dtype=np.float32)  # projected z of the reference sample
         self.sample_clients = np.zeros(0, dtype=np.uint64)
-        self.sample_norms = np.zeros(0, dtype=np.float32)
+        self.sample_sq = np.zeros(0, dtype=np.float64)  # squared norms of the sample's rows
         self.ood_radius = float("inf")
         self.input_model: InputDensityModel | None = None  # River HalfSpaceTrees over input summaries
         self.p_raw = np.zeros((0, 0), dtype=np.float32)  # pending raw inputs (bottom-k by hash)
@@ -220,7 +220,9 @@ class ModelPopulation:
         self.input_model = InputDensityModel(input_summaries(raw, standard, self.low, self.high))
         z = self.frame.project(standard)
         self.sample = z
-        self.sample_norms = np.linalg.norm(z, axis=1).astype(np.float32)
+        self.sample_clients = self.s_clients
+        z64 = z.astype(np.float64)
+        self.sample_sq = (z64 * z64).sum(axis=1)
         # Leave-one-client-out nearest-neighbour distances inside the sample: the radius of "normal".
         d = _pairwise(z, z)
         d[self.s_clients[:, None] == self.s_clients[None, :]] = np.inf

@@ -105,7 +105,7 @@ def derive_features(block: QueryBlock, client_hashes: np.ndarray | None = None) 
         block.cells = lsh_cells(block.zp)
         if pop is not None and pop.inputs_ready:
             clients = client_hashes if client_hashes is not None else np.full(len(block), block.client_hash, np.uint64)
-            block.far = nearest_other_client(pop, block.zp, clients) > pop.ood_radius
+            block.far = beyond_other_clients(pop, block.zp, clients, pop.ood_radius)
     if block.z is not None:
         block.fp = fingerprints(block.z)
         if block.vectors is not None and pop is not None and pop.low is not None and pop.high is not None:
@@ -465,6 +465,38 @@ class OutOfDistributionSignal(SessionSignal):
 
 
 _NN_ROWS = 128  # rows per distance slab: (rows, sample, dims) float64 stays ~10 MB
+_GEMM_ROWS = 1024  # rows per slab of BLAS distances: (rows, sample) float64 stays ~3 MB
+_DOUBT = 1e-9  # relative margin that the BLAS squared distances' rounding error stays far within
+
+
+def beyond_other_clients(pop: ModelPopulation, zp: np.ndarray, clients: np.ndarray, radius: float) -> np.ndarray:
+    """Per query, whether every reference input sent by another client than its own is farther than
+    ``radius``: the answer of the exact per-pair distances (``nearest_other_client``), which do not
+    depend on how many rows come together.
+
+    Most rows are decided by BLAS (|a|² + |b|² - 2a·b), whose rounding does depend on the batch but
+    stays many orders of magnitude below a margin of ``_DOUBT`` × (|a|² + |b|²): a row whose nearest
+    other-client distance clears the radius by more than that gets the same answer as exactly. The
+    few rows within the margin get the exact distances."""
+    far = np.zeros(len(zp), dtype=bool)
+    sample = pop.sample.astype(np.float64)
+    r2 = radius * radius
+    for start in range(0, len(zp), _GEMM_ROWS):
+        rows = slice(start, start + _GEMM_ROWS)
+        a = zp[rows].astype(np.float64)
+        a_sq = (a * a).sum(axis=1)
+        norms = a_sq[:, None] + pop.sample_sq[None, :]
+        d2 = norms - 2.0 * (a @ sample.T)
+        slack = _DOUBT * norms
+        other = clients[rows, None] != pop.sample_clients[None, :]
+        low = np.where(other, d2 - slack, np.inf).min(axis=1)
+        high = np.where(other, d2 + slack, np.inf).min(axis=1)
+        far[rows] = low > r2 * (1.0 + _DOUBT)
+        doubt = ~far[rows] & ~(high < r2 * (1.0 - _DOUBT))
+        if doubt.any():
+            index = np.flatnonzero(doubt) + start
+            far[index] = nearest_other_client(pop, zp[index], clients[index]) > radius
+    return far
 
 
 def nearest_other_client(pop: ModelPopulation, zp: np.ndarray, clients: np.ndarray) -> np.ndarray:

@@ -38,9 +38,11 @@ from detectors.signals import (
     PradaSignal,
     QueryBlock,
     StepGeometrySignal,
+    beyond_other_clients,
     derive_features,
     exact_hashes,
     label_codes,
+    nearest_other_client,
     output_specs,
 )
 from ingest.records import QueryRecord, SourcePosition
@@ -142,6 +144,7 @@ def test_a_round_of_many_clients_learns_what_each_client_learns_alone() -> None:
         pop.add_inputs(raw, mix64(np.arange(40, dtype=np.uint64) + np.uint64(1000 * client)), client + 1)
     pop.publish()
     assert pop.inputs_ready and pop.input_model is not None
+    assert len(pop.sample_clients) == len(pop.sample)  # whose input each is: left out for that client
     clients = 5
     together = [[t() for t in DEFAULT_SIGNALS] for _ in range(clients)]
     alone = [[t() for t in DEFAULT_SIGNALS] for _ in range(clients)]
@@ -334,3 +337,29 @@ def test_share_tail_probability_weighs_the_luck_of_few_queries() -> None:
     assert p1000 >= tail_probability(0.3, q50, q75, floor)
     assert share_tail_probability(100, 1000, 0.0, 0.1, 0.05) == pytest.approx(0.25, rel=0.2)  # at q75
     assert share_tail_probability(0, 10, q50, q75, floor) == 1.0
+
+
+def test_out_of_distribution_leaves_the_clients_own_reference_inputs_out() -> None:
+    rng = np.random.default_rng(11)
+    pop = ModelPopulation("m", 1)
+    pop.sample = rng.normal(size=(384, 8)).astype(np.float32)
+    pop.sample_clients = np.repeat(np.arange(3, dtype=np.uint64), 128)
+    pop.sample_sq = (pop.sample.astype(np.float64) ** 2).sum(axis=1)
+    radius = 1.5
+    # Random queries, and queries placed at the radius (to float rounding) from another client's input.
+    direction = rng.normal(size=(200, 8))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    at_radius = pop.sample[:200].astype(np.float64) + radius * direction
+    queries = np.concatenate([rng.normal(scale=2.0, size=(500, 8)), at_radius])
+    clients = np.concatenate([rng.integers(0, 4, size=500), np.full(200, 2)]).astype(np.uint64)
+    # BLAS decides most rows; the answer is the exact per-pair distances' answer, row for row.
+    assert np.array_equal(
+        beyond_other_clients(pop, queries, clients, radius), nearest_other_client(pop, queries, clients) > radius
+    )
+    # A client's own reference input does not make its query ordinary; another client's does.
+    lone = np.zeros((1, 8), dtype=np.float32)
+    pop.sample = np.concatenate([np.full((383, 8), 50.0, dtype=np.float32), lone])
+    pop.sample_sq = (pop.sample.astype(np.float64) ** 2).sum(axis=1)
+    owner = pop.sample_clients[-1:]
+    assert beyond_other_clients(pop, lone, owner, radius).tolist() == [True]
+    assert beyond_other_clients(pop, lone, owner + 1, radius).tolist() == [False]
