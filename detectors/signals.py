@@ -481,18 +481,17 @@ def beyond_other_clients(pop: ModelPopulation, zp: np.ndarray, clients: np.ndarr
     far = np.zeros(len(zp), dtype=bool)
     sample = pop.sample.astype(np.float64)
     r2 = radius * radius
+    widest = float(pop.sample_sq.max(initial=0.0))
     for start in range(0, len(zp), _GEMM_ROWS):
         rows = slice(start, start + _GEMM_ROWS)
         a = zp[rows].astype(np.float64)
         a_sq = (a * a).sum(axis=1)
-        norms = a_sq[:, None] + pop.sample_sq[None, :]
-        d2 = norms - 2.0 * (a @ sample.T)
-        slack = _DOUBT * norms
-        other = clients[rows, None] != pop.sample_clients[None, :]
-        low = np.where(other, d2 - slack, np.inf).min(axis=1)
-        high = np.where(other, d2 + slack, np.inf).min(axis=1)
-        far[rows] = low > r2 * (1.0 + _DOUBT)
-        doubt = ~far[rows] & ~(high < r2 * (1.0 - _DOUBT))
+        d2 = (a_sq[:, None] + pop.sample_sq[None, :]) - 2.0 * (a @ sample.T)
+        np.putmask(d2, clients[rows, None] == pop.sample_clients[None, :], np.inf)
+        nearest = d2.min(axis=1)
+        slack = _DOUBT * (a_sq + widest)  # bounds every pair's error in the row
+        far[rows] = nearest - slack > r2 * (1.0 + _DOUBT)
+        doubt = ~far[rows] & ~(nearest + slack < r2 * (1.0 - _DOUBT))
         if doubt.any():
             index = np.flatnonzero(doubt) + start
             far[index] = nearest_other_client(pop, zp[index], clients[index]) > radius
