@@ -104,6 +104,7 @@ class KafkaChangelog:
         replication_factor: int = -1,
         *,
         transactional_producer: KafkaProducer | None = None,
+        producer_batch_bytes: int = 524_288,
     ) -> None:
         self.topic = topic
         self.options = kafka_options
@@ -112,7 +113,9 @@ class KafkaChangelog:
         self.partitions = _retry(lambda: self._ensure_topic(source_topic), f"preparing changelog {topic}")
         self._owns_producer = transactional_producer is None
         self._isolation_level = "read_uncommitted" if transactional_producer is None else "read_committed"
-        self.producer = transactional_producer or KafkaProducer(acks="all", linger_ms=5, **kafka_options)
+        self.producer = transactional_producer or KafkaProducer(
+            acks="all", linger_ms=5, batch_size=producer_batch_bytes, **kafka_options
+        )
 
     def _ensure_topic(self, source_topic: str) -> int:
         admin = KafkaAdminClient(**self.options)

@@ -142,6 +142,7 @@ def build_state_backend(
         _kafka_options(config, "state"),
         replication_factor=config.state.changelog_replication_factor,
         transactional_producer=transactions.producer if transactions is not None else None,
+        producer_batch_bytes=config.kafka.producer_batch_bytes,
     )
 
 
@@ -190,13 +191,19 @@ def build_job(config: Config, *, input_path: str | None, dlq_path: str | None = 
     producer = None
     transactions = None
     if config.source == "kafka" and config.kafka.processing_guarantee == "exactly_once":
-        transactions = KafkaTransactions(transactional_id(config, worker_id), **_kafka_options(config, "txn"))
+        transactions = KafkaTransactions(
+            transactional_id(config, worker_id),
+            batch_size=config.kafka.producer_batch_bytes,
+            **_kafka_options(config, "txn"),
+        )
         producer = transactions.producer
         dead_letters = KafkaDeadLetterSink(producer, config.kafka.effective_dlq_topic)
     elif config.source == "kafka":
         from kafka import KafkaProducer
 
-        producer = KafkaProducer(acks="all", linger_ms=5, **_kafka_options(config, "dlq"))
+        producer = KafkaProducer(
+            acks="all", linger_ms=5, batch_size=config.kafka.producer_batch_bytes, **_kafka_options(config, "dlq")
+        )
         dead_letters = KafkaDeadLetterSink(producer, config.kafka.effective_dlq_topic)
     else:
         default_dlq = "probewatch-dlq.jsonl" if input_path in (None, "-") else f"{input_path}.dlq.jsonl"
