@@ -28,7 +28,7 @@ from detectors.groups import GROUP_KINDS, MIN_SUSPICIOUS, SourceGroup, source_gr
 from detectors.input_model import river_anomaly
 from detectors.population import ModelPopulation, bucket_of, mix64, text_hash
 from detectors.scores import SessionScore
-from detectors.scoring import CalibratedScorer
+from detectors.scoring import CalibratedScorer, KindScores
 from detectors.signals import (
     DEFAULT_SIGNALS,
     BlockRound,
@@ -500,17 +500,29 @@ class SessionDetector:
                 np.array([h.queries - h.last_bucket for h in histories], dtype=np.int64),
             )
             self._note_model_change(model_id)
+        per_model: dict[str, list[int]] = {}
+        for row, (session, _) in enumerate(due):
+            per_model.setdefault(session.model_id, []).append(row)
+        kinds: dict[int, KindScores] = {}
+        for model_id, rows in per_model.items():
+            scored = self.scorer.score_many(
+                values[rows],
+                [due[row][1].signals for row in rows],
+                self.populations.get(model_id),
+                [due[row][1].queries for row in rows],
+            )
+            kinds.update(zip(rows, scored, strict=True))
         return [
-            self._score_session(session, history, values[row], closed) for row, (session, history) in enumerate(due)
+            self._score_session(session, history, values[row], kinds[row], closed)
+            for row, (session, history) in enumerate(due)
         ]
 
     def _score_session(
-        self, session: _Session, history: _ClientHistory, values: np.ndarray, closed: bool
+        self, session: _Session, history: _ClientHistory, values: np.ndarray, kinds: KindScores, closed: bool
     ) -> SessionScore:
         population = self.populations.get(session.model_id)
         history.last_bucket = history.queries
         history.last_values = values
-        kinds = self.scorer.score(values, history.signals, population, history.queries)
         scores = kinds.scores if session.n >= self.min_queries else {k: 0.0 for k in kinds.scores}
         score = SessionScore(
             model_id=session.model_id,
@@ -593,22 +605,28 @@ class SessionDetector:
             self._group_scores.append(score)
 
     def _end(self, session: _Session) -> list[SessionScore]:
-        key = (session.model_id, session.client_id, session.session_id)
-        self.sessions.pop(key, None)
-        history = self.clients.get((session.model_id, session.client_id))
-        if history is not None and history.open_session == session.session_id:
-            history.open_session = None
-        self._mark_dirty(session, deleted=True)
-        if session.n == 0 or history is None:
-            return []
-        return [self._evaluate(session, history, closed=True)]
+        return self._end_many([session])
+
+    def _end_many(self, sessions: Sequence[_Session]) -> list[SessionScore]:
+        """Close sessions (of different clients) and score each one a last time, together."""
+        final: list[tuple[_Session, _ClientHistory]] = []
+        for session in sessions:
+            self.sessions.pop((session.model_id, session.client_id, session.session_id), None)
+            history = self.clients.get((session.model_id, session.client_id))
+            if history is not None and history.open_session == session.session_id:
+                history.open_session = None
+            self._mark_dirty(session, deleted=True)
+            if session.n and history is not None:
+                final.append((session, history))
+        return self._evaluate_many(final, closed=True)
 
     def _close_idle(self) -> list[SessionScore]:
-        out: list[SessionScore] = []
-        for session in list(self.sessions.values()):
-            watermark = self.watermarks.get(session.partition, float("-inf")) - self.lateness
-            if watermark - session.last_seen > self.gap:
-                out.extend(self._end(session))
+        idle = [
+            session
+            for session in self.sessions.values()
+            if self.watermarks.get(session.partition, float("-inf")) - self.lateness - session.last_seen > self.gap
+        ]
+        out = self._end_many(idle)
         self._sweep_expired_clients()
         return out
 

@@ -31,7 +31,6 @@ from detectors.population import (
     bucket_floor,
     bucket_of,
     share_tail_probability,
-    tail_probability,
 )
 from detectors.scores import ATTACK_KINDS
 from detectors.signals import SessionSignal
@@ -86,7 +85,12 @@ class CalibratedScorer:
         self.scales = [s[2] for s in self.specs]
         self.threshold = alert_threshold
         self.budget = false_alarm_budget
-        self._primary = [name not in CORROBORATING_ONLY for name in self.names]
+        # Per kind, the columns of its signals and which of them are primary.
+        self._kind_columns: dict[str, tuple[list[int], np.ndarray]] = {}
+        for kind in ATTACK_KINDS:
+            columns = [s for s, spec in enumerate(self.specs) if kind in spec[1]]
+            primary = np.array([self.names[s] not in CORROBORATING_ONLY for s in columns], dtype=bool)
+            self._kind_columns[kind] = (columns, primary)
 
     def score(
         self,
@@ -95,78 +99,125 @@ class CalibratedScorer:
         population: ModelPopulation | None,
         client_queries: int,
     ) -> KindScores:
-        bucket = bucket_of(client_queries)
-        per_kind: dict[str, list[tuple[float, int, str]]] = {k: [] for k in ATTACK_KINDS}
-        warming = population is None
-        shown: dict[str, float] = {}
-        texts: dict[int, tuple[int, float, float, float, float]] = {}
-        baselines = population.baselines(bucket) if population is not None else []
-        for s, ((name, kinds, scale, floor), value) in enumerate(zip(self.specs, values.tolist(), strict=True)):
-            if math.isnan(value):
+        """One client's scores (see ``score_many``)."""
+        return self.score_many(values[None, :], [signals], population, [client_queries])[0]
+
+    def score_many(
+        self,
+        values: np.ndarray,
+        signals: Sequence[Sequence[SessionSignal]],
+        population: ModelPopulation | None,
+        client_queries: Sequence[int],
+    ) -> list[KindScores]:
+        """Scores of many clients of one model (rows of ``values``, NaN: not available), each against
+        the population's baselines at its query count. Tail probabilities and their combination per
+        kind are computed a signal (a column) at a time; only reasons are written per client, and only
+        for the kinds that score high enough to show them."""
+        shown = [{self.names[s]: v for s, v in enumerate(row) if not math.isnan(v)} for row in values.tolist()]
+        if population is None:
+            return [
+                KindScores(dict.fromkeys(ATTACK_KINDS, 0.0), row, [], dict.fromkeys(ATTACK_KINDS, 1.0), True)
+                for row in shown
+            ]
+        base = population.table[:, [bucket_of(q) for q in client_queries]]  # (signal, client, 4)
+        warm, q50, q75 = base[:, :, 0].T, base[:, :, 1].T, base[:, :, 2].T
+        present = ~np.isnan(values)
+        usable = present & ~np.isnan(warm)
+        warming = (present & ~usable).any(axis=1).tolist()
+        queries = np.asarray(client_queries, dtype=np.float64)
+        tails = np.full(values.shape, np.inf)  # inf: no evidence from this signal
+        for s, (name, _, scale, floor) in enumerate(self.specs):
+            rows = np.flatnonzero(usable[:, s])
+            if not len(rows):
                 continue
-            shown[name] = value
-            if population is None:
-                continue
-            warm, q50, q75, total = baselines[s]
-            if math.isnan(warm):
-                warming = True
-                continue
-            wb = int(warm)
+            value, a, b = values[rows, s], q50[rows, s], q75[rows, s]
             if scale == "log":  # rates and counts: compare orders of magnitude
-                p = tail_probability(math.log10(max(value, 1e-3)), math.log10(q50), math.log10(q75), floor)
-            elif name in COUNT_SHARES:  # k of n queries: the luck of few queries, integrated exactly
-                p = share_tail_probability(value * client_queries, client_queries, q50, q75, floor)
-            else:  # other shares: the spread is at least the binomial noise of this many queries
-                noise = math.sqrt(max(q75, 1.0 / client_queries) * (1.0 - min(q75, 0.99)) / client_queries)
-                p = tail_probability(value, q50, q75, max(floor, noise))
-            for kind in kinds:
-                per_kind[kind].append((p, s, ""))
-            texts[s] = (wb, q50, q75, total, p)
-        scores: dict[str, float] = {}
-        tail_p: dict[str, float] = {}
-        reasons: list[tuple[float, str]] = []
-        for kind, found in per_kind.items():
-            found.sort()
-            scores[kind], tail_p[kind] = 0.0, 1.0
-            if not found or (kind == "volume" and len(found) < 2):
-                continue
-            primary = [item for item in found if self._primary[item[1]]]
-            if not primary:
-                continue
-            p1 = primary[0]
-            others = [item for item in found if item is not p1]
-            single = math.sqrt(len(found) * p1[0])
-            p_kind = max(min(max(p1[0], others[0][0]) if others else 1.0, single), 1e-300)
-            found = [p1, *others]
-            value = self.score_of(p_kind)
-            scores[kind], tail_p[kind] = round(value, 6), p_kind
-            if value >= 0.5 * self.threshold:
-                signals_by_index = [(sig, i) for sig in signals for i in range(len(sig.OUTPUTS))]
-                reasons.extend(
-                    (
-                        value - 1e-3 * rank,
-                        f"{kind}: {self._reason(signals_by_index[s], texts[s], values[s], s)}",
-                    )
-                    for rank, (p, s, _) in enumerate(found[:2])
-                    if p <= max(p_kind, found[0][0])
+                tails[rows, s] = _tail_probabilities(
+                    np.log10(np.maximum(value, 1e-3)), np.log10(a), np.log10(b), np.full(len(rows), floor)
                 )
-        reasons.sort(key=lambda item: -item[0])
-        return KindScores(scores, shown, [r for _, r in reasons], tail_p, warming)
+            elif name in COUNT_SHARES:  # k of n queries: the luck of few queries, integrated exactly
+                n = [client_queries[r] for r in rows.tolist()]
+                tails[rows, s] = [
+                    share_tail_probability(v * k, k, x, y, floor)
+                    for v, k, x, y in zip(value.tolist(), n, a.tolist(), b.tolist(), strict=True)
+                ]
+            else:  # other shares: the spread is at least the binomial noise of this many queries
+                k = queries[rows]
+                noise = np.sqrt(np.maximum(b, 1.0 / k) * (1.0 - np.minimum(b, 0.99)) / k)
+                tails[rows, s] = _tail_probabilities(value, a, b, np.maximum(floor, noise))
+        out = [KindScores({}, row, [], {}, warm_up) for row, warm_up in zip(shown, warming, strict=True)]
+        ranked: list[list[tuple[float, str]]] = [[] for _ in out]
+        for kind, (columns, primary) in self._kind_columns.items():
+            combined = self._combine(kind, tails[:, columns], primary)
+            for row, (p_kind, best, second) in enumerate(combined):
+                result = out[row]
+                if p_kind is None:
+                    result.scores[kind], result.tail_p[kind] = 0.0, 1.0
+                    continue
+                value = self.score_of(p_kind)
+                result.scores[kind], result.tail_p[kind] = round(value, 6), p_kind
+                if value < 0.5 * self.threshold:
+                    continue
+                p1 = tails[row, columns[best]]
+                for rank, j in enumerate((best, second)):
+                    if j is None or tails[row, columns[j]] > max(p_kind, p1):
+                        continue
+                    s = columns[j]
+                    text = self._reason(signals[row], s, values[row, s], float(tails[row, s]), base[s, row])
+                    ranked[row].append((value - 1e-3 * rank, f"{kind}: {text}"))
+        for result, reasons in zip(out, ranked, strict=True):
+            reasons.sort(key=lambda item: -item[0])
+            result.reasons = [r for _, r in reasons]
+        return out
+
+    def _combine(self, kind: str, tails: np.ndarray, primary: np.ndarray) -> list[tuple[float | None, int, int | None]]:
+        """Per client, the kind's tail probability (None: no score) from its signals' ``tails`` (inf:
+        none), with the column of the best primary signal and of the best other one (ties: the
+        earlier signal). p = max(best primary, best other), or sqrt(m · best primary) if smaller:
+        two lines of evidence must agree, or a primary one alone be extreme enough for both."""
+        found = np.isfinite(tails)
+        count = found.sum(axis=1)
+        primary_tails = np.where(primary[None, :], tails, np.inf)
+        best = primary_tails.argmin(axis=1)
+        p1 = primary_tails[np.arange(len(tails)), best]
+        rest = tails.copy()
+        rest[np.arange(len(tails)), best] = np.inf
+        second = rest.argmin(axis=1)
+        p2 = rest[np.arange(len(tails)), second]
+        out: list[tuple[float | None, int, int | None]] = []
+        minimum = 2 if kind == "volume" else 1  # volume never alerts alone
+        for n, b, q1, c, q2 in zip(
+            count.tolist(), best.tolist(), p1.tolist(), second.tolist(), p2.tolist(), strict=True
+        ):
+            if n < minimum or math.isinf(q1):
+                out.append((None, b, None))
+                continue
+            others = n > 1
+            single = math.sqrt(n * q1)
+            p_kind = max(min(max(q1, q2) if others else 1.0, single), 1e-300)
+            out.append((p_kind, b, c if others else None))
+        return out
 
     def score_of(self, p: float) -> float:
         """The score in [0, 1] of a tail probability: the alert threshold is the false-alarm budget."""
         return min(1.0, self.threshold * math.log(1.0 / max(p, 1e-300)) / math.log(1.0 / self.budget))
 
-    def _reason(
-        self,
-        signal: tuple[SessionSignal, int],
-        base: tuple[int, float, float, float, float],
-        value: float,
-        s: int,
-    ) -> str:
-        sig, i = signal
-        wb, q50, q75, total, p = base
+    def _reason(self, signals: Sequence[SessionSignal], s: int, value: float, p: float, baseline: np.ndarray) -> str:
+        """Signal ``s``'s evidence, against the population's quartiles at the client's query count."""
+        sig, i = self._outputs_of(signals)[s]
+        warm, q50, q75, total = baseline.tolist()
         return (
             f"{sig.evidence(i)}; {self.names[s]} = {value:.3g} where the model's {total:.0f} clients at "
-            f"{bucket_floor(wb)}+ queries have median {q50:.3g}, 75th percentile {q75:.3g} (tail p≈{p:.0e})"
+            f"{bucket_floor(int(warm))}+ queries have median {q50:.3g}, 75th percentile {q75:.3g} (tail p≈{p:.0e})"
         )
+
+    @staticmethod
+    def _outputs_of(signals: Sequence[SessionSignal]) -> list[tuple[SessionSignal, int]]:
+        return [(sig, i) for sig in signals for i in range(len(sig.OUTPUTS))]
+
+
+def _tail_probabilities(value: np.ndarray, q50: np.ndarray, q75: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """``tail_probability`` element-wise (the same arithmetic, so the same values)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        beyond = 0.25 * np.power(2.0, -(value - q75) / np.maximum(q75 - q50, floor))
+    return np.where(value <= q75, np.where(value > q50, 0.5, 1.0), beyond)
