@@ -13,6 +13,7 @@ from pipeline_helpers import (
     Scenario,
     Worker,
     check_results,
+    dlq_documents,
     finish,
     kill_one_worker_mid_stream,
     log_tail,
@@ -31,17 +32,20 @@ def test_kill_one_of_three_workers(
     check_results(pipeline_env, scenario)  # includes: no session restarted from zero
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_clickhouse_outage_pauses_and_resumes(
     pipeline_env: dict[str, str],
     scenario: Scenario,
     kafka_bootstrap: str,
     tmp_path: Path,
     services_ctl: Callable[..., object],
+    guarantee: str,
 ) -> None:
     log = tmp_path / "worker.log"
-    produce(kafka_bootstrap, pipeline_env["PROBEWATCH__KAFKA__TOPIC"], scenario)
-    worker = Worker(pipeline_env, log)
-    done = progress(kafka_bootstrap, pipeline_env)
+    env = {**pipeline_env, "PROBEWATCH__KAFKA__PROCESSING_GUARANTEE": guarantee}
+    produce(kafka_bootstrap, env["PROBEWATCH__KAFKA__TOPIC"], scenario)
+    worker = Worker(env, log)
+    done = progress(kafka_bootstrap, env)
     wait_until(lambda: done() > 0, 180, "a first commit")
     services_ctl("clickhouse", "stop")
     try:
@@ -53,8 +57,13 @@ def test_clickhouse_outage_pauses_and_resumes(
     finally:
         services_ctl("clickhouse", "start")
     finish([worker], done, len(scenario.lines), log)
-    check_results(pipeline_env, scenario)
+    check_results(env, scenario)
     assert "storage write failed" in log.read_text()
+    if guarantee == "exactly_once":
+        # The write is retried before the batch's transaction begins: no transaction is left open
+        # (or timed out) while storage is down, and each dead letter is committed once.
+        docs = dlq_documents(kafka_bootstrap, env["PROBEWATCH__KAFKA__TOPIC"], "read_committed")
+        assert sorted(str(d["payload"]).encode() for d in docs) == sorted(scenario.malformed)
 
 
 def test_broker_restart_then_rolling_restart(
