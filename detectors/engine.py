@@ -372,6 +372,7 @@ class SessionDetector:
                 blocks = BlockRound([cursor.next_block(batches[model_id]) for cursor in members])
                 for j, signal_type in enumerate(self.signal_types):
                     signal_type.learn_many([cursor.history.signals[j] for cursor in members], blocks)
+                self._offer_samples(members[0].population, members, blocks.blocks)
                 for cursor, block in zip(members, blocks.blocks, strict=True):
                     self._learned(cursor, block)
             due = [cursor for cursor in active if cursor.session.n == cursor.target]
@@ -393,8 +394,6 @@ class SessionDetector:
     def _learned(self, cursor: _ClientCursor, block: QueryBlock) -> None:
         """Bookkeeping after a client's chunk was learned (the round then scores the sessions due)."""
         session, history, chunk = cursor.session, cursor.history, cursor.chunk
-        if block.vectors is not None and not history.flagged:
-            self._offer_sample(cursor.population, history, block)
         session.n += len(chunk)
         history.queries += len(chunk)
         session.last_seen = max(session.last_seen, float(block.ts.max()))
@@ -455,18 +454,36 @@ class SessionDetector:
         return key
 
     @staticmethod
-    def _offer_sample(population: ModelPopulation, history: _ClientHistory, block: QueryBlock) -> None:
-        """A few inputs per client and epoch go to the model's reference sample (bottom-k by hash)."""
-        if history.sample_epoch != population.epochs:
-            history.sample_epoch, history.sample_count = population.epochs, 0
-        room = 12 - history.sample_count
-        if room <= 0 or block.vectors is None:
+    def _offer_samples(
+        population: ModelPopulation, cursors: Sequence[_ClientCursor], blocks: Sequence[QueryBlock]
+    ) -> None:
+        """A few inputs per client and epoch go to the model's reference sample: a round's offers in
+        one update (bottom-k by hash, so the order of the offers does not matter)."""
+        takes: list[np.ndarray] = []
+        starts: list[int] = []
+        owners: list[int] = []
+        for cursor, block in zip(cursors, blocks, strict=True):
+            history = cursor.history
+            if block.vectors is None or history.flagged:
+                continue
+            if history.sample_epoch != population.epochs:
+                history.sample_epoch, history.sample_count = population.epochs, 0
+            room = 12 - history.sample_count
+            if room <= 0:
+                continue
+            takes.append(block.vectors[:room])
+            starts.append(history.queries)
+            owners.append(history.hash)
+            history.sample_count += len(takes[-1])
+        if not takes:
             return
-        take = block.vectors[:room]
-        index = np.arange(history.queries, history.queries + len(take), dtype=np.uint64)
-        hashes = mix64(index * np.uint64(0x9E3779B97F4A7C15 & 0xFFFFFFFF) + np.uint64(history.hash))
-        population.add_inputs(take, hashes, history.hash)
-        history.sample_count += len(take)
+        lengths = [len(take) for take in takes]
+        index = np.concatenate(
+            [np.arange(start, start + n, dtype=np.uint64) for start, n in zip(starts, lengths, strict=True)]
+        )
+        clients = np.repeat(np.array(owners, dtype=np.uint64), lengths)
+        hashes = mix64(index * np.uint64(0x9E3779B97F4A7C15 & 0xFFFFFFFF) + clients)
+        population.add_inputs(np.concatenate(takes), hashes, clients)
 
     def _evaluate(self, session: _Session, history: _ClientHistory, closed: bool = False) -> SessionScore:
         return self._evaluate_many([(session, history)], closed)[0]

@@ -157,15 +157,16 @@ class ModelPopulation:
         self.records += n
         return _epoch_index(self.records, self.epoch_records) > _epoch_index(before, self.epoch_records)
 
-    def add_inputs(self, raw: np.ndarray, hashes: np.ndarray, client: int) -> None:
-        """Offer inputs to the pending reference sample (bottom-k by hash: order does not matter)."""
+    def add_inputs(self, raw: np.ndarray, hashes: np.ndarray, clients: np.ndarray) -> None:
+        """Offer inputs (rows of ``raw``, sent by ``clients``) to the pending reference sample
+        (bottom-k by hash: order does not matter)."""
         if self.p_raw.shape[1:] != raw.shape[1:]:
             if len(self.p_raw):
                 return  # a vector of another width: the decoder dead-letters those; ignore
             self.p_raw = np.zeros((0, raw.shape[1]), dtype=np.float32)
         self.p_raw = np.concatenate([self.p_raw, raw.astype(np.float32)])
         self.p_hash = np.concatenate([self.p_hash, hashes.astype(np.uint64)])
-        self.p_clients = np.concatenate([self.p_clients, np.full(len(raw), client, dtype=np.uint64)])
+        self.p_clients = np.concatenate([self.p_clients, clients.astype(np.uint64)])
         if len(self.p_hash) > 2 * SAMPLE_SIZE:
             self._trim_pending()
 

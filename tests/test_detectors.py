@@ -141,7 +141,7 @@ def test_a_round_of_many_clients_learns_what_each_client_learns_alone() -> None:
     pop = ModelPopulation("m", 1, min_clients=4)
     for client in range(8):
         raw = rng.normal(size=(40, 8)).astype(np.float32)
-        pop.add_inputs(raw, mix64(np.arange(40, dtype=np.uint64) + np.uint64(1000 * client)), client + 1)
+        pop.add_inputs(raw, mix64(np.arange(40, dtype=np.uint64) + np.uint64(1000 * client)), np.full(40, client + 1))
     pop.publish()
     assert pop.inputs_ready and pop.input_model is not None
     assert len(pop.sample_clients) == len(pop.sample)  # whose input each is: left out for that client
