@@ -173,9 +173,13 @@ def ring_append(
     m = min(len(items[0]), size)
     if m == 0:
         return cursor, filled
-    slots = (cursor + np.arange(m)) % size
-    for ring, values in zip(rings, items, strict=True):
-        ring[slots] = values[len(values) - m :]
+    if cursor + m <= size:  # the common case: no wrap, a slice
+        for ring, values in zip(rings, items, strict=True):
+            ring[cursor : cursor + m] = values[len(values) - m :]
+    else:
+        slots = (cursor + np.arange(m)) % size
+        for ring, values in zip(rings, items, strict=True):
+            ring[slots] = values[len(values) - m :]
     return (cursor + m) % size, min(filled + m, size)
 
 
