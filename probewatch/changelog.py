@@ -19,6 +19,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from ingest.transactions import TransactionalProducer
 from storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class KafkaChangelog:
         kafka_options: dict[str, Any],
         replication_factor: int = -1,
         *,
-        transactional_producer: KafkaProducer | None = None,
+        transactional_producer: TransactionalProducer | None = None,
         producer_batch_bytes: int = 524_288,
     ) -> None:
         self.topic = topic
