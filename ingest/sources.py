@@ -199,6 +199,7 @@ class KafkaSource:
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
         self._transactions = transactions
+        self._owned: set[int] = set()  # partitions whose state the application holds
         self._consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers.split(","),
             group_id=config.group_id,
@@ -229,6 +230,7 @@ class KafkaSource:
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.5
+            self._reconcile_assignment()
             batch = [
                 RawMessage(
                     value=msg.value if msg.value is not None else b"",
@@ -239,6 +241,29 @@ class KafkaSource:
                 for msg in messages
             ]
             yield batch  # empty batches too: the application uses them to advance idle time
+
+    def _announce(self, assigned: list[int], revoked: list[int]) -> None:
+        """Tell the application which partitions it gained or lost (state restore / drop)."""
+        if revoked:
+            self._owned -= set(revoked)
+            if self._on_revoked:
+                self._on_revoked(revoked)
+        if assigned:
+            self._owned |= set(assigned)
+            if self._on_assigned:
+                self._on_assigned(assigned)
+
+    def _reconcile_assignment(self) -> None:
+        """Announce assignment changes that came without a rebalance callback. In CI, kafka-python's
+        cooperative rebalancing once gave a worker a dead worker's partition without calling
+        on_partitions_assigned: its state was never restored. Checked after every poll, before the
+        polled records are processed, so no record of a partition is processed before its state is
+        restored."""
+        current = {tp.partition for tp in self._consumer.assignment()}
+        if current != self._owned:
+            gained, lost = sorted(current - self._owned), sorted(self._owned - current)
+            log.warning("partition assignment changed without a rebalance callback: gained %s, lost %s", gained, lost)
+            self._announce(gained, lost)
 
     def commit(self, batch: list[RawMessage]) -> None:
         latest: dict[TopicPartition, int] = {}
@@ -309,11 +334,9 @@ class _RebalanceListener(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: Any) -> None:
         partitions = sorted(tp.partition for tp in revoked)
         log.info("partitions revoked: %s", partitions)
-        if self.source._on_revoked and partitions:
-            self.source._on_revoked(partitions)
+        self.source._announce([], partitions)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         partitions = sorted(tp.partition for tp in assigned)
         log.info("partitions assigned: %s", partitions)
-        if self.source._on_assigned and partitions:
-            self.source._on_assigned(partitions)
+        self.source._announce(partitions, [])
