@@ -192,6 +192,12 @@ def dlq_documents(bootstrap: str, topic: str, isolation_level: str = "read_uncom
     return docs
 
 
+def committed_dead_letters(bootstrap: str, topic: str) -> list[bytes]:
+    """The payloads of the dead letters a read_committed reader sees, sorted (compare with
+    ``sorted(scenario.malformed)``: each dead letter committed exactly once)."""
+    return sorted(str(d["payload"]).encode() for d in dlq_documents(bootstrap, topic, "read_committed"))
+
+
 def check_results(env: dict[str, str], scenario: Scenario) -> Client:
     client = clickhouse_client(env)
     db = env["PROBEWATCH__STORAGE__DATABASE"]
