@@ -501,32 +501,28 @@ class SessionDetector:
                 for j, signal_type in enumerate(self.signal_types)
             ]
         )
-        # The values join the population of their query-count bucket, weighted by the queries since
-        # the client's previous evaluation (integers: the sums do not depend on order), so every
-        # client weighs the same in every bucket it passes through. Flagged clients no longer train it.
-        joining: dict[str, list[int]] = {}
-        for row, (session, history) in enumerate(due):
-            if session.model_id in self.populations and not history.flagged:
-                joining.setdefault(session.model_id, []).append(row)
-        for model_id, rows in joining.items():
-            histories = [due[row][1] for row in rows]
-            self.populations[model_id].add_values(
-                values[rows],
-                np.array([bucket_of(h.queries) for h in histories], dtype=np.int64),
-                self.scales,
-                np.array([h.queries - h.last_bucket for h in histories], dtype=np.int64),
-            )
-            self._note_model_change(model_id)
         per_model: dict[str, list[int]] = {}
         for row, (session, _) in enumerate(due):
             per_model.setdefault(session.model_id, []).append(row)
         kinds: dict[int, KindScores] = {}
         for model_id, rows in per_model.items():
+            population = self.populations.get(model_id)
+            # The values join the population of their query-count bucket, weighted by the queries
+            # since the client's previous evaluation (integers: the sums do not depend on order), so
+            # every client weighs the same in every bucket it passes through. Flagged clients no
+            # longer train it.
+            joining = [row for row in rows if not due[row][1].flagged]
+            if population is not None and joining:
+                histories = [due[row][1] for row in joining]
+                population.add_values(
+                    values[joining],
+                    np.array([bucket_of(h.queries) for h in histories], dtype=np.int64),
+                    self.scales,
+                    np.array([h.queries - h.last_bucket for h in histories], dtype=np.int64),
+                )
+                self._note_model_change(model_id)
             scored = self.scorer.score_many(
-                values[rows],
-                [due[row][1].signals for row in rows],
-                self.populations.get(model_id),
-                [due[row][1].queries for row in rows],
+                values[rows], [due[row][1].signals for row in rows], population, [due[row][1].queries for row in rows]
             )
             kinds.update(zip(rows, scored, strict=True))
         return [
