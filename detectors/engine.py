@@ -17,6 +17,7 @@ the alerts the live stream gave. Population baselines are checkpointed under par
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -255,21 +256,21 @@ class SessionDetector:
     def process(self, records: Sequence[QueryRecord]) -> list[SessionScore]:
         runs: dict[ClientKey, Segments] = {}
         emitted: list[SessionScore] = self._rescore_adopted()
+        watermarks, lateness = self.watermarks, self.lateness
+        model_id, population = "", None
         for record in records:
             partition = record.position.partition
-            newest = self.watermarks.get(partition, float("-inf"))
-            if record.ts < newest - self.lateness:
+            newest = watermarks.get(partition, -math.inf)
+            if record.ts < newest - lateness:
                 self.late_records += 1
             elif record.ts > newest:
-                self.watermarks[partition] = record.ts
-            key = self._session_key(record, partition, runs, emitted)
-            segments = runs.setdefault((record.model_id, record.client_id), [])
-            if segments and segments[-1][0] == key:
-                segments[-1][1].append(record)
-            else:
-                segments.append((key, [record]))
-            population = self._population(record.model_id)
-            self._note_model_change(record.model_id)
+                watermarks[partition] = record.ts
+            self._route(record, partition, runs, emitted)
+            if population is None or record.model_id != model_id:
+                # Records of one model come in runs: look its population up once per run.
+                model_id = record.model_id
+                population = self._population(model_id)
+                self._note_model_change(model_id)
             if population.count(1):
                 # An epoch of this model's stream is complete: fold everything before this point in,
                 # then publish the baselines later records are scored against.
@@ -278,7 +279,7 @@ class SessionDetector:
                 emitted.extend(self._flush(runs))
                 emitted.extend(self._close_idle())
                 population.publish()
-                emitted.extend(self._rescore_warming(record.model_id))
+                emitted.extend(self._rescore_warming(model_id))
         emitted.extend(self._flush(runs))
         emitted.extend(self._close_idle())
         emitted.extend(self._group_scores)
@@ -404,13 +405,15 @@ class SessionDetector:
         if chunk[-1].source_ip and any(self.group_prefixes):
             self._join_group(session.model_id, session.client_id, history, chunk[-1].source_ip)
 
-    def _session_key(
+    def _route(
         self,
         record: QueryRecord,
         partition: int,
         runs: dict[ClientKey, Segments],
         emitted: list[SessionScore],
-    ) -> SessionKey:
+    ) -> None:
+        """Append ``record`` to its session's pending run, first opening, ending or forgetting
+        sessions as its time says (which flushes the client's pending runs)."""
         client_key = (record.model_id, record.client_id)
         history = self.clients.get(client_key)
         if history is not None and self._expired(history, record.ts):
@@ -423,26 +426,27 @@ class SessionDetector:
             history = self.clients[client_key] = _ClientHistory(
                 partition, record.client_id, [t() for t in self.signal_types], len(self.specs)
             )
-        history.last_seen = max(history.last_seen, record.ts)
+        if record.ts > history.last_seen:
+            history.last_seen = record.ts
+        segments = runs.get(client_key)
         if record.session_id is not None:
             key = (record.model_id, record.client_id, record.session_id)
         else:
             key = (record.model_id, record.client_id, history.open_session or "")
             session = self.sessions.get(key)
-            # The open session's last_seen has not yet seen this batch's records: count them too.
-            segments = runs.get(client_key)
-            pending = next((run for k, run in reversed(segments) if k == key), None) if segments else None
-            last_seen = (
-                max(session.last_seen, pending[-1].ts)
-                if session and pending
-                else (session.last_seen if session else None)
-            )
-            if session is not None and last_seen is not None and record.ts - last_seen > self.gap:
-                if segments:
-                    emitted.extend(self._flush({client_key: segments}))
-                    runs.pop(client_key, None)
-                emitted.extend(self._end(session))
-                session = None
+            if session is not None:
+                # The open session's last_seen has not yet seen this batch's records: count them too.
+                if segments and segments[-1][0] == key:
+                    pending: list[QueryRecord] | None = segments[-1][1]
+                else:
+                    pending = next((run for k, run in reversed(segments) if k == key), None) if segments else None
+                last_seen = max(session.last_seen, pending[-1].ts) if pending else session.last_seen
+                if record.ts - last_seen > self.gap:
+                    if segments:
+                        emitted.extend(self._flush({client_key: segments}))
+                        runs.pop(client_key, None)
+                    emitted.extend(self._end(session))
+                    session = None
             if session is None:
                 key = (record.model_id, record.client_id, _iso(record.ts))
                 history.open_session = key[2]
@@ -451,7 +455,13 @@ class SessionDetector:
             history.sessions += 1
             if len(self.sessions) > self.max_open_sessions:
                 emitted.extend(self._evict_oldest(len(self.sessions) - self.max_open_sessions, runs))
-        return key
+        segments = runs.get(client_key)  # a flush above may have taken the client's runs
+        if segments is None:
+            runs[client_key] = [(key, [record])]
+        elif segments[-1][0] == key:
+            segments[-1][1].append(record)
+        else:
+            segments.append((key, [record]))
 
     @staticmethod
     def _offer_samples(

@@ -125,6 +125,7 @@ class ModelPopulation:
         self.decay = decay
         self.min_clients = min_clients
         self.records = 0
+        self._epoch_end = epoch_records  # the record count that completes the current epoch
         self.epochs = 0
         self.hist = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
         self.pending = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
@@ -153,9 +154,11 @@ class ModelPopulation:
     def count(self, n: int) -> bool:
         """Count ``n`` records of the model; True when that completes an epoch (caller publishes).
         Epochs double from ``epoch_records`` (fast warm-up) up to 16 times that, then stay."""
-        before = self.records
         self.records += n
-        return _epoch_index(self.records, self.epoch_records) > _epoch_index(before, self.epoch_records)
+        if self.records < self._epoch_end:
+            return False
+        self._epoch_end = _epoch_end(self.records, self.epoch_records)
+        return True
 
     def add_inputs(self, raw: np.ndarray, hashes: np.ndarray, clients: np.ndarray) -> None:
         """Offer inputs (rows of ``raw``, sent by ``clients``) to the pending reference sample
@@ -308,6 +311,7 @@ class ModelPopulation:
 
     def load_pending(self, data: dict[str, Any]) -> None:
         self.records = int(data["records"])
+        self._epoch_end = _epoch_end(self.records, self.epoch_records)
         self.pending = np.zeros_like(self.hist)
         idx = np.asarray(data["pending_idx"], dtype=np.int64)
         if idx.shape[1]:
@@ -324,6 +328,16 @@ def _epoch_index(records: int, first: int) -> int:
     if records < cap:
         return math.floor(math.log2(records / first)) + 1 if records >= first else 0
     return 5 + (records - cap) // cap
+
+
+def _epoch_end(records: int, first: int) -> int:
+    """The record count after ``records`` at which the next epoch completes (``_epoch_index`` rises)."""
+    cap = 16 * first
+    if records < first:
+        return first
+    if records < cap:
+        return first * 2 ** (_epoch_index(records, first))
+    return cap * ((records - cap) // cap + 2)
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
