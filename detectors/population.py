@@ -349,22 +349,37 @@ _GRID = 256  # rates at which the population's upper tail is integrated in share
 _BAND = 8  # ... and its quarter between the median and the upper quartile
 
 
-@functools.lru_cache(maxsize=8192)
 def share_tail_probability(k: float, n: int, q50: float, q75: float, floor: float) -> float:
     """P(a population client shows ≥ ``k`` of ``n`` queries), for a share that counts queries: the
     binomial luck of ``n`` queries integrated over the population's rates, modelled as in
     ``tail_probability`` (half the clients at or below q50, a quarter up to q75, the rest in the
     exponential tail). With many queries this is ``tail_probability`` of the share; with few, a high
     share is only as surprising as the chance that an ordinary client, or one of the population's
-    higher-rate clients, gets that many by luck.
+    higher-rate clients, gets that many by luck."""
+    return float(share_tail_probabilities(np.array([k]), np.array([n]), np.array([q50]), np.array([q75]), floor)[0])
 
-    Cached: a baseline holds between publishes and clients are scored at the same query counts, so
-    the same (k, n) against the same quartiles recurs across clients and evaluations."""
-    if k <= 0.0:
-        return 1.0
-    rates, mass = _rate_mixture(q50, q75, floor)
-    luck = _binomial_sf(k, n, rates)
-    return float(min(1.0, (mass * luck).sum()))
+
+def share_tail_probabilities(
+    k: np.ndarray, n: np.ndarray, q50: np.ndarray, q75: np.ndarray, floor: float
+) -> np.ndarray:
+    """``share_tail_probability`` of many clients (rows), in one incomplete-beta evaluation per
+    distinct pair of quartiles (clients scored against the same baseline share its rates)."""
+    k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    out = np.where(k <= 0.0, 1.0, 0.0)  # k > n: impossible by luck
+    live = np.flatnonzero((k > 0.0) & (k <= n))
+    if not len(live):
+        return out
+    from scipy.special import betainc  # lazily: scipy is slow to import for commands that score nothing
+
+    pairs: dict[tuple[float, float], list[int]] = {}
+    for row, x, y in zip(live.tolist(), q50[live].tolist(), q75[live].tolist(), strict=True):
+        pairs.setdefault((x, y), []).append(row)
+    for (x, y), rows in pairs.items():
+        rates, mass = _rate_mixture(x, y, floor)
+        kk, nn = k[rows, None], n[rows, None]
+        luck = np.asarray(betainc(kk, nn - kk + 1.0, np.clip(rates, 0.0, 1.0)[None, :]), dtype=np.float64)
+        out[rows] = np.minimum(1.0, (mass[None, :] * luck).sum(axis=1))
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

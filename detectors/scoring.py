@@ -30,7 +30,7 @@ from detectors.population import (
     ModelPopulation,
     bucket_floor,
     bucket_of,
-    share_tail_probability,
+    share_tail_probabilities,
 )
 from detectors.scores import ATTACK_KINDS
 from detectors.signals import SessionSignal
@@ -136,11 +136,8 @@ class CalibratedScorer:
                     np.log10(np.maximum(value, 1e-3)), np.log10(a), np.log10(b), np.full(len(rows), floor)
                 )
             elif name in COUNT_SHARES:  # k of n queries: the luck of few queries, integrated exactly
-                n = [client_queries[r] for r in rows.tolist()]
-                tails[rows, s] = [
-                    share_tail_probability(v * k, k, x, y, floor)
-                    for v, k, x, y in zip(value.tolist(), n, a.tolist(), b.tolist(), strict=True)
-                ]
+                n = queries[rows]
+                tails[rows, s] = share_tail_probabilities(value * n, n, a, b, floor)
             else:  # other shares: the spread is at least the binomial noise of this many queries
                 k = queries[rows]
                 noise = np.sqrt(np.maximum(b, 1.0 / k) * (1.0 - np.minimum(b, 0.99)) / k)

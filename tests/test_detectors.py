@@ -23,6 +23,7 @@ from detectors.population import (
     binomial_tail,
     bucket_of,
     mix64,
+    share_tail_probabilities,
     share_tail_probability,
     tail_probability,
 )
@@ -337,6 +338,20 @@ def test_share_tail_probability_weighs_the_luck_of_few_queries() -> None:
     assert p1000 >= tail_probability(0.3, q50, q75, floor)
     assert share_tail_probability(100, 1000, 0.0, 0.1, 0.05) == pytest.approx(0.25, rel=0.2)  # at q75
     assert share_tail_probability(0, 10, q50, q75, floor) == 1.0
+
+
+def test_share_tail_probabilities_of_many_clients_are_each_clients_own() -> None:
+    # Clients against different baselines, with nothing, everything or more than their queries:
+    # grouping rows by baseline must not mix them up.
+    k = np.array([3.0, 0.0, 12.0, 7.0, 2.5, 40.0, 1.0])
+    n = np.array([10.0, 10.0, 10.0, 10.0, 5.0, 400.0, 25.0])
+    q50 = np.array([0.01, 0.01, 0.01, 0.2, 0.01, 0.05, 0.2])
+    q75 = np.array([0.02, 0.02, 0.02, 0.3, 0.02, 0.08, 0.3])
+    many = share_tail_probabilities(k, n, q50, q75, 0.01)
+    alone = [share_tail_probability(*row, 0.01) for row in zip(k, n, q50, q75, strict=True)]
+    assert many.tolist() == alone
+    assert many[1] == 1.0 and many[2] == 0.0  # no queries counted; more than it sent: impossible
+    assert len(set(many.tolist())) == len(many)
 
 
 def test_out_of_distribution_leaves_the_clients_own_reference_inputs_out() -> None:
