@@ -243,15 +243,18 @@ class KafkaSource:
             yield batch  # empty batches too: the application uses them to advance idle time
 
     def _announce(self, assigned: list[int], revoked: list[int]) -> None:
-        """Tell the application which partitions it gained or lost (state restore / drop)."""
+        """Tell the application which partitions it gained or lost (state restore / drop). A partition
+        counts as owned once its restore has returned, and as gone once its drop has: a callback that
+        raises (kafka-python turns a listener's exception into a KafkaError from poll, which
+        :meth:`batches` retries) is announced again by the next poll's reconciliation."""
         if revoked:
-            self._owned -= set(revoked)
             if self._on_revoked:
                 self._on_revoked(revoked)
+            self._owned -= set(revoked)
         if assigned:
-            self._owned |= set(assigned)
             if self._on_assigned:
                 self._on_assigned(assigned)
+            self._owned |= set(assigned)
 
     def _reconcile_assignment(self) -> None:
         """Announce assignment changes that came without a rebalance callback. In CI, kafka-python's
@@ -293,8 +296,7 @@ class KafkaSource:
         if not partitions:
             return
         log.info("rewinding partitions %s to their committed offsets", partitions)
-        if self._on_revoked:
-            self._on_revoked(partitions)
+        self._announce([], partitions)
         for tp in assigned:
             committed = self._consumer.committed(tp)
             if committed is not None:
@@ -303,8 +305,7 @@ class KafkaSource:
                 self._consumer.seek_to_beginning(tp)
             else:
                 self._consumer.seek_to_end(tp)
-        if self._on_assigned:
-            self._on_assigned(partitions)
+        self._announce(partitions, [])
 
     def lag(self) -> dict[int, int]:
         """Messages behind the log end, per assigned partition (for metrics)."""

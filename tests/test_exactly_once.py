@@ -4,13 +4,16 @@ there exactly once and every record is scored exactly once."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 from pipeline_helpers import (
     Scenario,
     check_results,
@@ -86,6 +89,102 @@ def test_a_fenced_producer_is_reported_as_a_zombie(
     finally:
         zombie.producer.close()
         successor.producer.close()
+
+
+def topic_values(bootstrap: str, topic: str, isolation_level: str) -> list[bytes]:
+    """Every value of the topic that a reader with ``isolation_level`` sees (up to the end it sees)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation_level, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        values: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            assert time.monotonic() < deadline, f"could not read {topic} to {ends}"
+            for records in consumer.poll(timeout_ms=500).values():
+                values += [r.value for r in records]
+        return values
+    finally:
+        consumer.close()
+
+
+def test_transactions_the_coordinator_never_answers_are_aborted_in_bounded_time(
+    kafka_bootstrap: str,
+    kafka_topic: Callable[..., str],
+    unique_name: Callable[[str], str],
+    services_ctl: Callable[..., object],
+) -> None:
+    """The broker goes away under three open transactions: one ending in an abort (its batch failed),
+    one sending its offsets, one committing. kafka-python would wait for each until the broker is back;
+    here each gives up after op_timeout_s and the batch is to be replayed."""
+    topic = kafka_topic(partitions=1)
+
+    def transactions() -> KafkaTransactions:
+        return KafkaTransactions(
+            unique_name("txn"),
+            op_timeout_s=1.0,
+            bootstrap_servers=kafka_bootstrap,
+            # The producer's renewal, tried while the broker is down, gives up this fast (kafka-python's
+            # default: 30 s); it is then tried again when the next transaction begins.
+            bootstrap_timeout_ms=1000,
+        )
+
+    committer, offsetter, aborter = transactions(), transactions(), transactions()
+    outcome: dict[str, BaseException] = {}
+    stopped: list[float] = []
+
+    def in_transaction(name: str, txns: KafkaTransactions, then: Callable[[], None]) -> None:
+        try:
+            with txns.transaction():
+                txns.producer.send(topic, f"aborted: {name}".encode()).get(timeout=30)  # on the broker
+                then()
+        except BaseException as exc:
+            outcome[name] = exc
+
+    def stop_the_broker_then_fail() -> None:
+        services_ctl("kafka", "stop")
+        stopped.append(time.monotonic())
+        raise KafkaError("injected: the batch failed")
+
+    def then_send_offsets() -> None:
+        in_transaction("abort", aborter, stop_the_broker_then_fail)
+        offsetter.send_offsets({TopicPartition(topic, 0): OffsetAndMetadata(1, "", -1)}, unique_name("group"))
+
+    def then_commit() -> None:
+        in_transaction("send_offsets", offsetter, then_send_offsets)
+
+    try:
+        ending = threading.Thread(target=in_transaction, args=("commit", committer, then_commit), daemon=True)
+        ending.start()
+        # Unbounded (kafka-python's abort_transaction etc.), each would wait until the broker is back.
+        ending.join(timeout=60)
+        assert not ending.is_alive(), f"still waiting for the coordinator; so far: {outcome}"
+        assert stopped, f"the broker was not stopped: {outcome}"
+        given_up_after = time.monotonic() - stopped[0]
+        assert set(outcome) == {"abort", "send_offsets", "commit"}, outcome
+        assert all(isinstance(exc, TransactionAborted) for exc in outcome.values()), outcome
+        for name, operation in [("abort", "begin_abort"), ("send_offsets", "send_offsets_to_transaction")]:
+            assert f"{operation} did not complete within 1 s" in str(outcome[name]), outcome
+        assert "begin_commit did not complete within 1 s" in str(outcome["commit"]), outcome
+        assert given_up_after < 20, given_up_after  # each: 1 s waiting + 1 s trying to renew, and slack
+        # Still no broker: the next transaction cannot replace the producer, and is aborted too.
+        with pytest.raises(TransactionAborted, match="renewal failed"), committer.transaction():
+            pass
+        services_ctl("kafka", "start")
+        # Now each replaces its stuck producer before it begins, which aborts what was left open.
+        for name, txns in [("commit", committer), ("send_offsets", offsetter), ("abort", aborter)]:
+            with txns.transaction():
+                txns.producer.send(topic, f"committed: {name}".encode())
+        committed = sorted(topic_values(kafka_bootstrap, topic, "read_committed"))
+        assert committed == [b"committed: abort", b"committed: commit", b"committed: send_offsets"]
+        everything = sorted(topic_values(kafka_bootstrap, topic, "read_uncommitted"))
+        assert everything == [b"aborted: abort", b"aborted: commit", b"aborted: send_offsets", *committed]
+    finally:
+        services_ctl("kafka", "start")  # before closing: a producer stuck in its commit needs the broker
+        for txns in (committer, offsetter, aborter):
+            txns.producer.close(timeout=5)
 
 
 class AbortOnceWithDeadLetters:

@@ -1,0 +1,129 @@
+"""KafkaSource against the real broker: every partition whose records it hands out has been announced
+(restored) first, even when kafka-python's rebalance callback did not say so."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from kafka import KafkaProducer
+
+from ingest.sources import KafkaSource, RawMessage
+from probewatch.config import KafkaConfig, load_config
+
+pytestmark = pytest.mark.integration
+
+Event = tuple[str, list[int]]
+
+
+def source_config(bootstrap: str, topic: str, group: str) -> KafkaConfig:
+    overrides = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "topic": topic,
+            "group_id": group,
+            "client_id": group,
+            "poll_timeout_ms": 2000,
+            "session_timeout_ms": 6000,
+        }
+    }
+    return load_config(environ={}, overrides=overrides).kafka
+
+
+def produce_to(bootstrap: str, topic: str, partitions: list[int], tag: str) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    try:
+        for partition in partitions:
+            producer.send(topic, f"{tag} p{partition}".encode(), partition=partition).get(timeout=30)
+    finally:
+        producer.close()
+
+
+def poll_until(
+    batches: Iterator[list[RawMessage]], events: list[Event], done: Callable[[], bool], timeout: float = 60
+) -> None:
+    """Poll the source until ``done()``; each batch handed out is logged in ``events`` after the
+    announcements its poll made, as ``("batch", partitions of its records)``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out; events so far: {events}"
+        batch = next(batches)
+        events.append(("batch", sorted({m.position.partition for m in batch})))
+
+
+def test_an_assignment_change_without_a_callback_is_announced_before_its_records(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], unique_name: Callable[[str], str]
+) -> None:
+    topic = kafka_topic(partitions=3)
+    events: list[Event] = []
+    source = KafkaSource(
+        source_config(kafka_bootstrap, topic, unique_name("group")),
+        on_assigned=lambda partitions: events.append(("restore", list(partitions))),
+        on_revoked=lambda partitions: events.append(("drop", list(partitions))),
+    )
+    batches = source.batches()
+    try:
+        # The first assignment comes through the rebalance listener.
+        poll_until(batches, events, lambda: ("restore", [0, 1, 2]) in events)
+        assert events[0] == ("restore", [0, 1, 2]), events
+        assert [e for e in events if e[0] != "batch"] == [("restore", [0, 1, 2])]
+        assert source._owned == {0, 1, 2}
+
+        # Steady polls that hand out records announce nothing.
+        events.clear()
+        produce_to(kafka_bootstrap, topic, [0, 1, 2], "steady")
+        poll_until(batches, events, lambda: sum(len(e[1]) for e in events) >= 3)
+        assert all(kind == "batch" for kind, _ in events), events
+
+        # A callback that went missing: partition 1 was assigned without a restore, and partition 7
+        # (the topic has 3) is believed owned though the consumer does not have it.
+        produce_to(kafka_bootstrap, topic, [1, 1, 1], "after the missed callback")
+        source._owned.discard(1)
+        source._owned.add(7)
+        events.clear()
+        poll_until(batches, events, lambda: any(kind == "batch" and 1 in ps for kind, ps in events))
+        # The very poll after the change announced it, and handed out partition 1's records (already
+        # on the broker, so this poll fetches them) only after its restore.
+        assert events == [("drop", [7]), ("restore", [1]), ("batch", [1])], events
+        assert source._owned == {0, 1, 2}
+
+        # And steady again.
+        events.clear()
+        produce_to(kafka_bootstrap, topic, [0, 1, 2], "steady again")
+        poll_until(batches, events, lambda: sum(len(e[1]) for e in events) >= 3)
+        assert all(kind == "batch" for kind, _ in events), events
+    finally:
+        batches.close()
+        source.close()
+
+
+def test_a_restore_that_failed_is_announced_again_before_any_record(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], unique_name: Callable[[str], str]
+) -> None:
+    topic = kafka_topic(partitions=3)
+    produce_to(kafka_bootstrap, topic, [0, 1, 2], "waiting")
+    events: list[Event] = []
+
+    def restore(partitions: list[int]) -> None:
+        events.append(("restore", list(partitions)))
+        if len(events) == 1:  # e.g. the changelog could not be read
+            raise RuntimeError("injected: state restore failed")
+
+    source = KafkaSource(
+        source_config(kafka_bootstrap, topic, unique_name("group")),
+        on_assigned=restore,
+        on_revoked=lambda partitions: events.append(("drop", list(partitions))),
+    )
+    batches = source.batches()
+    try:
+        # kafka-python turns the listener's exception into a KafkaError from poll(), which the source
+        # retries; the next poll must restore the partitions again before handing out their records.
+        poll_until(batches, events, lambda: sum(len(ps) for kind, ps in events if kind == "batch") >= 3)
+        first_records = next(i for i, (kind, ps) in enumerate(events) if kind == "batch" and ps)
+        announced = [e for e in events[:first_records] if e[0] != "batch"]
+        assert announced == [("restore", [0, 1, 2]), ("restore", [0, 1, 2])], events
+        assert source._owned == {0, 1, 2}
+    finally:
+        batches.close()
+        source.close()
