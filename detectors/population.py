@@ -362,24 +362,42 @@ def share_tail_probability(k: float, n: int, q50: float, q75: float, floor: floa
 def share_tail_probabilities(
     k: np.ndarray, n: np.ndarray, q50: np.ndarray, q75: np.ndarray, floor: float
 ) -> np.ndarray:
-    """``share_tail_probability`` of many clients (rows), in one incomplete-beta evaluation per
-    distinct pair of quartiles (clients scored against the same baseline share its rates)."""
+    """``share_tail_probability`` of many clients (rows). Remembered: a baseline holds between
+    publishes and clients are scored at the same query counts, so the same (k, n) against the same
+    quartiles recurs across clients and evaluations (most rows, with many short sessions). The rest
+    take one incomplete-beta evaluation per distinct pair of quartiles (their rates are shared)."""
     k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
     out = np.where(k <= 0.0, 1.0, 0.0)  # k > n: impossible by luck
+    missing: dict[tuple[float, float], list[tuple[int, tuple[float, float, float, float, float]]]] = {}
     live = np.flatnonzero((k > 0.0) & (k <= n))
-    if not len(live):
+    for row, kk, nn, x, y in zip(
+        live.tolist(), k[live].tolist(), n[live].tolist(), q50[live].tolist(), q75[live].tolist(), strict=True
+    ):
+        key = (kk, nn, x, y, floor)
+        known = _SHARE_TAILS.get(key)
+        if known is None:
+            missing.setdefault((x, y), []).append((row, key))
+        else:
+            out[row] = known
+    if not missing:
         return out
     from scipy.special import betainc  # lazily: scipy is slow to import for commands that score nothing
 
-    pairs: dict[tuple[float, float], list[int]] = {}
-    for row, x, y in zip(live.tolist(), q50[live].tolist(), q75[live].tolist(), strict=True):
-        pairs.setdefault((x, y), []).append(row)
-    for (x, y), rows in pairs.items():
+    if len(_SHARE_TAILS) > _SHARE_TAILS_MAX:
+        _SHARE_TAILS.clear()
+    for (x, y), found in missing.items():
         rates, mass = _rate_mixture(x, y, floor)
+        rows = [row for row, _ in found]
         kk, nn = k[rows, None], n[rows, None]
         luck = np.asarray(betainc(kk, nn - kk + 1.0, np.clip(rates, 0.0, 1.0)[None, :]), dtype=np.float64)
-        out[rows] = np.minimum(1.0, (mass[None, :] * luck).sum(axis=1))
+        values = np.minimum(1.0, (mass[None, :] * luck).sum(axis=1))
+        out[rows] = values
+        _SHARE_TAILS.update(zip((key for _, key in found), values.tolist(), strict=True))
     return out
+
+
+_SHARE_TAILS: dict[tuple[float, float, float, float, float], float] = {}
+_SHARE_TAILS_MAX = 65_536
 
 
 @functools.lru_cache(maxsize=1024)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from detectors import population
 from detectors.engine import SessionDetector
 from detectors.groups import SourceGroup, source_group
 from detectors.input_model import (
@@ -347,9 +348,14 @@ def test_share_tail_probabilities_of_many_clients_are_each_clients_own() -> None
     n = np.array([10.0, 10.0, 10.0, 10.0, 5.0, 400.0, 25.0])
     q50 = np.array([0.01, 0.01, 0.01, 0.2, 0.01, 0.05, 0.2])
     q75 = np.array([0.02, 0.02, 0.02, 0.3, 0.02, 0.08, 0.3])
+    population._SHARE_TAILS.clear()  # computed, not remembered
     many = share_tail_probabilities(k, n, q50, q75, 0.01)
-    alone = [share_tail_probability(*row, 0.01) for row in zip(k, n, q50, q75, strict=True)]
+    alone = []
+    for row in zip(k, n, q50, q75, strict=True):
+        population._SHARE_TAILS.clear()
+        alone.append(share_tail_probability(*row, 0.01))
     assert many.tolist() == alone
+    assert share_tail_probabilities(k, n, q50, q75, 0.01).tolist() == alone  # remembered: the same
     assert many[1] == 1.0 and many[2] == 0.0  # no queries counted; more than it sent: impossible
     assert len(set(many.tolist())) == len(many)
 
