@@ -9,8 +9,9 @@ from __future__ import annotations
 import gzip
 import logging
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
 
@@ -178,9 +179,13 @@ class KafkaSource:
     """A kafka-python consumer in a consumer group; offsets are committed only by :meth:`commit`.
 
     Partition assignment changes are reported through ``on_assigned`` / ``on_revoked`` so that the
-    application can restore or flush per-partition state. kafka-python runs these callbacks inside
-    ``poll()``; since every batch is stored and committed before the next poll, a revocation never
-    strands uncommitted results (nor an open transaction).
+    application can restore or drop per-partition state. They are called on the polling thread after
+    ``poll()`` returns and before any polled record is handed out, not from kafka-python's rebalance
+    listener: kafka-python (3.x) runs that listener on its IO loop, where a restore that reads a large
+    changelog would hold up heartbeats past the session timeout and have the worker thrown out of the
+    group (a rebalance storm). The listener only takes note. Since every batch is stored and
+    committed before the next poll, a revocation never strands uncommitted results (nor an open
+    transaction).
 
     With ``transactions`` (exactly-once), :meth:`commit` adds the offsets to the open transaction
     instead of committing them, and only committed input is read.
@@ -200,6 +205,10 @@ class KafkaSource:
         self._on_revoked = on_revoked
         self._transactions = transactions
         self._owned: set[int] = set()  # partitions whose state the application holds
+        # What kafka-python's rebalance listener said since the last poll (written on its IO thread).
+        self._told_lock = threading.Lock()
+        self._told_assigned: set[int] = set()
+        self._told_revoked: set[int] = set()
         self._consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers.split(","),
             group_id=config.group_id,
@@ -230,14 +239,24 @@ class KafkaSource:
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.5
-            self._reconcile_assignment()
+            try:
+                self._reconcile_assignment()
+            except Exception as exc:
+                # A restore failed (the changelog or storage is unreachable, say): hand out nothing,
+                # put the polled records back, and try again. Never process a partition unrestored.
+                log.error("restoring partition state failed (%s: %s); retrying in 1 s", type(exc).__name__, exc)
+                self._unpoll(polled)
+                time.sleep(1.0)
+                continue
+            owned = self._owned
             batch = [
                 RawMessage(
                     value=msg.value if msg.value is not None else b"",
                     key=msg.key,
                     position=SourcePosition(msg.topic, msg.partition, msg.offset),
                 )
-                for messages in polled.values()
+                for tp, messages in polled.items()
+                if tp.partition in owned  # a partition revoked during this poll is no longer ours
                 for msg in messages
             ]
             yield batch  # empty batches too: the application uses them to advance idle time
@@ -257,16 +276,43 @@ class KafkaSource:
             self._owned |= set(assigned)
 
     def _reconcile_assignment(self) -> None:
-        """Announce assignment changes that came without a rebalance callback. In CI, kafka-python's
-        cooperative rebalancing once gave a worker a dead worker's partition without calling
-        on_partitions_assigned: its state was never restored. Checked after every poll, before the
-        polled records are processed, so no record of a partition is processed before its state is
-        restored."""
+        """Announce what the last poll changed: partitions revoked (dropped, even when assigned again
+        in the same poll: another worker may have moved them on meanwhile), then partitions gained
+        (restored). Called after every poll, before the polled records are processed, so no record of
+        a partition is processed before its state is restored. It also catches changes that came
+        without a listener call: in CI, kafka-python's cooperative rebalancing once gave a worker a
+        dead worker's partition without calling on_partitions_assigned."""
+        with self._told_lock:
+            told_assigned, self._told_assigned = self._told_assigned, set()
+            told_revoked, self._told_revoked = self._told_revoked, set()
         current = {tp.partition for tp in self._consumer.assignment()}
-        if current != self._owned:
-            gained, lost = sorted(current - self._owned), sorted(self._owned - current)
+        lost = sorted((self._owned - current) | (self._owned & told_revoked))
+        gained = sorted(current - (self._owned - set(lost)))
+        unexplained = (set(gained) - told_assigned) | (set(lost) - told_revoked)
+        if unexplained:
             log.warning("partition assignment changed without a rebalance callback: gained %s, lost %s", gained, lost)
-            self._announce(gained, lost)
+        try:
+            self._announce([], lost)
+            self._announce(gained, [])
+        except BaseException:
+            # What was not dropped is dropped at the next poll; what was not restored is not owned
+            # (see _announce), so it is restored then.
+            self.take_note(told_assigned, told_revoked & self._owned)
+            raise
+
+    def take_note(self, assigned: Iterable[int], revoked: Iterable[int]) -> None:
+        """Record what the rebalance listener was told (on kafka-python's IO thread)."""
+        with self._told_lock:
+            self._told_assigned.update(assigned)
+            self._told_revoked.update(revoked)
+
+    def _unpoll(self, polled: dict[TopicPartition, list[Any]]) -> None:
+        """Seek every partition of a poll's result back to its first record, so the next poll returns
+        those records again."""
+        assigned = self._consumer.assignment()
+        for tp, messages in polled.items():
+            if messages and tp in assigned:
+                self._consumer.seek(tp, messages[0].offset)
 
     def commit(self, batch: list[RawMessage]) -> None:
         latest: dict[TopicPartition, int] = {}
@@ -329,15 +375,18 @@ class KafkaSource:
 
 
 class _RebalanceListener(ConsumerRebalanceListener):
+    """Takes note only: it runs on kafka-python's IO loop, where slow work would hold up heartbeats.
+    The source announces the changes after the poll (see KafkaSource._reconcile_assignment)."""
+
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         partitions = sorted(tp.partition for tp in revoked)
         log.info("partitions revoked: %s", partitions)
-        self.source._announce([], partitions)
+        self.source.take_note([], partitions)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         partitions = sorted(tp.partition for tp in assigned)
         log.info("partitions assigned: %s", partitions)
-        self.source._announce(partitions, [])
+        self.source.take_note(partitions, [])

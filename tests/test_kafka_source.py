@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -117,12 +118,55 @@ def test_a_restore_that_failed_is_announced_again_before_any_record(
     )
     batches = source.batches()
     try:
-        # kafka-python turns the listener's exception into a KafkaError from poll(), which the source
-        # retries; the next poll must restore the partitions again before handing out their records.
-        poll_until(batches, events, lambda: sum(len(ps) for kind, ps in events if kind == "batch") >= 3)
+        # The source hands out nothing from the poll whose restore failed, puts its records back, and
+        # restores the partitions again at the next poll, before handing out their records.
+        values: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while len(values) < 3:
+            assert time.monotonic() < deadline, f"timed out; events so far: {events}"
+            batch = next(batches)
+            events.append(("batch", sorted({m.position.partition for m in batch})))
+            values += [m.value for m in batch]
         first_records = next(i for i, (kind, ps) in enumerate(events) if kind == "batch" and ps)
         announced = [e for e in events[:first_records] if e[0] != "batch"]
         assert announced == [("restore", [0, 1, 2]), ("restore", [0, 1, 2])], events
+        assert sorted(values) == [b"waiting p0", b"waiting p1", b"waiting p2"]  # none lost, none twice
+        assert source._owned == {0, 1, 2}
+    finally:
+        batches.close()
+        source.close()
+
+
+def test_a_slow_restore_runs_on_the_polling_thread_and_the_worker_keeps_its_partitions(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], unique_name: Callable[[str], str]
+) -> None:
+    """Restoring a large changelog takes a while. kafka-python runs its rebalance listener on the IO
+    loop that also sends heartbeats: a restore there longer than the session timeout would have the
+    coordinator throw the worker out of the group, and every restart or scale-out would turn into a
+    rebalance storm. The source restores on the polling thread instead."""
+    topic = kafka_topic(partitions=3)
+    produce_to(kafka_bootstrap, topic, [0, 1, 2], "waiting")
+    config = source_config(kafka_bootstrap, topic, unique_name("group"))
+    events: list[Event] = []
+    threads: list[int] = []
+
+    def slow_restore(partitions: list[int]) -> None:
+        events.append(("restore", list(partitions)))
+        threads.append(threading.get_ident())
+        if len(events) == 1:
+            time.sleep(1.5 * config.session_timeout_ms / 1000)
+
+    source = KafkaSource(
+        config, on_assigned=slow_restore, on_revoked=lambda partitions: events.append(("drop", list(partitions)))
+    )
+    batches = source.batches()
+    try:
+        poll_until(batches, events, lambda: sum(len(ps) for kind, ps in events if kind == "batch") >= 3)
+        # A few more polls, past a heartbeat round: a member thrown out would be told here.
+        for _ in range(3):
+            events.append(("batch", sorted({m.position.partition for m in next(batches)})))
+        assert threads == [threading.get_ident()], "restored on another thread"
+        assert [e for e in events if e[0] != "batch"] == [("restore", [0, 1, 2])], events
         assert source._owned == {0, 1, 2}
     finally:
         batches.close()
