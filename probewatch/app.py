@@ -150,7 +150,7 @@ class Pipeline:
         # first assignment, and never dropped, since every partition's sessions are scored against it.
         wanted = list(partitions) if self._population_restored else [*partitions, POPULATION_PARTITION]
         self._population_restored = True
-        states, positions = self.state.load_state(wanted)
+        states, positions = self.state.load_state(wanted, progress=self.metrics.progressed)
         for partition in wanted:
             self.detector.restore(partition, states.get(partition, {}))
             if partition in positions:

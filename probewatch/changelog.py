@@ -46,12 +46,20 @@ def _retry(action: Callable[[], T], what: str, timeout_s: float = 120.0) -> T:
             delay = min(delay * 2, 10.0)
 
 
+REPLAY_REPORT_S = 10.0  # how often a long changelog replay says how far it got
+
+
 class StateBackend(Protocol):
     """Where the pipeline checkpoints detector state: the changelog topic, or the ClickHouse store."""
 
     def save_state(self, partition: int, entries: dict[str, bytes | None], position: int, version: int) -> None: ...
 
-    def load_state(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]: ...
+    def load_state(
+        self, partitions: list[int], progress: Callable[[], None] | None = None
+    ) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
+        """Live state per partition and the source position it reflects; ``progress`` is called now
+        and then while a long restore runs (the liveness check counts it as the loop's progress)."""
+        ...
 
     def flush(self) -> None:
         """Make every saved entry durable; called before offsets are committed."""
@@ -72,7 +80,9 @@ class StoreStateBackend:
     def save_state(self, partition: int, entries: dict[str, bytes | None], position: int, version: int) -> None:
         self.store.save_state(partition, entries, position, version)
 
-    def load_state(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
+    def load_state(
+        self, partitions: list[int], progress: Callable[[], None] | None = None
+    ) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
         result: tuple[dict[int, dict[str, bytes]], dict[int, int]] = self.store.load_state(partitions)
         return result
 
@@ -162,10 +172,14 @@ class KafkaChangelog:
     def flush(self) -> None:
         self.producer.flush()
 
-    def load_state(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
-        return _retry(lambda: self._replay(partitions), f"replaying changelog {self.topic}")
+    def load_state(
+        self, partitions: list[int], progress: Callable[[], None] | None = None
+    ) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
+        return _retry(lambda: self._replay(partitions, progress), f"replaying changelog {self.topic}")
 
-    def _replay(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
+    def _replay(
+        self, partitions: list[int], progress: Callable[[], None] | None
+    ) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
         wanted = set(partitions)
         states: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
         positions: dict[int, int] = {}
@@ -187,7 +201,14 @@ class KafkaChangelog:
             ends = consumer.end_offsets(tps)
             remaining = {tp for tp in tps if ends[tp] > 0}
             read = 0
+            total = sum(ends[tp] for tp in remaining)
+            next_report = started + REPLAY_REPORT_S
             while remaining:
+                if progress is not None:
+                    progress()
+                if time.monotonic() >= next_report:
+                    next_report += REPLAY_REPORT_S
+                    log.info("replaying changelog %s: %d of at most %d messages read", self.topic, read, total)
                 for messages in consumer.poll(timeout_ms=1000, max_records=10_000).values():
                     for message in messages:
                         read += 1

@@ -31,3 +31,19 @@ def test_an_unfinished_checkpoint_is_not_restored(kafka_bootstrap: str, kafka_to
         assert POSITION_KEY not in states[0]
     finally:
         changelog.producer.close()
+
+
+def test_a_long_replay_reports_progress(kafka_bootstrap: str, kafka_topic: Callable[..., str]) -> None:
+    """Restoring runs on the polling thread; the liveness check must see it working, not stalled."""
+    source = kafka_topic(partitions=1)
+    changelog = KafkaChangelog(f"{source}.changelog", source, {"bootstrap_servers": kafka_bootstrap}, 1)
+    try:
+        for position in range(1, 4):
+            changelog.save_state(0, {f"client-{i}": b"x" * 100 for i in range(10_000)}, position, version=1)
+        changelog.flush()
+        calls: list[float] = []
+        states, positions = changelog.load_state([0], progress=lambda: calls.append(0.0))
+        assert positions == {0: 3} and len(states[0]) == 10_000
+        assert len(calls) >= 3  # the replay polls 10,000 messages at a time: 30,003 of them
+    finally:
+        changelog.producer.close()
