@@ -379,17 +379,12 @@ def share_tail_probabilities(
             missing.setdefault((x, y), []).append((row, key))
         else:
             out[row] = known
-    if not missing:
-        return out
-    from scipy.special import betainc  # lazily: scipy is slow to import for commands that score nothing
-
     if len(_SHARE_TAILS) > _SHARE_TAILS_MAX:
         _SHARE_TAILS.clear()
     for (x, y), found in missing.items():
         rates, mass = _rate_mixture(x, y, floor)
         rows = [row for row, _ in found]
-        kk, nn = k[rows, None], n[rows, None]
-        luck = np.asarray(betainc(kk, nn - kk + 1.0, np.clip(rates, 0.0, 1.0)[None, :]), dtype=np.float64)
+        luck = _binomial_sf(k[rows, None], n[rows, None], rates[None, :])
         values = np.minimum(1.0, (mass[None, :] * luck).sum(axis=1))
         out[rows] = values
         _SHARE_TAILS.update(zip((key for _, key in found), values.tolist(), strict=True))
@@ -414,10 +409,9 @@ def _rate_mixture(q50: float, q75: float, floor: float) -> tuple[np.ndarray, np.
     return rates, mass
 
 
-def _binomial_sf(k: float, n: int, rates: np.ndarray) -> np.ndarray:
-    """P(X ≥ k) for X ~ Binomial(n, rate) per rate, continuous in k (the regularised incomplete beta)."""
-    if k > n:
-        return np.zeros_like(rates)
+def _binomial_sf(k: np.ndarray | float, n: np.ndarray | float, rates: np.ndarray) -> np.ndarray:
+    """P(X ≥ k) for X ~ Binomial(n, rate), element-wise (broadcast; 0 < k ≤ n), continuous in k (the
+    regularised incomplete beta)."""
     from scipy.special import betainc  # lazily: scipy is slow to import for commands that score nothing
 
     return np.asarray(betainc(k, n - k + 1.0, np.clip(rates, 0.0, 1.0)), dtype=np.float64)
@@ -427,6 +421,8 @@ def binomial_tail(k: float, n: int, rate: float) -> float:
     """P(X ≥ k) for X ~ Binomial(n, rate)."""
     if k <= 0.0:
         return 1.0
+    if k > n:
+        return 0.0
     return float(_binomial_sf(k, n, np.array([rate]))[0])
 
 
