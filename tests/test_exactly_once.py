@@ -110,6 +110,16 @@ def topic_values(bootstrap: str, topic: str, isolation_level: str) -> list[bytes
         consumer.close()
 
 
+def end_offset(bootstrap: str, topic: str, isolation_level: str) -> int:
+    """Partition 0's end for a reader with ``isolation_level`` (read_committed: the last stable offset)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation_level)
+    try:
+        tp = TopicPartition(topic, 0)
+        return int(consumer.end_offsets([tp])[tp])
+    finally:
+        consumer.close()
+
+
 def test_transactions_the_coordinator_never_answers_are_aborted_in_bounded_time(
     kafka_bootstrap: str,
     kafka_topic: Callable[..., str],
@@ -185,6 +195,32 @@ def test_transactions_the_coordinator_never_answers_are_aborted_in_bounded_time(
         services_ctl("kafka", "start")  # before closing: a producer stuck in its commit needs the broker
         for txns in (committer, offsetter, aborter):
             txns.producer.close(timeout=5)
+
+
+def test_a_stop_inside_a_transaction_aborts_it_at_once(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], unique_name: Callable[[str], str]
+) -> None:
+    """Not Kafka's failure (a signal, a bug) inside the batch: the exception goes on its way, and the
+    transaction is aborted there and then, not left to the coordinator's timeout, during which
+    read_committed readers of the topic would be stuck behind it."""
+    topic = kafka_topic(partitions=1)
+    transactions = KafkaTransactions(unique_name("txn"), bootstrap_servers=kafka_bootstrap)
+    try:
+        with pytest.raises(KeyboardInterrupt), transactions.transaction():
+            transactions.producer.send(topic, b"interrupted").get(timeout=30)
+            raise KeyboardInterrupt
+        # Ended at once: read_committed readers see the whole log (the abort marker included), not
+        # a last stable offset stuck before the open transaction until the coordinator's timeout.
+        assert end_offset(kafka_bootstrap, topic, "read_committed") == end_offset(
+            kafka_bootstrap, topic, "read_uncommitted"
+        )
+        assert topic_values(kafka_bootstrap, topic, "read_committed") == []
+        assert topic_values(kafka_bootstrap, topic, "read_uncommitted") == [b"interrupted"]
+        with transactions.transaction():  # the producer is still good for the next batch
+            transactions.producer.send(topic, b"next")
+        assert topic_values(kafka_bootstrap, topic, "read_committed") == [b"next"]
+    finally:
+        transactions.producer.close()
 
 
 class AbortOnceWithDeadLetters:
