@@ -43,14 +43,18 @@ def produce_to(bootstrap: str, topic: str, partitions: list[int], tag: str) -> N
 
 def poll_until(
     batches: Iterator[list[RawMessage]], events: list[Event], done: Callable[[], bool], timeout: float = 60
-) -> None:
+) -> list[bytes]:
     """Poll the source until ``done()``; each batch handed out is logged in ``events`` after the
-    announcements its poll made, as ``("batch", partitions of its records)``."""
+    announcements its poll made, as ``("batch", partitions of its records)``. Returns the values of
+    the records handed out."""
+    values: list[bytes] = []
     deadline = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < deadline, f"timed out; events so far: {events}"
         batch = next(batches)
         events.append(("batch", sorted({m.position.partition for m in batch})))
+        values += [m.value for m in batch]
+    return values
 
 
 def test_an_assignment_change_without_a_callback_is_announced_before_its_records(
@@ -120,13 +124,7 @@ def test_a_restore_that_failed_is_announced_again_before_any_record(
     try:
         # The source hands out nothing from the poll whose restore failed, puts its records back, and
         # restores the partitions again at the next poll, before handing out their records.
-        values: list[bytes] = []
-        deadline = time.monotonic() + 60
-        while len(values) < 3:
-            assert time.monotonic() < deadline, f"timed out; events so far: {events}"
-            batch = next(batches)
-            events.append(("batch", sorted({m.position.partition for m in batch})))
-            values += [m.value for m in batch]
+        values = poll_until(batches, events, lambda: sum(len(ps) for kind, ps in events if kind == "batch") >= 3)
         first_records = next(i for i, (kind, ps) in enumerate(events) if kind == "batch" and ps)
         announced = [e for e in events[:first_records] if e[0] != "batch"]
         assert announced == [("restore", [0, 1, 2]), ("restore", [0, 1, 2])], events
