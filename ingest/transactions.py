@@ -94,8 +94,7 @@ class KafkaTransactions:
         not already, and fences the old producer. Raises KafkaError when the new one cannot start
         (e.g. KafkaTimeoutError: the broker is unreachable); the renewal is then still due."""
         self._renewal_due = True
-        with contextlib.suppress(Exception):  # it is being thrown away: best effort
-            self.producer.inner.close(timeout=0)
+        _discard(self.producer.inner)
         self.producer.inner = self._start()
         self._renewal_due = False
 
@@ -174,8 +173,8 @@ def _bounded_transactional_call(producer: KafkaProducer, operation: str, timeout
 
     kafka-python (3.0) waits for these without a timeout; this does what those methods do (start the
     operation on the producer's transaction manager, wake its sender thread) and then waits with
-    ``TransactionalRequestResult.wait(timeout_ms=...)``, which returns False on timeout. The only
-    place that reaches into kafka-python's internals."""
+    ``TransactionalRequestResult.wait(timeout_ms=...)``, which returns False on timeout. One of the
+    two places that reach into kafka-python's internals (the other: ``_discard``)."""
     start = getattr(getattr(producer, "_transaction_manager", None), operation, None)
     wakeup = getattr(getattr(producer, "_sender", None), "wakeup", None)
     if start is None or wakeup is None:
@@ -188,6 +187,31 @@ def _bounded_transactional_call(producer: KafkaProducer, operation: str, timeout
     wakeup()
     if not result.wait(timeout_ms=timeout_s * 1000):
         raise KafkaTimeoutError(f"{operation} did not complete within {timeout_s:g} s")
+
+
+def _discard(producer: KafkaProducer) -> None:
+    """Close a stuck producer at once, dropping what it has not sent.
+
+    kafka-python's ``close`` flushes first and raises KafkaTimeoutError while records are pending
+    (the broker is gone), before stopping the sender thread: the thread and its connections would
+    outlive every renewal. So stop the sender without sending (``Sender.force_close``, which fails
+    the pending records), then close. The new producer's ``init_transactions`` fences this one, so
+    nothing it still had could reach the log anyway."""
+    try:
+        producer.close(timeout=0)
+    except KafkaTimeoutError:
+        sender = getattr(producer, "_sender", None)
+        if sender is None or not hasattr(sender, "force_close"):
+            raise RuntimeError(
+                f"kafka-python {kafka.__version__}: KafkaProducer has no _sender.force_close, which "
+                "probewatch uses to stop a stuck producer (see ingest/transactions.py)"
+            ) from None
+        sender.force_close()
+        sender.join(timeout=5)
+        with contextlib.suppress(Exception):  # the sender is stopped: the rest is bookkeeping
+            producer.close(timeout=0)
+    except Exception:  # it is being thrown away: best effort
+        pass
 
 
 def _is_fenced(exc: KafkaError) -> bool:

@@ -126,9 +126,10 @@ def test_transactions_the_coordinator_never_answers_are_aborted_in_bounded_time(
     unique_name: Callable[[str], str],
     services_ctl: Callable[..., object],
 ) -> None:
-    """The broker goes away under three open transactions: one ending in an abort (its batch failed),
-    one sending its offsets, one committing. kafka-python would wait for each until the broker is back;
-    here each gives up after op_timeout_s and the batch is to be replayed."""
+    """The broker goes away under four open transactions: one ending in an abort (its batch failed),
+    one flushing what it produced, one sending its offsets, one committing. kafka-python would wait
+    for each until the broker is back; here each gives up after its bound and the batch is to be
+    replayed."""
     topic = kafka_topic(partitions=1)
 
     def transactions() -> KafkaTransactions:
@@ -141,7 +142,7 @@ def test_transactions_the_coordinator_never_answers_are_aborted_in_bounded_time(
             bootstrap_timeout_ms=1000,
         )
 
-    committer, offsetter, aborter = transactions(), transactions(), transactions()
+    committer, offsetter, flusher, aborter = transactions(), transactions(), transactions(), transactions()
     outcome: dict[str, BaseException] = {}
     stopped: list[float] = []
 
@@ -158,13 +159,24 @@ def test_transactions_the_coordinator_never_answers_are_aborted_in_bounded_time(
         stopped.append(time.monotonic())
         raise KafkaError("injected: the batch failed")
 
-    def then_send_offsets() -> None:
+    def then_flush() -> None:
         in_transaction("abort", aborter, stop_the_broker_then_fail)
+        # As the sinks do at the end of a batch (their bound is FLUSH_TIMEOUT_S): the record never
+        # reaches the broker, and the renewed producer must not send it later either.
+        flusher.producer.send(topic, b"never sent: flush")
+        flusher.producer.flush(timeout=1.0)
+
+    def then_send_offsets() -> None:
+        in_transaction("flush", flusher, then_flush)
         offsetter.send_offsets({TopicPartition(topic, 0): OffsetAndMetadata(1, "", -1)}, unique_name("group"))
 
     def then_commit() -> None:
         in_transaction("send_offsets", offsetter, then_send_offsets)
 
+    # The threads of the producers that get stuck: each renewal must stop its old producer's thread.
+    stuck_threads = {
+        f"{t.producer.inner.config['client_id']}-network-thread" for t in (committer, offsetter, flusher, aborter)
+    }
     try:
         ending = threading.Thread(target=in_transaction, args=("commit", committer, then_commit), daemon=True)
         ending.start()
@@ -173,27 +185,33 @@ def test_transactions_the_coordinator_never_answers_are_aborted_in_bounded_time(
         assert not ending.is_alive(), f"still waiting for the coordinator; so far: {outcome}"
         assert stopped, f"the broker was not stopped: {outcome}"
         given_up_after = time.monotonic() - stopped[0]
-        assert set(outcome) == {"abort", "send_offsets", "commit"}, outcome
+        assert set(outcome) == {"abort", "flush", "send_offsets", "commit"}, outcome
         assert all(isinstance(exc, TransactionAborted) for exc in outcome.values()), outcome
         for name, operation in [("abort", "begin_abort"), ("send_offsets", "send_offsets_to_transaction")]:
             assert f"{operation} did not complete within 1 s" in str(outcome[name]), outcome
         assert "begin_commit did not complete within 1 s" in str(outcome["commit"]), outcome
+        # The flush's own KafkaTimeoutError; the producer could not be replaced with the broker down.
+        assert str(outcome["flush"]).startswith("KafkaTimeoutError"), outcome
+        assert "renewal failed" in str(outcome["flush"]), outcome
+        # kafka-python's close gives up on a producer with records pending before stopping its thread.
+        assert not stuck_threads & {thread.name for thread in threading.enumerate()}
         assert given_up_after < 20, given_up_after  # each: 1 s waiting + 1 s trying to renew, and slack
         # Still no broker: the next transaction cannot replace the producer, and is aborted too.
         with pytest.raises(TransactionAborted, match="renewal failed"), committer.transaction():
             pass
         services_ctl("kafka", "start")
         # Now each replaces its stuck producer before it begins, which aborts what was left open.
-        for name, txns in [("commit", committer), ("send_offsets", offsetter), ("abort", aborter)]:
+        for name, txns in [("commit", committer), ("send_offsets", offsetter), ("flush", flusher), ("abort", aborter)]:
             with txns.transaction():
                 txns.producer.send(topic, f"committed: {name}".encode())
         committed = sorted(topic_values(kafka_bootstrap, topic, "read_committed"))
-        assert committed == [b"committed: abort", b"committed: commit", b"committed: send_offsets"]
+        assert committed == [b"committed: abort", b"committed: commit", b"committed: flush", b"committed: send_offsets"]
         everything = sorted(topic_values(kafka_bootstrap, topic, "read_uncommitted"))
-        assert everything == [b"aborted: abort", b"aborted: commit", b"aborted: send_offsets", *committed]
+        aborted = [b"aborted: abort", b"aborted: commit", b"aborted: flush", b"aborted: send_offsets"]
+        assert everything == [*aborted, *committed]
     finally:
         services_ctl("kafka", "start")  # before closing: a producer stuck in its commit needs the broker
-        for txns in (committer, offsetter, aborter):
+        for txns in (committer, offsetter, flusher, aborter):
             txns.producer.close(timeout=5)
 
 
