@@ -130,7 +130,7 @@ class KafkaTransactions:
             yield
             _bounded_transactional_call(producer, "begin_commit", self.op_timeout_s)
         except KafkaError as exc:
-            if _is_fenced(exc):
+            if _is_fenced(producer, exc):
                 raise ProducerFenced(f"transactional id {self.transactional_id}: {exc}") from exc
             if isinstance(exc, KafkaTimeoutError):
                 # What the transaction produced never completed (its coordinator aborted it under the
@@ -173,8 +173,8 @@ def _bounded_transactional_call(producer: KafkaProducer, operation: str, timeout
 
     kafka-python (3.0) waits for these without a timeout; this does what those methods do (start the
     operation on the producer's transaction manager, wake its sender thread) and then waits with
-    ``TransactionalRequestResult.wait(timeout_ms=...)``, which returns False on timeout. One of the
-    two places that reach into kafka-python's internals (the other: ``_discard``)."""
+    ``TransactionalRequestResult.wait(timeout_ms=...)``, which returns False on timeout. With
+    ``_discard`` and ``_is_fenced``, the only code here that reaches into kafka-python's internals."""
     start = getattr(getattr(producer, "_transaction_manager", None), operation, None)
     wakeup = getattr(getattr(producer, "_sender", None), "wakeup", None)
     if start is None or wakeup is None:
@@ -196,7 +196,7 @@ def _discard(producer: KafkaProducer) -> None:
     (the broker is gone), before stopping the sender thread: the thread and its connections would
     outlive every renewal. So stop the sender without sending (``Sender.force_close``, which fails
     the pending records), then close. The new producer's ``init_transactions`` fences this one, so
-    nothing it still had could reach the log anyway."""
+    nothing it still had could reach the log anyway. Reaches into kafka-python's internals."""
     try:
         producer.close(timeout=0)
     except KafkaTimeoutError:
@@ -214,7 +214,10 @@ def _discard(producer: KafkaProducer) -> None:
         pass
 
 
-def _is_fenced(exc: KafkaError) -> bool:
-    # kafka-python raises ProducerFencedError itself when a transactional request finds the fencing,
-    # but after the fact only a KafkaError naming it in its message.
-    return isinstance(exc, ProducerFencedError) or "ProducerFenced" in str(exc)
+def _is_fenced(producer: KafkaProducer, exc: KafkaError) -> bool:
+    """Whether ``exc`` means another producer took over the transactional id. kafka-python raises
+    ProducerFencedError itself only from the request that finds the fencing; later calls raise a
+    plain KafkaError ("... in an error state"), and the fencing is the transaction manager's last
+    error: read by type, not from the message. Reaches into kafka-python's internals."""
+    manager = getattr(producer, "_transaction_manager", None)
+    return isinstance(exc, ProducerFencedError) or isinstance(getattr(manager, "last_error", None), ProducerFencedError)
