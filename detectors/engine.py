@@ -27,7 +27,14 @@ import numpy as np
 
 from detectors.groups import GROUP_KINDS, MIN_SUSPICIOUS, SourceGroup, source_group
 from detectors.input_model import river_anomaly
-from detectors.population import ModelPopulation, bucket_of, mix64, text_hash
+from detectors.population import (
+    SAMPLE_PER_CLIENT_EPOCH,
+    ModelPopulation,
+    PopulationContribution,
+    bucket_of,
+    mix64,
+    text_hash,
+)
 from detectors.scores import SessionScore
 from detectors.scoring import CalibratedScorer, KindScores
 from detectors.signals import (
@@ -213,6 +220,8 @@ class SessionDetector:
         group_v4_prefix: int = 24,
         group_v6_prefix: int = 48,
         network_label: Callable[[str], str] | None = None,
+        shared_population: bool = False,
+        worker_id: str = "",
     ) -> None:
         self.alert_threshold = alert_threshold
         river_anomaly()  # now, not in the middle of the stream at the first publish (seconds)
@@ -251,6 +260,13 @@ class SessionDetector:
         self.network_label = network_label  # how a network is named in group ids (e.g. hashed)
         self.groups: dict[ClientKey, SourceGroup] = {}
         self._group_scores: list[SessionScore] = []  # made at member evaluations, emitted by process
+        # Population baselines shared by the workers of a consumer group: an epoch's evidence leaves
+        # as a contribution (take_population_contributions) for the population log, and the
+        # baselines change only when the log's contributions, every worker's, are folded in
+        # (fold_population). Otherwise each worker publishes its own evidence at its epoch ends.
+        self.shared_population = shared_population
+        self.worker_id = worker_id  # names this worker's contributions
+        self._contributions: list[tuple[str, bytes]] = []
 
     # ----------------------------------------------------------------------------------- processing
     def process(self, records: Sequence[QueryRecord]) -> list[SessionScore]:
@@ -278,12 +294,50 @@ class SessionDetector:
                 # scores read this epoch's baselines).
                 emitted.extend(self._flush(runs))
                 emitted.extend(self._close_idle())
-                population.publish()
-                emitted.extend(self._rescore_warming(model_id))
+                if self.shared_population:
+                    contribution = population.take_contribution(self.worker_id)
+                    self._contributions.append((model_id, _encoder.encode(contribution.state())))
+                else:
+                    population.publish()
+                    emitted.extend(self._rescore_warming(model_id))
         emitted.extend(self._flush(runs))
         emitted.extend(self._close_idle())
         emitted.extend(self._group_scores)
         self._group_scores.clear()
+        return emitted
+
+    # --------------------------------------------------------------------- shared population baselines
+    def take_population_contributions(self) -> list[tuple[str, bytes]]:
+        """(model id, encoded contribution) of the epochs completed since the last call, in order: for
+        the population log, with the batch's checkpoint (shared baselines only)."""
+        out, self._contributions = self._contributions, []
+        return out
+
+    def population_log_start(self) -> int:
+        """The population log offset to read from: the lowest of the models' folded positions (each
+        model skips what it has folded already). 0, the log's beginning, before any fold."""
+        return min((p.folded_to for p in self.populations.values()), default=0)
+
+    def fold_population(self, entries: Iterable[tuple[int, str, bytes]]) -> list[SessionScore]:
+        """Fold contributions read from the population log, (offset, model id, encoded contribution)
+        in log order, into the models' published baselines, as every worker does, and score again
+        the sessions that waited for them (see _rescore_warming). A contribution that cannot be read
+        is logged and skipped: it cannot be mended, and the log must go on."""
+        emitted: list[SessionScore] = []
+        for offset, model_id, blob in entries:
+            population = self._population(model_id)
+            if offset < population.folded_to:
+                continue  # folded before the checkpoint this state came from
+            try:
+                contribution = PopulationContribution.from_state(_decoder.decode(blob), len(self.specs))
+            except (msgspec.DecodeError, ValueError, TypeError, KeyError, IndexError) as exc:
+                log.error("skipped population contribution at offset %d for model %r: %s", offset, model_id, exc)
+                population.folded_to = offset + 1
+                continue
+            population.fold(contribution)
+            population.folded_to = offset + 1
+            self._note_model_change(model_id)
+            emitted.extend(self._rescore_warming(model_id))
         return emitted
 
     def _rescore_warming(self, model_id: str) -> list[SessionScore]:
@@ -330,7 +384,11 @@ class SessionDetector:
         population = self.populations.get(model_id)
         if population is None:
             population = self.populations[model_id] = ModelPopulation(
-                model_id, len(self.specs), epoch_records=self.epoch_records, min_clients=self.min_population
+                model_id,
+                len(self.specs),
+                epoch_records=self.epoch_records,
+                min_clients=self.min_population,
+                shared=self.shared_population,
             )
         return population
 
@@ -476,9 +534,9 @@ class SessionDetector:
             history = cursor.history
             if block.vectors is None or history.flagged:
                 continue
-            if history.sample_epoch != population.epochs:
-                history.sample_epoch, history.sample_count = population.epochs, 0
-            room = 12 - history.sample_count
+            if history.sample_epoch != population.contributions:
+                history.sample_epoch, history.sample_count = population.contributions, 0
+            room = SAMPLE_PER_CLIENT_EPOCH - history.sample_count
             if room <= 0:
                 continue
             takes.append(block.vectors[:room])
@@ -741,7 +799,10 @@ class SessionDetector:
         for model_id in sorted(self._dirty_models):
             population = self.populations[model_id]
             entries = out.setdefault(POPULATION_PARTITION, {})
-            entries[f"pop\x1f{model_id}\x1fpending"] = _encoder.encode(population.pending_state())
+            if not self.shared_population:
+                # Shared baselines: a worker's pending evidence is its own (all workers write -1), and
+                # goes with the worker; what a restart loses of it is less than one epoch's.
+                entries[f"pop\x1f{model_id}\x1fpending"] = _encoder.encode(population.pending_state())
             if population.dirty_published:
                 entries[f"pop\x1f{model_id}\x1fpublished"] = _encoder.encode(population.published_state())
                 population.dirty_published = False
@@ -774,7 +835,11 @@ class SessionDetector:
                 population = self._population(model_id)
                 if part == "published":
                     population.load_published(_decoder.decode(blob))
-                else:
+                    if self.shared_population:
+                        # This worker's evidence since its last contribution went ahead with batches the
+                        # restore undoes (an aborted transaction); their replay gathers it again.
+                        population.take_contribution()
+                elif not self.shared_population:  # shared: another worker's evidence (see take_checkpoint)
                     population.load_pending(_decoder.decode(blob))
             elif key.startswith("client\x1f"):
                 _, model_id, client_id = key.split("\x1f")

@@ -36,6 +36,7 @@ BUCKET_WIDTHS = np.diff(np.concatenate([[5], BUCKET_EDGES, [BUCKET_EDGES[-1] * 2
 PROJ_DIMS = 32  # inputs with more features are projected (fixed random projection) for distances
 SAMPLE_SIZE = 384
 SAMPLE_PER_CLIENT_EPOCH = 12
+RECENT_CONTRIBUTIONS = 16  # contributions whose workers count as sharing a model's stream
 
 
 def bucket_of(n: int) -> int:
@@ -107,6 +108,48 @@ class Frame:
         return (z[:, :, None] * self.proj[None, :, :]).sum(axis=1)
 
 
+class PopulationContribution:
+    """One epoch of a worker's evidence about a model's population: weighted signal-value counts per
+    signal, query-count bucket and bin, and its offers to the reference sample (bottom-k by hash)."""
+
+    __slots__ = ("clients", "contributor", "hashes", "inputs", "values")
+
+    def __init__(
+        self, values: np.ndarray, inputs: np.ndarray, hashes: np.ndarray, clients: np.ndarray, contributor: str = ""
+    ) -> None:
+        self.values = values  # float64 (signals, buckets, bins)
+        self.inputs = inputs  # float32 (rows, input width): raw inputs
+        self.hashes = hashes  # uint64 (rows,)
+        self.clients = clients  # uint64 (rows,): the client hash of each row
+        self.contributor = contributor  # the worker whose evidence it is
+
+    def state(self) -> dict[str, Any]:
+        nz = np.nonzero(self.values)
+        return {
+            "idx": np.stack(nz).astype(np.int32) if len(nz[0]) else np.zeros((3, 0), dtype=np.int32),
+            "val": self.values[nz],  # float64: folded as they are, on every worker
+            "inputs": self.inputs,
+            "hashes": self.hashes,
+            "clients": self.clients,
+            "contributor": self.contributor,
+        }
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any], n_signals: int) -> PopulationContribution:
+        values = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
+        idx = np.asarray(data["idx"], dtype=np.int64)
+        if idx.shape[1]:
+            if idx.shape[0] != 3 or idx[0].max() >= n_signals:
+                raise ValueError(f"a contribution of another shape than this detector's {n_signals} signals")
+            values[idx[0], idx[1], idx[2]] = np.asarray(data["val"], dtype=np.float64)
+        inputs = np.asarray(data["inputs"], dtype=np.float32)
+        hashes = np.asarray(data["hashes"], dtype=np.uint64)
+        clients = np.asarray(data["clients"], dtype=np.uint64)
+        if inputs.ndim != 2 or not len(inputs) == len(hashes) == len(clients):
+            raise ValueError("a contribution whose sample rows, hashes and clients do not match")
+        return cls(values, inputs, hashes, clients, str(data.get("contributor", "")))
+
+
 class ModelPopulation:
     """Published and pending population baselines of one model."""
 
@@ -118,8 +161,10 @@ class ModelPopulation:
         epoch_records: int = 500,
         decay: float = 0.98,
         min_clients: int = 16,
+        shared: bool = False,
     ) -> None:
         self.model_id = model_id
+        self.shared = shared  # baselines folded from every worker's contributions (see fold)
         self.n_signals = n_signals
         self.epoch_records = epoch_records
         self.decay = decay
@@ -149,6 +194,14 @@ class ModelPopulation:
         self._log_mask: np.ndarray | None = None
         self.table = np.full((n_signals, N_BUCKETS, 4), np.nan)  # warm bucket, q50, q75, clients
         self.version = 0  # names the published baselines (see _refresh_table)
+        # Contributions handed over so far: a client offers at most SAMPLE_PER_CLIENT_EPOCH inputs per
+        # contribution (with shared baselines, folds come from every worker, so epochs run faster).
+        self.contributions = 0
+        # Shared baselines: the population log offset after the last contribution folded in (all
+        # folds of earlier offsets are in the published state; a replay of the log skips them).
+        self.folded_to = 0
+        # The workers of the last contributions folded in: how many share the model's stream.
+        self.recent_contributors: list[str] = []
 
     # -------------------------------------------------------------------------------------- stream
     def count(self, n: int) -> bool:
@@ -188,25 +241,44 @@ class ModelPopulation:
         np.add.at(self.pending, (signals, buckets[rows], bins), weights[rows].astype(np.float64))
 
     def publish(self) -> None:
-        """Fold pending evidence into the published baselines (at a fixed point of the stream)."""
-        self.epochs += 1
-        self.hist = self.hist * self.decay + self.pending
-        self.pending = np.zeros_like(self.pending)
-        self._refresh_table()
+        """Fold this worker's pending evidence into the published baselines (at a fixed point of the
+        stream)."""
+        self.fold(self.take_contribution())
+
+    def take_contribution(self, contributor: str = "") -> PopulationContribution:
+        """The pending evidence of an epoch, handed over (pending starts empty again). Folded here by
+        ``publish``, or, with baselines shared by a consumer group, sent to the population log, from
+        which every worker folds every worker's contributions in the same order."""
         if len(self.p_hash):
             self._trim_pending()
-            # Half of the reference sample is renewed each epoch: recent inputs, with a memory.
-            old = np.lexsort((self.s_clients, self.s_hash))[: SAMPLE_SIZE - min(len(self.p_hash), SAMPLE_SIZE // 2)]
-            new = np.lexsort((self.p_clients, self.p_hash))[: SAMPLE_SIZE - len(old)]
-            if self.s_raw.shape[1:] != self.p_raw.shape[1:]:
-                self.s_raw = np.zeros((0, self.p_raw.shape[1]), dtype=np.float32)
+        contribution = PopulationContribution(self.pending, self.p_raw, self.p_hash, self.p_clients, contributor)
+        self.contributions += 1
+        self.pending = np.zeros_like(self.pending)
+        self.p_raw, self.p_hash, self.p_clients = self.p_raw[:0], self.p_hash[:0], self.p_clients[:0]
+        return contribution
+
+    def fold(self, contribution: PopulationContribution) -> None:
+        """Fold an epoch's evidence into the published baselines: a pure function of the published
+        state and the contribution, so workers folding the same contributions in the same order hold
+        the same baselines."""
+        self.epochs += 1
+        self.hist = self.hist * self.decay + contribution.values
+        self._refresh_table()
+        self.recent_contributors = [*self.recent_contributors, contribution.contributor][-RECENT_CONTRIBUTIONS:]
+        if len(contribution.hashes):
+            # Half of the reference sample is renewed each epoch: recent inputs, with a memory. When n
+            # workers share the stream, each contribution holds the inputs of a 1/n share of the
+            # clients: it renews 1/(2n), or the sample would hold mostly the last worker's clients.
+            raw, hashes, clients = contribution.inputs, contribution.hashes, contribution.clients
+            renewed = SAMPLE_SIZE // (2 * len(set(self.recent_contributors)))
+            old = np.lexsort((self.s_clients, self.s_hash))[: SAMPLE_SIZE - min(len(hashes), renewed)]
+            new = np.lexsort((clients, hashes))[: SAMPLE_SIZE - len(old)]
+            if self.s_raw.shape[1:] != raw.shape[1:]:  # the first inputs, or the model's width changed
+                self.s_raw = np.zeros((0, raw.shape[1]), dtype=np.float32)
                 old = old[:0]
-            self.s_raw = np.concatenate([self.s_raw[old], self.p_raw[new]])
-            self.s_hash = np.concatenate([self.s_hash[old], self.p_hash[new]])
-            self.s_clients = np.concatenate([self.s_clients[old], self.p_clients[new]])
-            self.p_raw = self.p_raw[:0]
-            self.p_hash = self.p_hash[:0]
-            self.p_clients = self.p_clients[:0]
+            self.s_raw = np.concatenate([self.s_raw[old], raw[new]])
+            self.s_hash = np.concatenate([self.s_hash[old], hashes[new]])
+            self.s_clients = np.concatenate([self.s_clients[old], clients[new]])
             self._refresh_inputs()
         self.dirty_published = True
 
@@ -258,7 +330,11 @@ class ModelPopulation:
     # -------------------------------------------------------------------------------------- reading
     @property
     def young(self) -> bool:
-        """Still in the doubling epochs of warm-up: each publish may change the baselines a lot."""
+        """Still in the doubling epochs of warm-up: each publish may change the baselines a lot. With
+        shared baselines, fewer than five contributions folded in (the local record count only
+        tells this worker's share of the stream)."""
+        if self.shared:
+            return self.epochs < 5
         return _epoch_index(self.records, self.epoch_records) < 5
 
     @property
@@ -275,6 +351,8 @@ class ModelPopulation:
     def published_state(self) -> dict[str, Any]:
         return {
             "epochs": self.epochs,
+            "folded_to": self.folded_to,
+            "contributors": self.recent_contributors,
             "scales": self.scales,
             "hist_idx": np.stack(np.nonzero(self.hist)).astype(np.int32),
             "hist_val": self.hist[np.nonzero(self.hist)],
@@ -288,6 +366,7 @@ class ModelPopulation:
         nz = np.nonzero(self.pending)
         return {
             "records": self.records,
+            "contributions": self.contributions,
             "pending_idx": np.stack(nz).astype(np.int32) if len(nz[0]) else np.zeros((3, 0), dtype=np.int32),
             "pending_val": self.pending[nz].astype(np.float32),
             "p_raw": self.p_raw,
@@ -297,6 +376,8 @@ class ModelPopulation:
 
     def load_published(self, data: dict[str, Any]) -> None:
         self.epochs = int(data["epochs"])
+        self.folded_to = int(data.get("folded_to", 0))
+        self.recent_contributors = [str(c) for c in data.get("contributors", [])]
         self.hist = np.zeros((self.n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
         idx = np.asarray(data["hist_idx"], dtype=np.int64)
         if idx.shape[1]:
@@ -311,6 +392,7 @@ class ModelPopulation:
 
     def load_pending(self, data: dict[str, Any]) -> None:
         self.records = int(data["records"])
+        self.contributions = int(data.get("contributions", 0))
         self._epoch_end = _epoch_end(self.records, self.epoch_records)
         self.pending = np.zeros_like(self.hist)
         idx = np.asarray(data["pending_idx"], dtype=np.int64)

@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--budget", type=float, default=1e-3, help="false-alarm budget per evaluation and kind")
     ev.add_argument("--batch", type=int, default=2000, help="records per micro-batch")
+    ev.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="split the log as a consumer group of N workers would (by the Kafka partition of each client id, "
+        "one detector per worker) to see what scaling out costs in detection (default: 1)",
+    )
+    ev.add_argument(
+        "--baselines",
+        choices=["shared", "per-worker"],
+        default="shared",
+        help="with --workers: population baselines shared through a population log, as `probewatch run` "
+        "does on Kafka (default), or each worker's own",
+    )
     ev.add_argument("--json", action="store_true", help="print the full report as JSON")
     _add_common(ev)
     ev.set_defaults(handler=cmd_eval)
@@ -219,6 +233,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "group_v4_prefix": detection.group_v4_prefix,
             "group_v6_prefix": detection.group_v6_prefix,
         },
+        workers=args.workers,
+        shared_baselines=args.baselines == "shared",
     )
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())

@@ -10,6 +10,14 @@ and per benign variant. A multi-key (Sybil) attacker counts once: detected when 
 alerted, on its own or through its source group's alert; its queries-to-detection is the sum over all
 its keys (what the attacker had spent). A source group's alert counts against every member it names,
 so a benign client behind a flagged NAT is a false positive.
+
+With ``workers`` > 1 the log is split as a consumer group would split it: each record goes to the
+partition of its client id under Kafka's default partitioner (murmur2 of the key, as a producer
+keyed by client id writes it), one partition per worker, and each worker has its own detector (its
+own sessions and source groups, as in production). Their population baselines are shared as in
+production: each worker's epoch contributions go to one population log, which every worker folds
+in order before its next batch; ``shared_baselines=False`` gives each worker its own instead. What
+scaling out costs in detection is then measured, not guessed.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from typing import IO, Any
 
 import msgspec
 import numpy as np
+from kafka.partitioner import murmur2
 
 from alerting.policy import AlertPolicy, PolicySettings
 from detectors.engine import SessionDetector
+from detectors.scores import SessionScore
 from ingest.records import QueryRecord, RecordDecoder, SourcePosition
 from probewatch.config import DetectionConfig
 
@@ -57,6 +67,8 @@ class EvalReport(msgspec.Struct):
     warming_up_scores: int
     scores: int
     outcomes: list[ClientOutcome]
+    workers: int = 1
+    shared_baselines: bool = False
 
     # ----------------------------------------------------------------------------------- summaries
     def attackers(self) -> list[ClientOutcome]:
@@ -108,7 +120,11 @@ def evaluate(
     *,
     batch_records: int = 2000,
     detector_options: dict[str, Any] | None = None,
+    workers: int = 1,
+    shared_baselines: bool = True,
 ) -> EvalReport:
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     truth = read_truth(truth_path)
     defaults = DetectionConfig()  # as `probewatch run` without configuration
     options = {
@@ -118,9 +134,13 @@ def evaluate(
         "group_v6_prefix": defaults.group_v6_prefix,
         **(detector_options or {}),
     }
-    detector = SessionDetector(**options)
+    shared = shared_baselines and workers > 1
+    detectors = [SessionDetector(**options, shared_population=shared, worker_id=str(i)) for i in range(workers)]
+    worker_of: dict[str, int] = {}
+    population_log: list[tuple[str, bytes]] = []  # shared baselines: every worker's contributions
+    read_to = [0] * workers  # how far each worker has folded the population log
     # The production policy, without the per-minute page cap, so that every attacker is counted.
-    policy = AlertPolicy(PolicySettings(threshold=detector.alert_threshold, max_per_minute=0))
+    policy = AlertPolicy(PolicySettings(threshold=detectors[0].alert_threshold, max_per_minute=0))
     decoder = RecordDecoder()
     outcomes = {
         key: ClientOutcome(
@@ -148,8 +168,23 @@ def evaluate(
         sent.add(records)
         dead += len(letters)
         records_total += len(messages)
+        shares: list[list[QueryRecord]] = [[] for _ in detectors]
+        for record in records:
+            worker = worker_of.get(record.client_id)
+            if worker is None:
+                worker = worker_of[record.client_id] = (murmur2(record.client_id.encode()) & 0x7FFFFFFF) % workers
+            shares[worker].append(record)
         t0 = time.perf_counter()
-        scores = detector.process(records)
+        scores: list[SessionScore] = []
+        for i, (detector, share) in enumerate(zip(detectors, shares, strict=True)):
+            if shared:
+                new = [(offset, *population_log[offset]) for offset in range(read_to[i], len(population_log))]
+                read_to[i] = len(population_log)
+                scores.extend(detector.fold_population(new))
+            scores.extend(detector.process(share))
+        if shared:
+            for detector in detectors:
+                population_log.extend(detector.take_population_contributions())
         alerts = policy.evaluate(scores)
         busy += time.perf_counter() - t0
         for score in scores:
@@ -176,9 +211,10 @@ def evaluate(
                 else:
                     queries = alert.n_queries
                 _record_alert(outcome, alert.kind, queries, alert.reasons, bool(members))
-    for (model_id, client_id), history in detector.clients.items():
-        if (model_id, client_id) in outcomes:
-            outcomes[(model_id, client_id)].queries = history.queries
+    for detector in detectors:
+        for (model_id, client_id), history in detector.clients.items():
+            if (model_id, client_id) in outcomes:
+                outcomes[(model_id, client_id)].queries = history.queries
     sizes = np.array(state_sizes or [0])
     return EvalReport(
         records=records_total,
@@ -187,10 +223,12 @@ def evaluate(
         events_per_s=(records_total - dead) / busy if busy else 0.0,
         max_session_state_bytes=int(sizes.max()),
         median_session_state_bytes=float(np.median(sizes)),
-        population_state_bytes=sum(p.nbytes() for p in detector.populations.values()),
+        population_state_bytes=sum(p.nbytes() for detector in detectors for p in detector.populations.values()),
         warming_up_scores=warming,
         scores=n_scores,
         outcomes=list(outcomes.values()),
+        workers=workers,
+        shared_baselines=shared,
     )
 
 
@@ -237,6 +275,12 @@ def format_report(report: EvalReport) -> str:
         f"{report.median_session_state_bytes / 1024:.1f} KiB), population baselines "
         f"{report.population_state_bytes / 1024:.0f} KiB; {report.warming_up_scores} of {report.scores} scores "
         "while warming up"
+        + (
+            f"; {report.workers} workers, population baselines "
+            + ("shared through a population log" if report.shared_baselines else "per worker")
+            if report.workers > 1
+            else ""
+        )
     )
     out.append("")
     header = f"{'attack kind / variant':<34}{'detected':>10}{'right kind':>12}{'queries to detect (median / p90)':>36}"

@@ -221,3 +221,65 @@ def test_a_worker_adopting_a_waiting_session_scores_it_against_its_own_populatio
     adopted = second.process([])
     assert [s.client_id for s in adopted if s.crossed_kinds] == ["rand-00"]
     assert second.process([]) == []  # scored once, not at every idle batch
+
+
+def shared_workers(records: list[QueryRecord], workers: int, batch: int) -> tuple[list[SessionDetector], list[bytes]]:
+    """``workers`` detectors sharing population baselines through an in-memory population log, each
+    taking the clients of its share (by client id), folding the log before each of its batches."""
+    detectors = [
+        SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True, worker_id=str(i))
+        for i in range(workers)
+    ]
+    owner = {c: i % workers for i, c in enumerate(sorted({r.client_id for r in records}))}
+    population_log: list[tuple[str, bytes]] = []
+    read_to = [0] * workers
+    for start in range(0, len(records), batch):
+        chunk = records[start : start + batch]
+        for i, detector in enumerate(detectors):
+            detector.fold_population((o, *population_log[o]) for o in range(read_to[i], len(population_log)))
+            read_to[i] = len(population_log)
+            detector.process([r for r in chunk if owner[r.client_id] == i])
+        for detector in detectors:
+            population_log.extend(detector.take_population_contributions())
+    for i, detector in enumerate(detectors):
+        detector.fold_population((o, *population_log[o]) for o in range(read_to[i], len(population_log)))
+    return detectors, [blob for _, blob in population_log]
+
+
+def test_workers_sharing_baselines_fold_every_contribution_in_the_same_order(simulated: list[QueryRecord]) -> None:
+    (first, second), contributions = shared_workers(simulated, 2, 500)
+    model_id = simulated[0].model_id
+    a, b = first.populations[model_id], second.populations[model_id]
+    # Both folded both workers' contributions, in log order: the same published baselines.
+    assert a.epochs == b.epochs == len(contributions) > 4
+    assert a.version == b.version != 0
+    assert {c for c in a.recent_contributors} == {"0", "1"}
+    assert np.array_equal(a.s_hash, b.s_hash) and np.array_equal(a.hist, b.hist)
+    # A worker that restarts from the other's checkpoint and reads the log from its beginning skips
+    # what that checkpoint had folded already: nothing is counted twice.
+    restarted = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
+    restarted.restore(-1, {k: v for k, v in first.take_checkpoint().get(-1, {}).items() if v is not None})
+    assert restarted.population_log_start() == len(contributions)
+    restarted.fold_population((o, model_id, blob) for o, blob in enumerate(contributions))
+    assert restarted.populations[model_id].version == a.version
+
+
+def test_shared_baselines_let_two_workers_catch_what_one_catches(simulated: list[QueryRecord]) -> None:
+    """Split over two workers, each sees half of the 24 benign clients: baselines of their own stay too
+    thin to judge the attackers by, while baselines shared through the population log catch every
+    attacker one worker catches. (False-positive rates need more clients than this fixture has:
+    `probewatch eval --workers` measures them on the simulated traces.)"""
+    alone = {e[0] for e in run(simulated, 500) if e[3] == "firing"}
+    attackers = {c for c in alone if not c.startswith("acct-")}
+    assert attackers
+
+    def flagged(detectors: list[SessionDetector]) -> set[str]:
+        return {key[1] for d in detectors for key, history in d.clients.items() if history.flagged}
+
+    owner = {c: i % 2 for i, c in enumerate(sorted({r.client_id for r in simulated}))}
+    own_baselines = [small_detector(), small_detector()]
+    for i, detector in enumerate(own_baselines):
+        run([r for r in simulated if owner[r.client_id] == i], 500, detector)
+    assert not flagged(own_baselines) & attackers
+    shared, _ = shared_workers(simulated, 2, 500)
+    assert attackers <= flagged(shared)

@@ -92,6 +92,8 @@ def test_cli_simulate_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["eval", "--input", str(log), "--truth", str(truth)]) == 0
     out = capsys.readouterr().out
     assert "benign clients flagged" in out and "queries to detect" in out
+    assert main(["eval", "--input", str(log), "--truth", str(truth), "--workers", "2"]) == 0
+    assert "2 workers, population baselines shared through a population log" in capsys.readouterr().out
     assert main(["simulate", "--out", str(log), "--attacks", "nonsense"]) == 2
 
 
