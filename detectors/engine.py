@@ -389,6 +389,7 @@ class SessionDetector:
                 epoch_records=self.epoch_records,
                 min_clients=self.min_population,
                 shared=self.shared_population,
+                scales=self.scales,
             )
         return population
 
@@ -585,7 +586,6 @@ class SessionDetector:
                 population.add_values(
                     values[joining],
                     np.array([bucket_of(h.queries) for h in histories], dtype=np.int64),
-                    self.scales,
                     np.array([h.queries - h.last_bucket for h in histories], dtype=np.int64),
                 )
                 self._note_model_change(model_id)

@@ -162,6 +162,7 @@ class ModelPopulation:
         decay: float = 0.98,
         min_clients: int = 16,
         shared: bool = False,
+        scales: list[str] | None = None,
     ) -> None:
         self.model_id = model_id
         self.shared = shared  # baselines folded from every worker's contributions (see fold)
@@ -190,8 +191,12 @@ class ModelPopulation:
         self.s_hash = np.zeros(0, dtype=np.uint64)
         self.s_clients = np.zeros(0, dtype=np.uint64)
         self.dirty_published = True
-        self.scales: list[str] = ["unit"] * n_signals
-        self._log_mask: np.ndarray | None = None
+        # Per signal, "log" or "unit": how its values map to histogram bins. Fixed by the signals, not
+        # learned: a worker may fold other workers' contributions before it has scored anyone.
+        self.scales: list[str] = list(scales) if scales is not None else ["unit"] * n_signals
+        if len(self.scales) != n_signals:
+            raise ValueError(f"{len(self.scales)} scales for {n_signals} signals")
+        self._log_mask = np.array([scale == "log" for scale in self.scales])
         self.table = np.full((n_signals, N_BUCKETS, 4), np.nan)  # warm bucket, q50, q75, clients
         self.version = 0  # names the published baselines (see _refresh_table)
         # Contributions handed over so far: a client offers at most SAMPLE_PER_CLIENT_EPOCH inputs per
@@ -230,12 +235,9 @@ class ModelPopulation:
         keep = np.lexsort((self.p_clients, self.p_hash))[:SAMPLE_SIZE]
         self.p_raw, self.p_hash, self.p_clients = self.p_raw[keep], self.p_hash[keep], self.p_clients[keep]
 
-    def add_values(self, values: np.ndarray, buckets: np.ndarray, scales: list[str], weights: np.ndarray) -> None:
+    def add_values(self, values: np.ndarray, buckets: np.ndarray, weights: np.ndarray) -> None:
         """Clients' signal values (rows; NaN: unavailable), each in its query-count bucket, weighted
         by the queries they stand for."""
-        self.scales = scales
-        if self._log_mask is None or len(self._log_mask) != values.shape[1]:
-            self._log_mask = np.array([sc == "log" for sc in scales])
         rows, signals = np.nonzero(~np.isnan(values) & (weights > 0)[:, None])
         bins = to_bins(values[rows, signals], self._log_mask[signals])
         np.add.at(self.pending, (signals, buckets[rows], bins), weights[rows].astype(np.float64))
@@ -353,7 +355,6 @@ class ModelPopulation:
             "epochs": self.epochs,
             "folded_to": self.folded_to,
             "contributors": self.recent_contributors,
-            "scales": self.scales,
             "hist_idx": np.stack(np.nonzero(self.hist)).astype(np.int32),
             "hist_val": self.hist[np.nonzero(self.hist)],
             "frame": None if self.frame is None else [self.frame.centre, self.frame.scale],
@@ -382,7 +383,6 @@ class ModelPopulation:
         idx = np.asarray(data["hist_idx"], dtype=np.int64)
         if idx.shape[1]:
             self.hist[idx[0], idx[1], idx[2]] = np.asarray(data["hist_val"], dtype=np.float64)
-        self.scales = list(data["scales"])
         self._refresh_table()
         if data["frame"] is not None:
             self.frame = Frame(np.asarray(data["frame"][0]), np.asarray(data["frame"][1]))

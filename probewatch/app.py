@@ -28,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 import msgspec
+from kafka.errors import KafkaError
 
 from alerting.alert import Alert
 from alerting.dispatch import DeliverySettings, Dispatcher
@@ -43,6 +44,7 @@ from ingest.transactions import KafkaTransactions, ProducerFenced, TransactionAb
 from probewatch.changelog import StateBackend
 from probewatch.config import Config
 from probewatch.metrics import PipelineMetrics
+from probewatch.population_log import KafkaPopulationLog
 from storage import BatchStats, StorageError, Store, StoredBatch
 
 log = logging.getLogger("probewatch")
@@ -94,6 +96,7 @@ class Pipeline:
         progress: ProgressCallback | None = None,
         worker_id: str | None = None,
         transactions: KafkaTransactions | None = None,
+        population_log: KafkaPopulationLog | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -106,6 +109,10 @@ class Pipeline:
         # Exactly-once: the producer of `dead_letters` and `state`, whose output and the source's
         # offsets are committed together per batch (None: at least once).
         self.transactions = transactions
+        # Where the workers of the group share their population baselines (None: each its own).
+        self.population_log = population_log
+        # Read the population log from the restored baselines' offset, to its end, before the next batch.
+        self._population_resync = True
         self.decoder = RecordDecoder(
             max_record_bytes=config.limits.max_record_bytes,
             max_vector_len=config.limits.max_vector_len,
@@ -125,6 +132,8 @@ class Pipeline:
             allowed_lateness_s=config.sessions.allowed_lateness_s,
             max_open_sessions=config.sessions.max_open_sessions,
             checkpointing=state is not None,
+            shared_population=population_log is not None,
+            worker_id=self.worker_id,
         )
         self.policy = AlertPolicy(policy_settings(config))
         # Alerts are in the outbox (written by write_batch) before they are handed to the dispatcher,
@@ -149,6 +158,7 @@ class Pipeline:
         # Partition -1 holds model-wide state (population baselines); it is restored once, on the
         # first assignment, and never dropped, since every partition's sessions are scored against it.
         wanted = list(partitions) if self._population_restored else [*partitions, POPULATION_PARTITION]
+        self._population_resync = self._population_resync or not self._population_restored
         self._population_restored = True
         states, positions = self.state.load_state(wanted, progress=self.metrics.progressed)
         for partition in wanted:
@@ -233,7 +243,8 @@ class Pipeline:
                 continue
             fresh.append((message.value, position, message.key))
         records, letters = self.decoder.decode_batch(fresh)
-        scores = self.detector.process(records)
+        scores = self._fold_population()
+        scores += self.detector.process(records)
         alerts = self.policy.evaluate(scores)
         if self.transactions is None:
             self._dead_letter(letters)
@@ -283,6 +294,26 @@ class Pipeline:
             (time.perf_counter() - store_started) * 1000.0,
         )
         return alerts
+
+    def _fold_population(self) -> list[SessionScore]:
+        """Fold what the group has added to the population log since the last batch (after a restore,
+        all of it from the restored baselines on). Kafka unreachable: the baselines wait, the batch
+        does not (the log is read again at the next batch)."""
+        log_ = self.population_log
+        if log_ is None:
+            return []
+        try:
+            if self._population_resync:
+                log_.seek(self.detector.population_log_start())
+                entries = log_.read(to_end=True)
+                log.info("folded %d population contributions from %s", len(entries), log_.topic)
+                self._population_resync = False
+            else:
+                entries = log_.read()
+        except KafkaError as exc:
+            log.warning("cannot read the population log %s (%s); baselines not updated this batch", log_.topic, exc)
+            return []
+        return self.detector.fold_population(entries)
 
     def _write(self, batch: StoredBatch) -> None:
         """Write a batch, retrying while storage is down: the loop does not poll meanwhile, so the
@@ -344,7 +375,12 @@ class Pipeline:
         self.dead_letters.flush()
 
     def _commit(self, batch: list[RawMessage], max_offsets: dict[int, int], source: Source) -> None:
-        """Checkpoint the state with the batch's positions, then commit the batch's offsets."""
+        """Checkpoint the state with the batch's positions, then commit the batch's offsets. The
+        population contributions of the batch go first, so a checkpoint never holds baselines whose
+        evidence the group has not been sent."""
+        if self.population_log is not None:
+            self.population_log.send(self.detector.take_population_contributions())
+            self.population_log.flush()
         if self.state is not None:
             self._checkpoint(self.state, max_offsets)
         source.commit(batch)
@@ -394,6 +430,8 @@ class Pipeline:
         self.dispatcher.close(self.config.alerting.shutdown_timeout_s)
         if self.state is not None:
             self.state.close()
+        if self.population_log is not None:
+            self.population_log.close()
         self.dead_letters.close()
         self.store.close()
 

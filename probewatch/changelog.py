@@ -30,7 +30,7 @@ POSITION_KEY = "__position__"
 _SEP = "\x1f"
 
 
-def _retry(action: Callable[[], T], what: str, timeout_s: float = 120.0) -> T:
+def retry_kafka(action: Callable[[], T], what: str, timeout_s: float = 120.0) -> T:
     """Run ``action``, retrying Kafka errors with backoff for up to ``timeout_s`` (a broker that is
     restarting, or a controller not yet elected, answers again within seconds)."""
     deadline = time.monotonic() + timeout_s
@@ -121,7 +121,7 @@ class KafkaChangelog:
         self.options = kafka_options
         # -1: the broker's default.replication.factor (KIP-464).
         self.replication_factor = replication_factor
-        self.partitions = _retry(lambda: self._ensure_topic(source_topic), f"preparing changelog {topic}")
+        self.partitions = retry_kafka(lambda: self._ensure_topic(source_topic), f"preparing changelog {topic}")
         self._owns_producer = transactional_producer is None
         self._isolation_level = "read_uncommitted" if transactional_producer is None else "read_committed"
         self.producer = transactional_producer or KafkaProducer(
@@ -175,7 +175,7 @@ class KafkaChangelog:
     def load_state(
         self, partitions: list[int], progress: Callable[[], None] | None = None
     ) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
-        return _retry(lambda: self._replay(partitions, progress), f"replaying changelog {self.topic}")
+        return retry_kafka(lambda: self._replay(partitions, progress), f"replaying changelog {self.topic}")
 
     def _replay(
         self, partitions: list[int], progress: Callable[[], None] | None

@@ -131,8 +131,14 @@ class StateConfig(_Section):
     backend: Literal["changelog", "clickhouse"] = "changelog"
     # Default "<topic>.changelog" when empty.
     changelog_topic: str = ""
-    # -1: the broker's default.replication.factor.
+    # -1: the broker's default.replication.factor (also of the population log).
     changelog_replication_factor: int = -1
+    # The workers of the group share their population baselines through a population log topic (see
+    # probewatch/population_log.py): otherwise a worker of N judges clients against baselines learned
+    # from its 1/N of them (`probewatch eval --workers N --baselines per-worker` shows the cost).
+    shared_baselines: bool = True
+    # Default "<topic>.population" when empty.
+    population_topic: str = ""
 
 
 class SessionConfig(_Section):

@@ -17,6 +17,7 @@ from probewatch.app import Pipeline, RunSummary, new_worker_id
 from probewatch.changelog import KafkaChangelog, StateBackend, StoreStateBackend
 from probewatch.config import AlertReceiverConfig, Config, ConfigError
 from probewatch.metrics import MetricsServer
+from probewatch.population_log import KafkaPopulationLog
 from storage import open_store
 
 log = logging.getLogger("probewatch")
@@ -146,6 +147,19 @@ def build_state_backend(
     )
 
 
+def build_population_log(config: Config, transactions: KafkaTransactions | None = None) -> KafkaPopulationLog | None:
+    """Kafka workers share their population baselines unless configured not to; a file run is one
+    worker. Under exactly-once the contributions are written by the transactional producer."""
+    if config.source != "kafka" or not config.state.shared_baselines:
+        return None
+    return KafkaPopulationLog(
+        config.state.population_topic or f"{config.kafka.topic}.population",
+        _kafka_options(config, "population"),
+        replication_factor=config.state.changelog_replication_factor,
+        transactional_producer=transactions.producer if transactions is not None else None,
+    )
+
+
 def transactional_id(config: Config, worker_id: str) -> str:
     """The group names the application, the worker id (unique per process) the producer: two live
     workers never share an id, so neither fences the other (KIP-447 fences zombies by the consumer
@@ -217,6 +231,7 @@ def build_job(config: Config, *, input_path: str | None, dlq_path: str | None = 
         progress=_progress_printer() if progress else None,
         worker_id=worker_id,
         transactions=transactions,
+        population_log=build_population_log(config, transactions),
     )
     source: Source
     if config.source == "kafka":

@@ -220,11 +220,10 @@ def test_alert_threshold_corresponds_to_the_false_alarm_budget() -> None:
     """A population with an exponential tail: the value whose tail probability is the budget scores
     exactly the threshold on every signal; twice as extreme evidence (p = budget²) scores 1."""
     specs = output_specs(DEFAULT_SIGNALS)
-    pop = ModelPopulation("m", len(specs), min_clients=4)
-    pop.scales = [s[2] for s in specs]
+    pop = ModelPopulation("m", len(specs), min_clients=4, scales=[s[2] for s in specs])
     rng = np.random.default_rng(6)
     for value in rng.exponential(0.02, size=400):
-        pop.add_values(np.full((1, len(specs)), value), np.array([bucket_of(100)]), pop.scales, np.array([40]))
+        pop.add_values(np.full((1, len(specs)), value), np.array([bucket_of(100)]), np.array([40]))
     pop.publish()
     scorer = CalibratedScorer(specs, alert_threshold=0.8, false_alarm_budget=1e-3)
     shares = [i for i, s in enumerate(specs) if s[2] == "unit" and "boundary_probing" in s[1]]

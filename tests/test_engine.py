@@ -255,6 +255,11 @@ def test_workers_sharing_baselines_fold_every_contribution_in_the_same_order(sim
     assert a.version == b.version != 0
     assert {c for c in a.recent_contributors} == {"0", "1"}
     assert np.array_equal(a.s_hash, b.s_hash) and np.array_equal(a.hist, b.hist)
+    # A worker that starts late folds the log before it has scored anyone: the same baselines too.
+    late = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
+    late.fold_population((o, model_id, blob) for o, blob in enumerate(contributions))
+    assert np.array_equal(late.populations[model_id].table, a.table, equal_nan=True)
+    assert late.populations[model_id].version == a.version
     # A worker that restarts from the other's checkpoint and reads the log from its beginning skips
     # what that checkpoint had folded already: nothing is counted twice.
     restarted = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
