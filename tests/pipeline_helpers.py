@@ -260,3 +260,22 @@ def kill_one_worker_mid_stream(
     # which the worker adopting them gives only after the rebalance (about a session timeout later).
     client, db = clickhouse_client(env), env["PROBEWATCH__STORAGE__DATABASE"]
     finish(running[1:], done, len(scenario.lines), log, lambda: firing_clients(client, db) >= scenario.attackers)
+
+
+def topic_values(bootstrap: str, topic: str, isolation_level: str = "read_uncommitted") -> list[bytes]:
+    """Every value of the topic that a reader with ``isolation_level`` sees (up to the end it sees)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation_level, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        values: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            assert time.monotonic() < deadline, f"could not read {topic} to {ends}"
+            for records in consumer.poll(timeout_ms=500).values():
+                values += [r.value for r in records]
+        return values
+    finally:
+        consumer.close()

@@ -21,6 +21,7 @@ from pipeline_helpers import (
     dlq_documents,
     kill_one_worker_mid_stream,
     produce,
+    topic_values,
 )
 
 from ingest.deadletter import KafkaDeadLetterSink
@@ -94,25 +95,6 @@ def test_a_fenced_producer_is_reported_as_a_zombie(
     finally:
         zombie.producer.close()
         successor.producer.close()
-
-
-def topic_values(bootstrap: str, topic: str, isolation_level: str) -> list[bytes]:
-    """Every value of the topic that a reader with ``isolation_level`` sees (up to the end it sees)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation_level, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        ends = consumer.end_offsets(partitions)
-        values: list[bytes] = []
-        deadline = time.monotonic() + 30
-        while any(consumer.position(tp) < ends[tp] for tp in partitions):
-            assert time.monotonic() < deadline, f"could not read {topic} to {ends}"
-            for records in consumer.poll(timeout_ms=500).values():
-                values += [r.value for r in records]
-        return values
-    finally:
-        consumer.close()
 
 
 def end_offset(bootstrap: str, topic: str, isolation_level: str) -> int:

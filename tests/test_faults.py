@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from pipeline_helpers import (
     Scenario,
@@ -19,6 +21,7 @@ from pipeline_helpers import (
     log_tail,
     produce,
     progress,
+    topic_values,
     wait_until,
 )
 
@@ -30,6 +33,10 @@ def test_kill_one_of_three_workers(
 ) -> None:
     kill_one_worker_mid_stream(pipeline_env, scenario, kafka_bootstrap, tmp_path / "workers.log", workers=3)
     check_results(pipeline_env, scenario)  # includes: no session restarted from zero
+    # The workers shared their population baselines: the population log holds each one's evidence.
+    contributions = topic_values(kafka_bootstrap, f"{pipeline_env['PROBEWATCH__KAFKA__TOPIC']}.population")
+    contributors = Counter(msgspec.msgpack.decode(value)["contributor"] for value in contributions)
+    assert len(contributors) >= 2, contributors  # at least the two survivors'
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
