@@ -313,6 +313,7 @@ class Pipeline:
         except KafkaError as exc:
             log.warning("cannot read the population log %s (%s); baselines not updated this batch", log_.topic, exc)
             return []
+        self.metrics.population_contributions.labels("folded").inc(len(entries))
         return self.detector.fold_population(entries)
 
     def _write(self, batch: StoredBatch) -> None:
@@ -379,8 +380,10 @@ class Pipeline:
         population contributions of the batch go first, so a checkpoint never holds baselines whose
         evidence the group has not been sent."""
         if self.population_log is not None:
-            self.population_log.send(self.detector.take_population_contributions())
+            contributions = self.detector.take_population_contributions()
+            self.population_log.send(contributions)
             self.population_log.flush()
+            self.metrics.population_contributions.labels("sent").inc(len(contributions))
         if self.state is not None:
             self._checkpoint(self.state, max_offsets)
         source.commit(batch)

@@ -44,6 +44,13 @@ class PipelineMetrics:
             "Batches whose Kafka transaction aborted and that were processed again (exactly-once only)",
             registry=r,
         )
+        self.population_contributions = Counter(
+            "probewatch_population_contributions",
+            "Population baseline contributions sent to the population log by this worker, and folded from "
+            "it (every worker's)",
+            ["direction"],
+            registry=r,
+        )
         self.batch_latency = Histogram(
             "probewatch_batch_latency_seconds",
             "Time from a batch's arrival to its offsets being committed",

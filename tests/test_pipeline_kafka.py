@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
 import pytest
+import requests
 from pipeline_helpers import (
     Scenario,
     Worker,
@@ -28,7 +30,18 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
     topic = pipeline_env["PROBEWATCH__KAFKA__TOPIC"]
     produce(kafka_bootstrap, topic, scenario)
     worker = Worker(pipeline_env, tmp_path / "worker.log")
-    finish([worker], progress(kafka_bootstrap, pipeline_env), len(scenario.lines), tmp_path / "worker.log")
+    contributions: dict[str, float] = {}
+
+    def population_shared() -> bool:
+        """The worker sent its population contributions to the population log and folded them back."""
+        metrics = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
+        for direction in ("sent", "folded"):
+            found = re.search(rf'probewatch_population_contributions_total{{direction="{direction}"}} (\S+)', metrics)
+            contributions[direction] = float(found.group(1)) if found else 0.0
+        return contributions["sent"] > 0 and contributions["folded"] >= contributions["sent"]
+
+    done = progress(kafka_bootstrap, pipeline_env)
+    finish([worker], done, len(scenario.lines), tmp_path / "worker.log", population_shared)
     client = check_results(pipeline_env, scenario)
     docs = dlq_documents(kafka_bootstrap, topic)
     assert sorted(str(d["payload"]).encode() for d in docs) == sorted(scenario.malformed)
