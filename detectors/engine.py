@@ -12,6 +12,9 @@ then every 100), not at micro-batch ends, and are calibrated against per-model p
 that change only at fixed points of the model's record stream (see ``detectors.population``). So the
 alerts a log produces do not depend on how the stream was cut into batches: replaying a file gives
 the alerts the live stream gave. Population baselines are checkpointed under partition ``-1``.
+With ``shared_population`` (the workers of a consumer group) a worker's epochs become contributions
+and its baselines change when it folds the group's population log; then only one worker's replay of
+one log is exact (``probewatch eval --workers`` measures the group).
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ Determinism: shared state is read from the *published* snapshot only; new eviden
 hash), and pending is folded into the published snapshot at fixed points of the model's own record
 stream (every ``epoch_records`` records). So a replay of the log, however it is cut into batches,
 reads exactly the baselines the live stream read.
+
+Sharing: an epoch's pending evidence is a :class:`PopulationContribution`, and publishing is folding
+one into the published snapshot (``fold``, a pure function of both). Workers that share a model's
+stream fold every worker's contributions in one order (``probewatch.population_log``) and so hold the
+same baselines.
 """
 
 from __future__ import annotations
