@@ -30,9 +30,13 @@ from probewatch.changelog import retry_kafka
 
 log = logging.getLogger(__name__)
 
-# Kept a week (the broker's usual default, set explicitly): a worker checkpointed longer ago than that
-# reads on from the oldest contribution still there, and says so.
-RETENTION_MS = 7 * 24 * 3600 * 1000
+# A restored worker reads on from its checkpoint's offsets, so contributions are needed only until
+# every worker has folded and checkpointed them (within a batch or two). A day leaves room for a
+# worker that is down; one down longer reads on from the oldest contribution still there, says so,
+# and misses the rest (evidence the decay of the baselines forgets anyway). Contributions are about
+# the size of the published baselines (the reference sample is most of it: 384 inputs at most).
+RETENTION_MS = 24 * 3600 * 1000
+SEGMENT_MS = 3600 * 1000  # retention deletes whole segments: roll them hourly, not weekly
 READ_BATCH = 10_000
 
 
@@ -74,7 +78,11 @@ class KafkaPopulationLog:
                         self.topic,
                         1,  # one partition: one order of contributions for every worker
                         self.replication_factor,
-                        topic_configs={"cleanup.policy": "delete", "retention.ms": str(RETENTION_MS)},
+                        topic_configs={
+                            "cleanup.policy": "delete",
+                            "retention.ms": str(RETENTION_MS),
+                            "segment.ms": str(SEGMENT_MS),
+                        },
                     )
                 ]
             )
