@@ -137,7 +137,8 @@ class StateConfig(_Section):
     # probewatch/population_log.py): otherwise a worker of N judges clients against baselines learned
     # from its 1/N of them (`probewatch eval --workers N --baselines per-worker` shows the cost).
     shared_baselines: bool = True
-    # Default "<topic>.population" when empty.
+    # Default "<topic>.<group_id>.population" when empty: the group's own (two applications reading
+    # one topic must not fold each other's evidence).
     population_topic: str = ""
 
 

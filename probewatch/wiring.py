@@ -153,7 +153,7 @@ def build_population_log(config: Config, transactions: KafkaTransactions | None 
     if config.source != "kafka" or not config.state.shared_baselines:
         return None
     return KafkaPopulationLog(
-        config.state.population_topic or f"{config.kafka.topic}.population",
+        config.state.population_topic or f"{config.kafka.topic}.{config.kafka.group_id}.population",
         _kafka_options(config, "population"),
         replication_factor=config.state.changelog_replication_factor,
         transactional_producer=transactions.producer if transactions is not None else None,

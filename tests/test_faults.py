@@ -34,7 +34,8 @@ def test_kill_one_of_three_workers(
     kill_one_worker_mid_stream(pipeline_env, scenario, kafka_bootstrap, tmp_path / "workers.log", workers=3)
     check_results(pipeline_env, scenario)  # includes: no session restarted from zero
     # The workers shared their population baselines: the population log holds each one's evidence.
-    contributions = topic_values(kafka_bootstrap, f"{pipeline_env['PROBEWATCH__KAFKA__TOPIC']}.population")
+    topic, group = pipeline_env["PROBEWATCH__KAFKA__TOPIC"], pipeline_env["PROBEWATCH__KAFKA__GROUP_ID"]
+    contributions = topic_values(kafka_bootstrap, f"{topic}.{group}.population")
     contributors = Counter(msgspec.msgpack.decode(value)["contributor"] for value in contributions)
     assert len(contributors) >= 2, contributors  # at least the two survivors'
 
