@@ -9,7 +9,8 @@ Rows printed per shape (events/s, one process each, all reading the same topic):
   consume + decode         the same consumer and probewatch's record decoder, nothing else: what is
                            left of the ceiling before detection starts
   kafka → ClickHouse       probewatch's pipeline: consumer group → detectors → clickhouse-server
-                           (at least once, then with kafka.processing_guarantee = "exactly_once")
+                           (at least once, then with kafka.processing_guarantee = "exactly_once",
+                           then with state.shared_baselines = false: no population log)
   naive per-event River    json.loads + a River model learn_one/score_one per event + batched inserts
                            (the pipeline a user would write first)
   file → chDB              probewatch run --input on the log file, embedded ClickHouse
@@ -127,7 +128,13 @@ def bench_consume_decode(bootstrap: str, topic: str, total: int) -> float:
 
 
 def bench_probewatch_kafka(
-    bootstrap: str, topic: str, total: int, host: str, port: int, guarantee: str = "at_least_once"
+    bootstrap: str,
+    topic: str,
+    total: int,
+    host: str,
+    port: int,
+    guarantee: str = "at_least_once",
+    shared_baselines: bool = True,
 ) -> float:
     """`probewatch run --source kafka`, built from its configuration as the CLI builds it."""
     config: Config = load_config(
@@ -146,7 +153,10 @@ def bench_probewatch_kafka(
                 "clickhouse": {"host": host, "port": port},
             },
             # A changelog of its own: a run must not restore (and skip) what another run applied.
-            "state": {"changelog_topic": f"{topic}.changelog-{uuid.uuid4().hex[:6]}"},
+            "state": {
+                "changelog_topic": f"{topic}.changelog-{uuid.uuid4().hex[:6]}",
+                "shared_baselines": shared_baselines,
+            },
             "alerting": {"console": False},
         },
     )
@@ -245,6 +255,10 @@ def bench_shape(args: argparse.Namespace, shape: str, directory: Path) -> list[t
         (
             "  the same, exactly_once",
             bench_probewatch_kafka(args.kafka, topic, total, host, int(port), "exactly_once"),
+        ),
+        (
+            "  the same, baselines per worker",
+            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), shared_baselines=False),
         ),
     ]
     if not args.skip_naive:
