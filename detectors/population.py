@@ -129,10 +129,10 @@ class PopulationContribution:
         self.contributor = contributor  # the worker whose evidence it is
 
     def state(self) -> dict[str, Any]:
-        nz = np.nonzero(self.values)
+        idx, val = _sparse(self.values, np.float64)  # float64: folded as they are, on every worker
         return {
-            "idx": np.stack(nz).astype(np.int32) if len(nz[0]) else np.zeros((3, 0), dtype=np.int32),
-            "val": self.values[nz],  # float64: folded as they are, on every worker
+            "idx": idx,
+            "val": val,
             "inputs": self.inputs,
             "hashes": self.hashes,
             "clients": self.clients,
@@ -141,12 +141,10 @@ class PopulationContribution:
 
     @classmethod
     def from_state(cls, data: dict[str, Any], n_signals: int) -> PopulationContribution:
-        values = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
         idx = np.asarray(data["idx"], dtype=np.int64)
-        if idx.shape[1]:
-            if idx.shape[0] != 3 or idx[0].max() >= n_signals:
-                raise ValueError(f"a contribution of another shape than this detector's {n_signals} signals")
-            values[idx[0], idx[1], idx[2]] = np.asarray(data["val"], dtype=np.float64)
+        if idx.ndim != 2 or idx.shape[0] != 3 or (idx.shape[1] and idx[0].max() >= n_signals):
+            raise ValueError(f"a contribution of another shape than this detector's {n_signals} signals")
+        values = _dense(idx, data["val"], (n_signals, N_BUCKETS, N_BINS))
         inputs = np.asarray(data["inputs"], dtype=np.float32)
         hashes = np.asarray(data["hashes"], dtype=np.uint64)
         clients = np.asarray(data["clients"], dtype=np.uint64)
@@ -356,12 +354,13 @@ class ModelPopulation:
 
     # ----------------------------------------------------------------------------------- checkpoint
     def published_state(self) -> dict[str, Any]:
+        hist_idx, hist_val = _sparse(self.hist, np.float64)
         return {
             "epochs": self.epochs,
             "folded_to": self.folded_to,
             "contributors": self.recent_contributors,
-            "hist_idx": np.stack(np.nonzero(self.hist)).astype(np.int32),
-            "hist_val": self.hist[np.nonzero(self.hist)],
+            "hist_idx": hist_idx,
+            "hist_val": hist_val,
             "frame": None if self.frame is None else [self.frame.centre, self.frame.scale],
             "s_raw": self.s_raw,
             "s_hash": self.s_hash,
@@ -369,12 +368,12 @@ class ModelPopulation:
         }
 
     def pending_state(self) -> dict[str, Any]:
-        nz = np.nonzero(self.pending)
+        idx, val = _sparse(self.pending, np.float32)
         return {
             "records": self.records,
             "contributions": self.contributions,
-            "pending_idx": np.stack(nz).astype(np.int32) if len(nz[0]) else np.zeros((3, 0), dtype=np.int32),
-            "pending_val": self.pending[nz].astype(np.float32),
+            "pending_idx": idx,
+            "pending_val": val,
             "p_raw": self.p_raw,
             "p_hash": self.p_hash,
             "p_clients": self.p_clients,
@@ -384,10 +383,7 @@ class ModelPopulation:
         self.epochs = int(data["epochs"])
         self.folded_to = int(data.get("folded_to", 0))
         self.recent_contributors = [str(c) for c in data.get("contributors", [])]
-        self.hist = np.zeros((self.n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
-        idx = np.asarray(data["hist_idx"], dtype=np.int64)
-        if idx.shape[1]:
-            self.hist[idx[0], idx[1], idx[2]] = np.asarray(data["hist_val"], dtype=np.float64)
+        self.hist = _dense(data["hist_idx"], data["hist_val"], self.hist.shape)
         self._refresh_table()
         if data["frame"] is not None:
             self.frame = Frame(np.asarray(data["frame"][0]), np.asarray(data["frame"][1]))
@@ -399,14 +395,26 @@ class ModelPopulation:
         self.records = int(data["records"])
         self.contributions = int(data.get("contributions", 0))
         self._epoch_end = _epoch_end(self.records, self.epoch_records)
-        self.pending = np.zeros_like(self.hist)
-        idx = np.asarray(data["pending_idx"], dtype=np.int64)
-        if idx.shape[1]:
-            self.pending[idx[0], idx[1], idx[2]] = np.asarray(data["pending_val"], dtype=np.float64)
+        self.pending = _dense(data["pending_idx"], data["pending_val"], self.hist.shape)
         self.p_raw, self.p_hash, self.p_clients = data["p_raw"], data["p_hash"], data["p_clients"]
 
     def nbytes(self) -> int:
         return int(self.hist.nbytes + self.pending.nbytes + self.s_raw.nbytes + self.p_raw.nbytes + self.sample.nbytes)
+
+
+def _sparse(values: np.ndarray, dtype: type[np.floating[Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero cells of a (signal, bucket, bin) array: their indices (3 × n) and values."""
+    nz = np.nonzero(values)
+    return np.stack(nz).astype(np.int32), values[nz].astype(dtype)
+
+
+def _dense(idx: Any, val: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The array whose non-zero cells ``_sparse`` gave."""
+    out = np.zeros(shape, dtype=np.float64)
+    cells = np.asarray(idx, dtype=np.int64)
+    if cells.shape[1]:
+        out[cells[0], cells[1], cells[2]] = np.asarray(val, dtype=np.float64)
+    return out
 
 
 def _epoch_index(records: int, first: int) -> int:

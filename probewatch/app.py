@@ -299,19 +299,19 @@ class Pipeline:
         """Fold what the group has added to the population log since the last batch (after a restore,
         all of it from the restored baselines on). Kafka unreachable: the baselines wait, the batch
         does not (the log is read again at the next batch)."""
-        log_ = self.population_log
-        if log_ is None:
+        population_log = self.population_log
+        if population_log is None:
             return []
         try:
             if self._population_resync:
-                log_.seek(self.detector.population_log_start())
-                entries = log_.read(to_end=True)
-                log.info("folded %d population contributions from %s", len(entries), log_.topic)
+                population_log.seek(self.detector.population_log_start())
+                entries = population_log.read(to_end=True)
+                log.info("folded %d population contributions from %s", len(entries), population_log.topic)
                 self._population_resync = False
             else:
-                entries = log_.read()
+                entries = population_log.read()
         except KafkaError as exc:
-            log.warning("cannot read the population log %s (%s); baselines not updated this batch", log_.topic, exc)
+            log.warning("cannot read population log %s (%s); baselines wait", population_log.topic, exc)
             return []
         self.metrics.population_contributions.labels("folded").inc(len(entries))
         return self.detector.fold_population(entries)
