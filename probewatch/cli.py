@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=2000, help="records per micro-batch")
     ev.add_argument(
         "--workers",
-        type=int,
+        type=_at_least_one,
         default=1,
         help="split the log as a consumer group of N workers would (by the Kafka partition of each client id, "
         "one detector per worker) to see what scaling out costs in detection (default: 1)",
@@ -214,6 +214,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -94,6 +94,9 @@ def test_cli_simulate_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "benign clients flagged" in out and "queries to detect" in out
     assert main(["eval", "--input", str(log), "--truth", str(truth), "--workers", "2"]) == 0
     assert "2 workers, population baselines shared through a population log" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--input", str(log), "--truth", str(truth), "--workers", "0"])
+    assert "--workers: must be at least 1, got 0" in capsys.readouterr().err
     assert main(["simulate", "--out", str(log), "--attacks", "nonsense"]) == 2
 
 
