@@ -379,8 +379,8 @@ class Pipeline:
         """Checkpoint the state with the batch's positions, then commit the batch's offsets. The
         population contributions of the batch go first, so a checkpoint never holds baselines whose
         evidence the group has not been sent."""
-        if self.population_log is not None:
-            contributions = self.detector.take_population_contributions()
+        contributions = self.detector.take_population_contributions()
+        if self.population_log is not None and contributions:  # most batches complete no epoch
             self.population_log.send(contributions)
             self.population_log.flush()
             self.metrics.population_contributions.labels("sent").inc(len(contributions))

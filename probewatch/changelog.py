@@ -46,6 +46,15 @@ def retry_kafka(action: Callable[[], T], what: str, timeout_s: float = 120.0) ->
             delay = min(delay * 2, 10.0)
 
 
+def create_topic(admin: KafkaAdminClient, topic: NewTopic) -> bool:
+    """Create ``topic`` unless it exists; True when this call created it."""
+    try:
+        admin.create_topics([topic])
+    except TopicAlreadyExistsError:
+        return False
+    return True
+
+
 REPLAY_REPORT_S = 10.0  # how often a long changelog replay says how far it got
 
 
@@ -135,20 +144,9 @@ class KafkaChangelog:
             count = len(described[0]["partitions"]) if described and described[0].get("partitions") else 0
             if count == 0:
                 raise RuntimeError(f"source topic {source_topic!r} does not exist (or has no partitions)")
-            try:
-                admin.create_topics(
-                    [
-                        NewTopic(
-                            self.topic,
-                            count,
-                            self.replication_factor,
-                            topic_configs={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
-                        )
-                    ]
-                )
+            config = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
+            if create_topic(admin, NewTopic(self.topic, count, self.replication_factor, topic_configs=config)):
                 log.info("created changelog topic %s with %d partitions", self.topic, count)
-            except TopicAlreadyExistsError:
-                pass
             return count
         finally:
             admin.close()

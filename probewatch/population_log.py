@@ -23,10 +23,9 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
 
 from ingest.transactions import TransactionalProducer
-from probewatch.changelog import retry_kafka
+from probewatch.changelog import create_topic, retry_kafka
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +71,10 @@ class KafkaPopulationLog:
     def _ensure_topic(self) -> None:
         admin = KafkaAdminClient(**self.options)
         try:
-            admin.create_topics(
-                [
-                    NewTopic(
-                        self.topic,
-                        1,  # one partition: one order of contributions for every worker
-                        self.replication_factor,
-                        topic_configs={
-                            "cleanup.policy": "delete",
-                            "retention.ms": str(RETENTION_MS),
-                            "segment.ms": str(SEGMENT_MS),
-                        },
-                    )
-                ]
-            )
-            log.info("created population log topic %s", self.topic)
-        except TopicAlreadyExistsError:
-            pass
+            config = {"cleanup.policy": "delete", "retention.ms": str(RETENTION_MS), "segment.ms": str(SEGMENT_MS)}
+            # One partition: one order of contributions for every worker.
+            if create_topic(admin, NewTopic(self.topic, 1, self.replication_factor, topic_configs=config)):
+                log.info("created population log topic %s", self.topic)
         finally:
             admin.close()
 
