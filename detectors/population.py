@@ -41,7 +41,6 @@ BUCKET_WIDTHS = np.diff(np.concatenate([[5], BUCKET_EDGES, [BUCKET_EDGES[-1] * 2
 PROJ_DIMS = 32  # inputs with more features are projected (fixed random projection) for distances
 SAMPLE_SIZE = 384
 SAMPLE_PER_CLIENT_EPOCH = 12
-RECENT_CONTRIBUTIONS = 16  # contributions whose workers count as sharing a model's stream
 
 
 def bucket_of(n: int) -> int:
@@ -208,8 +207,6 @@ class ModelPopulation:
         # Shared baselines: the population log offset after the last contribution folded in (all
         # folds of earlier offsets are in the published state; a replay of the log skips them).
         self.folded_to = 0
-        # The workers of the last contributions folded in: how many share the model's stream.
-        self.recent_contributors: list[str] = []
 
     # -------------------------------------------------------------------------------------- stream
     def count(self, n: int) -> bool:
@@ -269,14 +266,14 @@ class ModelPopulation:
         self.epochs += 1
         self.hist = self.hist * self.decay + contribution.values
         self._refresh_table()
-        self.recent_contributors = [*self.recent_contributors, contribution.contributor][-RECENT_CONTRIBUTIONS:]
         if len(contribution.hashes):
-            # Half of the reference sample is renewed each epoch: recent inputs, with a memory. When n
-            # workers share the stream, each contribution holds the inputs of a 1/n share of the
-            # clients: it renews 1/(2n), or the sample would hold mostly the last worker's clients.
+            # Half of the reference sample is renewed each epoch: recent inputs, with a memory. With n
+            # workers sharing the stream, folds come as often as one worker's epochs would (each
+            # worker's epoch spans n times as much of the stream), each with a 1/n share of the
+            # clients: the sample stays as recent as one worker's, which drifting clients need.
+            # (Renewing 1/(2n), n counted from worker ids, left it stale after rolling restarts.)
             raw, hashes, clients = contribution.inputs, contribution.hashes, contribution.clients
-            renewed = SAMPLE_SIZE // (2 * len(set(self.recent_contributors)))
-            old = np.lexsort((self.s_clients, self.s_hash))[: SAMPLE_SIZE - min(len(hashes), renewed)]
+            old = np.lexsort((self.s_clients, self.s_hash))[: SAMPLE_SIZE - min(len(hashes), SAMPLE_SIZE // 2)]
             new = np.lexsort((clients, hashes))[: SAMPLE_SIZE - len(old)]
             if self.s_raw.shape[1:] != raw.shape[1:]:  # the first inputs, or the model's width changed
                 self.s_raw = np.zeros((0, raw.shape[1]), dtype=np.float32)
@@ -358,7 +355,6 @@ class ModelPopulation:
         return {
             "epochs": self.epochs,
             "folded_to": self.folded_to,
-            "contributors": self.recent_contributors,
             "hist_idx": hist_idx,
             "hist_val": hist_val,
             "frame": None if self.frame is None else [self.frame.centre, self.frame.scale],
@@ -382,7 +378,6 @@ class ModelPopulation:
     def load_published(self, data: dict[str, Any]) -> None:
         self.epochs = int(data["epochs"])
         self.folded_to = int(data.get("folded_to", 0))
-        self.recent_contributors = [str(c) for c in data.get("contributors", [])]
         self.hist = _dense(data["hist_idx"], data["hist_val"], self.hist.shape)
         self._refresh_table()
         if data["frame"] is not None:

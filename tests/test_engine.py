@@ -253,7 +253,7 @@ def test_workers_sharing_baselines_fold_every_contribution_in_the_same_order(sim
     # Both folded both workers' contributions, in log order: the same published baselines.
     assert a.epochs == b.epochs == len(contributions) > 4
     assert a.version == b.version != 0
-    assert {c for c in a.recent_contributors} == {"0", "1"}
+    assert {msgspec.msgpack.decode(blob)["contributor"] for blob in contributions} == {"0", "1"}
     assert np.array_equal(a.s_hash, b.s_hash) and np.array_equal(a.hist, b.hist)
     # A worker that starts late folds the log before it has scored anyone: the same baselines too.
     late = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
