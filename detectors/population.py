@@ -116,16 +116,23 @@ class PopulationContribution:
     """One epoch of a worker's evidence about a model's population: weighted signal-value counts per
     signal, query-count bucket and bin, and its offers to the reference sample (bottom-k by hash)."""
 
-    __slots__ = ("clients", "contributor", "hashes", "inputs", "values")
+    __slots__ = ("clients", "contributor", "hashes", "inputs", "records", "values")
 
     def __init__(
-        self, values: np.ndarray, inputs: np.ndarray, hashes: np.ndarray, clients: np.ndarray, contributor: str = ""
+        self,
+        values: np.ndarray,
+        inputs: np.ndarray,
+        hashes: np.ndarray,
+        clients: np.ndarray,
+        contributor: str = "",
+        records: int = 0,
     ) -> None:
         self.values = values  # float64 (signals, buckets, bins)
         self.inputs = inputs  # float32 (rows, input width): raw inputs
         self.hashes = hashes  # uint64 (rows,)
         self.clients = clients  # uint64 (rows,): the client hash of each row
         self.contributor = contributor  # the worker whose evidence it is
+        self.records = records  # the model's records this evidence was gathered from
 
     def state(self) -> dict[str, Any]:
         idx, val = _sparse(self.values, np.float64)  # float64: folded as they are, on every worker
@@ -136,6 +143,7 @@ class PopulationContribution:
             "hashes": self.hashes,
             "clients": self.clients,
             "contributor": self.contributor,
+            "records": self.records,
         }
 
     @classmethod
@@ -149,7 +157,7 @@ class PopulationContribution:
         clients = np.asarray(data["clients"], dtype=np.uint64)
         if inputs.ndim != 2 or not len(inputs) == len(hashes) == len(clients):
             raise ValueError("a contribution whose sample rows, hashes and clients do not match")
-        return cls(values, inputs, hashes, clients, str(data.get("contributor", "")))
+        return cls(values, inputs, hashes, clients, str(data.get("contributor", "")), int(data.get("records", 0)))
 
 
 class ModelPopulation:
@@ -173,6 +181,8 @@ class ModelPopulation:
         self.decay = decay
         self.min_clients = min_clients
         self.records = 0
+        self.pending_records = 0  # records since the last contribution (the pending evidence's)
+        self.counting = False  # this worker has counted records of the model (see fold)
         self._epoch_end = epoch_records  # the record count that completes the current epoch
         self.epochs = 0
         self.hist = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
@@ -207,12 +217,17 @@ class ModelPopulation:
         # Shared baselines: the population log offset after the last contribution folded in (all
         # folds of earlier offsets are in the published state; a replay of the log skips them).
         self.folded_to = 0
+        # The model records that the folded contributions stand for: with shared baselines, how far
+        # the group's stream has warmed the baselines up (see young).
+        self.folded_records = 0
 
     # -------------------------------------------------------------------------------------- stream
     def count(self, n: int) -> bool:
         """Count ``n`` records of the model; True when that completes an epoch (caller publishes).
         Epochs double from ``epoch_records`` (fast warm-up) up to 16 times that, then stay."""
         self.records += n
+        self.pending_records += n
+        self.counting = True
         if self.records < self._epoch_end:
             return False
         self._epoch_end = _epoch_end(self.records, self.epoch_records)
@@ -253,8 +268,11 @@ class ModelPopulation:
         which every worker folds every worker's contributions in the same order."""
         if len(self.p_hash):
             self._trim_pending()
-        contribution = PopulationContribution(self.pending, self.p_raw, self.p_hash, self.p_clients, contributor)
+        contribution = PopulationContribution(
+            self.pending, self.p_raw, self.p_hash, self.p_clients, contributor, self.pending_records
+        )
         self.contributions += 1
+        self.pending_records = 0
         self.pending = np.zeros_like(self.pending)
         self.p_raw, self.p_hash, self.p_clients = self.p_raw[:0], self.p_hash[:0], self.p_clients[:0]
         return contribution
@@ -264,6 +282,14 @@ class ModelPopulation:
         state and the contribution, so workers folding the same contributions in the same order hold
         the same baselines."""
         self.epochs += 1
+        self.folded_records += contribution.records
+        if self.shared and not self.counting:
+            # A worker that has read none of the model's records yet (started, restarted, or joining
+            # the group) takes up the group's epoch schedule instead of beginning the doubling
+            # epochs again: after a restart, a burst of small contributions renewed the reference
+            # sample from a handful of clients, and a drifting benign client was flagged.
+            self.records = self.folded_records
+            self._epoch_end = _epoch_end(self.records, self.epoch_records)
         self.hist = self.hist * self.decay + contribution.values
         self._refresh_table()
         if len(contribution.hashes):
@@ -333,11 +359,13 @@ class ModelPopulation:
     @property
     def young(self) -> bool:
         """Still in the doubling epochs of warm-up: each publish may change the baselines a lot. With
-        shared baselines, fewer than five contributions folded in (the local record count only
-        tells this worker's share of the stream)."""
-        if self.shared:
-            return self.epochs < 5
-        return _epoch_index(self.records, self.epoch_records) < 5
+        shared baselines, the records folded in count, the whole group's: this worker's own count
+        tells only its share of the stream, and the number of folds says little, since every worker,
+        and every restart of one, begins its own doubling epochs (a worker restarted early in a
+        backlog had five folds, of 1,700 records, after reading a quarter of one partition, and
+        judged that partition's clients against nine of them)."""
+        records = self.folded_records if self.shared else self.records
+        return _epoch_index(records, self.epoch_records) < 5
 
     @property
     def inputs_ready(self) -> bool:
@@ -355,6 +383,7 @@ class ModelPopulation:
         return {
             "epochs": self.epochs,
             "folded_to": self.folded_to,
+            "folded_records": self.folded_records,
             "hist_idx": hist_idx,
             "hist_val": hist_val,
             "frame": None if self.frame is None else [self.frame.centre, self.frame.scale],
@@ -367,6 +396,7 @@ class ModelPopulation:
         idx, val = _sparse(self.pending, np.float32)
         return {
             "records": self.records,
+            "pending_records": self.pending_records,
             "contributions": self.contributions,
             "pending_idx": idx,
             "pending_val": val,
@@ -378,6 +408,7 @@ class ModelPopulation:
     def load_published(self, data: dict[str, Any]) -> None:
         self.epochs = int(data["epochs"])
         self.folded_to = int(data.get("folded_to", 0))
+        self.folded_records = int(data.get("folded_records", 0))
         self.hist = _dense(data["hist_idx"], data["hist_val"], self.hist.shape)
         self._refresh_table()
         if data["frame"] is not None:
@@ -388,6 +419,7 @@ class ModelPopulation:
 
     def load_pending(self, data: dict[str, Any]) -> None:
         self.records = int(data["records"])
+        self.pending_records = int(data.get("pending_records", 0))
         self.contributions = int(data.get("contributions", 0))
         self._epoch_end = _epoch_end(self.records, self.epoch_records)
         self.pending = _dense(data["pending_idx"], data["pending_val"], self.hist.shape)

@@ -46,12 +46,14 @@ class Scenario:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     folder = tmp_path_factory.mktemp("kafka")
-    # 40 benign clients and 300 queries each: enough for the model's population baselines to form and
-    # for every attacker to be clear, whatever order the partitions are consumed in (a backlog is often
-    # read partition by partition). With a dozen clients of 150 queries, whether a random-query
-    # attacker crossed the threshold depended on which partition the consumer read first.
+    # 60 benign clients of 200 queries: enough for the model's population baselines to form and for
+    # every attacker to be clear, whatever order the partitions are consumed in. A backlog is read
+    # partition by partition, so the first partition's clients are judged by a third of the
+    # population: with a dozen clients of 150 queries, whether a random-query attacker crossed the
+    # threshold depended on which partition came first, and with 40 of 300 queries (13 or 14 per
+    # partition) a drifting benign client was flagged in about one kill-and-restart run in eight.
     write_simulation(
-        SimulationPlan(benign_clients=40, attackers_per_kind=2, queries_per_client=300, malformed=15),
+        SimulationPlan(benign_clients=60, attackers_per_kind=2, queries_per_client=200, malformed=15),
         str(folder / "logs.jsonl"),
         str(folder / "truth.jsonl"),
     )
@@ -213,7 +215,15 @@ def check_results(env: dict[str, str], scenario: Scenario) -> Client:
     # Alerts: no duplicates as readers see them; every attacker alerted, no benign client.
     alert_rows = client.execute(f"SELECT alert_id, client_id, status FROM {db}.alerts FINAL")
     assert len(alert_rows) == len({row[0] for row in alert_rows})
-    assert scenario.attackers and firing_clients(client, db) == scenario.attackers
+    firing = firing_clients(client, db)
+    benign_alerts = client.execute(
+        f"SELECT client_id, kind, n_queries, score, reasons FROM {db}.alerts FINAL"
+        f" WHERE status = 'firing' AND client_id NOT IN %(attackers)s",
+        {"attackers": tuple(sorted(scenario.attackers))},
+    )
+    # The alerts' own evidence in the message: a false positive in CI is diagnosed from this alone.
+    assert not benign_alerts, f"benign clients alerted: {benign_alerts}"
+    assert scenario.attackers and firing == scenario.attackers
     return client
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from detectors.engine import SessionDetector, next_evaluation
+from detectors.population import ModelPopulation, PopulationContribution
 from detectors.scores import SessionScore
 from ingest.records import QueryRecord, RecordDecoder, SourcePosition
 from probewatch.simulate import SimulationPlan, write_simulation
@@ -267,6 +268,60 @@ def test_workers_sharing_baselines_fold_every_contribution_in_the_same_order(sim
     assert restarted.population_log_start() == len(contributions)
     restarted.fold_population((o, model_id, blob) for o, blob in enumerate(contributions))
     assert restarted.populations[model_id].version == a.version
+
+
+def test_a_restarted_worker_takes_up_the_group_epochs_and_warm_up_ends_on_records_folded(
+    simulated: list[QueryRecord],
+) -> None:
+    """A worker restarted early in a backlog continues the group's epoch schedule (it does not begin
+    the doubling epochs again), and the warm-up (young baselines: sessions wait and are scored again
+    at each fold) ends when the folded contributions stand for one worker's warm-up of records, not
+    after a count of folds. A burst of small folds after a restart once ended the warm-up with a few
+    clients in the baselines, and a drifting benign client was flagged in the kill test."""
+    model_id = simulated[0].model_id
+    population_log: list[tuple[str, bytes]] = []
+    first = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
+    first.process(simulated[:350])  # epochs at 100 and 200 records, then the worker is killed
+    population_log += first.take_population_contributions()
+    assert len(population_log) == 2  # its pending evidence since (150 records) is lost with it
+    restarted = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
+    restarted.fold_population((o, *entry) for o, entry in enumerate(population_log))
+    population = restarted.populations[model_id]
+    seen: list[tuple[int, bool]] = []  # (records folded, young) after each fold
+    read_to, processed = len(population_log), 0
+    for start in range(300, len(simulated), 50):  # the restart replays from the last commit
+        for offset in range(read_to, len(population_log)):
+            restarted.fold_population([(offset, *population_log[offset])])
+            seen.append((population.folded_records, population.young))
+        read_to = len(population_log)
+        batch = simulated[start : start + 50]
+        restarted.process(batch)
+        processed += len(batch)
+        population_log += restarted.take_population_contributions()
+    records = [int(msgspec.msgpack.decode(blob)["records"]) for _, blob in population_log]
+    # The epochs of one uninterrupted worker, 100·(1, 1, 2, 4, 8) then 1600 each: the restarted one
+    # goes on from the 200 records folded, with none lost or counted twice.
+    assert records[:5] == [100, 100, 200, 400, 800] and set(records[5:]) == {1600}
+    assert population.folded_records + population.pending_records == 200 + processed
+    # Warm-up ends exactly when the records folded in reach 16 epochs.
+    assert [young for _, young in seen] == [folded < 16 * 100 for folded, _ in seen]
+    assert not population.young
+
+
+def test_warm_up_of_shared_baselines_counts_records_not_folds() -> None:
+    """Five small contributions (a group of workers in their first epochs) leave the shared baselines
+    young; the warm-up ends when the contributions stand for 16 epochs of records."""
+    population = ModelPopulation("m", 1, epoch_records=100, shared=True)
+    empty = np.zeros_like(population.hist)
+    for _ in range(5):
+        population.fold(
+            PopulationContribution(empty, np.zeros((0, 2), np.float32), *[np.zeros(0, np.uint64)] * 2, records=100)
+        )
+    assert population.epochs == 5 and population.young
+    population.fold(
+        PopulationContribution(empty, np.zeros((0, 2), np.float32), *[np.zeros(0, np.uint64)] * 2, records=1100)
+    )
+    assert population.folded_records == 1600 and not population.young
 
 
 def test_shared_baselines_let_two_workers_catch_what_one_catches(simulated: list[QueryRecord]) -> None:
