@@ -129,7 +129,8 @@ class StateConfig(_Section):
     # changelog: a compacted Kafka topic (the Kafka Streams way); clickhouse: the store's
     # detector_state table. A file run keeps no checkpoints (it is a replay).
     backend: Literal["changelog", "clickhouse"] = "changelog"
-    # Default "<topic>.changelog" when empty.
+    # Default "<topic>.<group_id>.changelog" when empty: the group's own (an existing topic-only
+    # "<topic>.changelog" of earlier versions is kept, with a warning).
     changelog_topic: str = ""
     # -1: the broker's default.replication.factor (also of the population log).
     changelog_replication_factor: int = -1

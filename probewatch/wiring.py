@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from kafka import KafkaAdminClient
+
 from alerting.receivers import AlertmanagerReceiver, KafkaReceiver, PagerDutyReceiver, WebhookReceiver
 from alerting.render import AlertFormatter
 from alerting.sinks import AlertSink, ConsoleSink, JsonLinesSink
@@ -14,7 +16,7 @@ from ingest.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLette
 from ingest.sources import FileSource, KafkaSource, Source, kafka_security_options
 from ingest.transactions import KafkaTransactions
 from probewatch.app import Pipeline, RunSummary, new_worker_id
-from probewatch.changelog import KafkaChangelog, StateBackend, StoreStateBackend
+from probewatch.changelog import KafkaChangelog, StateBackend, StoreStateBackend, retry_kafka
 from probewatch.config import AlertReceiverConfig, Config, ConfigError
 from probewatch.metrics import MetricsServer
 from probewatch.population_log import KafkaPopulationLog
@@ -138,13 +140,42 @@ def build_state_backend(
     if config.state.backend == "clickhouse":
         return StoreStateBackend(store)
     return KafkaChangelog(
-        config.state.changelog_topic or f"{config.kafka.topic}.changelog",
+        changelog_topic(config),
         config.kafka.topic,
         _kafka_options(config, "state"),
         replication_factor=config.state.changelog_replication_factor,
         transactional_producer=transactions.producer if transactions is not None else None,
         producer_batch_bytes=config.kafka.producer_batch_bytes,
     )
+
+
+def changelog_topic(config: Config) -> str:
+    """``state.changelog_topic``, or by default the group's own, "<topic>.<group_id>.changelog" (two
+    applications reading one topic, say a canary beside production, must not restore each other's
+    sessions). A deployment whose state is in the topic-only name of earlier versions,
+    "<topic>.changelog", keeps it, with a warning: a new name would start every session from zero."""
+    if config.state.changelog_topic:
+        return config.state.changelog_topic
+    topic = f"{config.kafka.topic}.{config.kafka.group_id}.changelog"
+    legacy = f"{config.kafka.topic}.changelog"
+
+    def list_topics() -> set[str]:
+        admin = KafkaAdminClient(**_kafka_options(config, "state"))
+        try:
+            return set(admin.list_topics())
+        finally:
+            admin.close()
+
+    existing = retry_kafka(list_topics, "listing topics")
+    if legacy in existing and topic not in existing:
+        log.warning(
+            "using changelog topic %s, named by an earlier version for the input topic only (every consumer "
+            "group on it would share it); set state.changelog_topic = %r to keep it and silence this",
+            legacy,
+            legacy,
+        )
+        return legacy
+    return topic
 
 
 def build_population_log(config: Config, transactions: KafkaTransactions | None = None) -> KafkaPopulationLog | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import pytest
 
 from probewatch.changelog import KafkaChangelog
+from probewatch.config import Config, load_config
+from probewatch.wiring import changelog_topic
 from storage.schema import POSITION_KEY
 
 pytestmark = pytest.mark.integration
@@ -47,3 +50,27 @@ def test_a_long_replay_reports_progress(kafka_bootstrap: str, kafka_topic: Calla
         assert len(calls) >= 3  # the replay polls 10,000 messages at a time: 30,003 of them
     finally:
         changelog.producer.close()
+
+
+def test_each_consumer_group_has_its_own_changelog_and_an_old_one_is_kept(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two applications reading one topic (a canary beside production) must not restore each other's
+    sessions: the default changelog is the group's. A deployment whose state is in the topic-only name
+    of earlier versions keeps it (a new name would start every session from zero), and is told."""
+
+    def config(topic: str, group: str, **state: str) -> Config:
+        kafka = {"bootstrap_servers": kafka_bootstrap, "topic": topic, "group_id": group}
+        return load_config(environ={}, overrides={"source": "kafka", "kafka": kafka, "state": state})
+
+    source = kafka_topic(partitions=1)
+    assert changelog_topic(config(source, "prod")) == f"{source}.prod.changelog"
+    assert changelog_topic(config(source, "canary")) == f"{source}.canary.changelog"
+    assert changelog_topic(config(source, "prod", changelog_topic="mine")) == "mine"
+    kafka_topic(f"{source}.changelog", partitions=1)  # the state of an earlier version's deployment
+    with caplog.at_level(logging.WARNING, logger="probewatch"):
+        assert changelog_topic(config(source, "prod")) == f"{source}.changelog"
+    assert f"state.changelog_topic = '{source}.changelog'" in caplog.text
+    # Once the group's own changelog exists, it is used whatever else is there.
+    kafka_topic(f"{source}.prod.changelog", partitions=1)
+    assert changelog_topic(config(source, "prod")) == f"{source}.prod.changelog"
