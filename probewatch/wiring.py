@@ -149,6 +149,12 @@ def build_state_backend(
     )
 
 
+def group_topic(config: Config, role: str) -> str:
+    """The topic "<topic>.<group_id>.<role>", this consumer group's own: state it must not share with
+    another application reading the same input topic."""
+    return f"{config.kafka.topic}.{config.kafka.group_id}.{role}"
+
+
 def changelog_topic(config: Config) -> str:
     """``state.changelog_topic``, or by default the group's own, "<topic>.<group_id>.changelog" (two
     applications reading one topic, say a canary beside production, must not restore each other's
@@ -156,7 +162,7 @@ def changelog_topic(config: Config) -> str:
     "<topic>.changelog", keeps it, with a warning: a new name would start every session from zero."""
     if config.state.changelog_topic:
         return config.state.changelog_topic
-    topic = f"{config.kafka.topic}.{config.kafka.group_id}.changelog"
+    topic = group_topic(config, "changelog")
     legacy = f"{config.kafka.topic}.changelog"
 
     def list_topics() -> set[str]:
@@ -184,7 +190,7 @@ def build_population_log(config: Config, transactions: KafkaTransactions | None 
     if config.source != "kafka" or not config.state.shared_baselines:
         return None
     return KafkaPopulationLog(
-        config.state.population_topic or f"{config.kafka.topic}.{config.kafka.group_id}.population",
+        config.state.population_topic or group_topic(config, "population"),
         _kafka_options(config, "population"),
         replication_factor=config.state.changelog_replication_factor,
         transactional_producer=transactions.producer if transactions is not None else None,
