@@ -315,13 +315,15 @@ class KafkaSource:
                 self._consumer.seek(tp, messages[0].offset)
 
     def commit(self, batch: list[RawMessage]) -> None:
-        latest: dict[TopicPartition, int] = {}
-        for message in batch:
-            tp = TopicPartition(message.position.topic, message.position.partition)
-            latest[tp] = max(latest.get(tp, -1), message.position.offset)
+        latest: dict[tuple[str, int], int] = {}
+        for message in batch:  # plain tuples: one TopicPartition per record cost more than the commit
+            position = message.position
+            key = (position.topic, position.partition)
+            if position.offset > latest.get(key, -1):
+                latest[key] = position.offset
         if not latest:
             return
-        offsets = {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in latest.items()}
+        offsets = {TopicPartition(*key): OffsetAndMetadata(off + 1, "", -1) for key, off in latest.items()}
         if self._transactions is not None:
             # Errors go to the transaction, which aborts: the offsets count only if it commits.
             self._transactions.send_offsets(offsets, self._consumer.group_metadata())

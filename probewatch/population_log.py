@@ -105,14 +105,16 @@ class KafkaPopulationLog:
         that the next batch is scored against the baselines of the whole group)."""
         out: list[tuple[int, str, bytes]] = []
         end = self._consumer.end_offsets([self._partition])[self._partition] if to_end else None
-        while True:
+        # The end of a transactional log can be an aborted transaction's marker: the position, not
+        # the records returned, tells when it is reached. Checked before polling too: a poll at the
+        # end waits its whole timeout for records that are not coming (a second at every start).
+        while end is None or self._consumer.position(self._partition) < end:
             polled = self._consumer.poll(timeout_ms=1000 if to_end else 0, max_records=READ_BATCH)
             for message in polled.get(self._partition, []):
                 out.append((message.offset, message.key.decode(), message.value))
-            # The end of a transactional log can be an aborted transaction's marker: the position,
-            # not the records returned, tells when it is reached.
-            if end is None or self._consumer.position(self._partition) >= end:
-                return out
+            if end is None:
+                break
+        return out
 
     def close(self) -> None:
         self._consumer.close()
