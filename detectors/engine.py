@@ -351,15 +351,12 @@ class SessionDetector:
         evaluations, and a short attack has none. A publish is a fixed point of the model's record
         stream, so this is as independent of batch boundaries as the scheduled evaluations."""
         waiting = self._warming.pop(model_id, None)
-        out: list[SessionScore] = []
+        due: list[tuple[_Session, _ClientHistory]] = []
         for key, session in (waiting or {}).items():
             history = self.clients.get((key[0], key[1]))
-            if history is None or history.flagged:
-                continue
-            score = self._evaluate(session, history, closed=key not in self.sessions)
-            if score.crossed_kinds:
-                out.append(score)
-        return out
+            if history is not None and not history.flagged:
+                due.append((session, history))
+        return [score for score in self._rescore(due) if score.crossed_kinds]
 
     def _rescore_adopted(self) -> list[SessionScore]:
         """Score the sessions restored while waiting for a warm population against this worker's
@@ -370,7 +367,7 @@ class SessionDetector:
         with the very baselines they were scored against (a restart) wait as before, so a restart
         continues exactly."""
         adopted, self._adopted_warming = self._adopted_warming, []
-        out: list[SessionScore] = []
+        due: list[tuple[_Session, _ClientHistory]] = []
         for key in adopted:
             session = self._warming.get(key[0], {}).get(key)
             history = self.clients.get((key[0], key[1]))
@@ -378,9 +375,26 @@ class SessionDetector:
             if session is None or history is None or history.flagged or population is None:
                 continue
             if population.epochs and session.scored_against != population.version:
-                score = self._evaluate(session, history, closed=key not in self.sessions)
-                if score.crossed_kinds:
-                    out.append(score)
+                due.append((session, history))
+        return [score for score in self._rescore(due) if score.crossed_kinds]
+
+    def _rescore(self, due: Sequence[tuple[_Session, _ClientHistory]]) -> list[SessionScore]:
+        """Score sessions again, in order, as scoring each one in turn would, but in as few vectorised
+        evaluations as that allows: an evaluation takes one session per client (a client's sessions
+        share its history, which each evaluation advances)."""
+        out: list[SessionScore] = []
+        start = 0
+        while start < len(due):
+            clients: set[int] = set()
+            stop = start
+            while stop < len(due) and id(due[stop][1]) not in clients:
+                clients.add(id(due[stop][1]))
+                stop += 1
+            chunk = due[start:stop]
+            out += self._evaluate_many(
+                chunk, [(s.model_id, s.client_id, s.session_id) not in self.sessions for s, _ in chunk]
+            )
+            start = stop
         return out
 
     def _population(self, model_id: str) -> ModelPopulation:
@@ -557,16 +571,15 @@ class SessionDetector:
         hashes = mix64(index * np.uint64(0x9E3779B97F4A7C15 & 0xFFFFFFFF) + clients)
         population.add_inputs(np.concatenate(takes), hashes, clients)
 
-    def _evaluate(self, session: _Session, history: _ClientHistory, closed: bool = False) -> SessionScore:
-        return self._evaluate_many([(session, history)], closed)[0]
-
     def _evaluate_many(
-        self, due: Sequence[tuple[_Session, _ClientHistory]], closed: bool = False
+        self, due: Sequence[tuple[_Session, _ClientHistory]], closed: bool | Sequence[bool] = False
     ) -> list[SessionScore]:
         """Score sessions of different clients at once: their signal values are read as one matrix and
-        join the population baselines in one update per model."""
+        join the population baselines in one update per model. ``closed``: all of them, or per session,
+        whether the score is the session's final one."""
         if not due:
             return []
+        final = [closed] * len(due) if isinstance(closed, bool) else list(closed)
         values = np.hstack(
             [
                 signal_type.values_many([history.signals[j] for _, history in due])
@@ -597,7 +610,7 @@ class SessionDetector:
             )
             kinds.update(zip(rows, scored, strict=True))
         return [
-            self._score_session(session, history, values[row], kinds[row], closed)
+            self._score_session(session, history, values[row], kinds[row], final[row])
             for row, (session, history) in enumerate(due)
         ]
 
