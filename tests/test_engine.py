@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import msgspec
@@ -222,6 +223,27 @@ def test_a_worker_adopting_a_waiting_session_scores_it_against_its_own_populatio
     adopted = second.process([])
     assert [s.client_id for s in adopted if s.crossed_kinds] == ["rand-00"]
     assert second.process([]) == []  # scored once, not at every idle batch
+
+
+def test_sessions_scored_again_together_score_as_one_at_a_time(simulated: list[QueryRecord]) -> None:
+    # After a publish, the sessions that waited for it are scored again in vectorised evaluations.
+    # Their scores and the evidence they add to the baselines must be those of scoring them one at a
+    # time, in order, also when a client comes twice (each evaluation advances its history).
+    detector = small_detector()
+    detector.process(simulated[: len(simulated) // 2])
+    due = [(s, detector.clients[(s.model_id, s.client_id)]) for s in detector.sessions.values()]
+    # Clients with queries since their last evaluation: evaluated twice, they add evidence only once.
+    due += [(s, h) for s, h in due if h.queries > h.last_bucket][:3]
+    assert len(due) > len(detector.sessions)
+    together, together_due = copy.deepcopy((detector, due))
+    apart, apart_due = copy.deepcopy((detector, due))
+    batched = together._rescore(together_due)
+    one_by_one = [apart._evaluate_many([pair])[0] for pair in apart_due]
+    assert len(batched) == len(due) > 10
+    assert msgspec.json.encode(batched) == msgspec.json.encode(one_by_one)
+    for model_id, population in together.populations.items():
+        np.testing.assert_array_equal(population.pending, apart.populations[model_id].pending)
+    assert [h.last_bucket for _, h in together_due] == [h.last_bucket for _, h in apart_due]
 
 
 def shared_workers(records: list[QueryRecord], workers: int, batch: int) -> tuple[list[SessionDetector], list[bytes]]:
