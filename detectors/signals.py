@@ -194,8 +194,7 @@ class RecentWindows:
         self.size = size
         self.filled = filled
         self.owner = owner
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        self.index = np.arange(len(owner)) - np.repeat(starts, np.diff(np.r_[starts, len(owner)]))
+        self.index = np.arange(len(owner)) - _block_bounds(owner, len(cursors))[owner]
         self.width = size + (int(self.index.max()) + 1 if len(owner) else 0)
         # Ring slot at window position p (p < size): (cursor + p) % size, oldest first; a ring not yet
         # full has cursor == filled, so its empty slots come first and fall outside `earlier`.
@@ -252,11 +251,16 @@ class BlockRound:
         in those indices of each row's block). Cached: several signals read the same columns."""
         found = self._columns.get(name)
         if found is None:
-            which = [i for i, b in enumerate(self.blocks) if getattr(b, name) is not None]
-            parts = [getattr(self.blocks[i], name) for i in which]
-            lengths = np.fromiter((len(part) for part in parts), dtype=np.int64, count=len(parts))
+            which: list[int] = []
+            parts: list[np.ndarray] = []
+            for i, block in enumerate(self.blocks):
+                part = getattr(block, name)
+                if part is not None:
+                    which.append(i)
+                    parts.append(part)
             rows = np.concatenate(parts) if parts else np.zeros(0)
-            found = (np.array(which, dtype=np.int64), rows, np.repeat(np.arange(len(which)), lengths))
+            owner = np.repeat(np.arange(len(which)), [len(part) for part in parts])
+            found = (np.array(which, dtype=np.int64), rows, owner)
             self._columns[name] = found
         return found
 
@@ -264,6 +268,16 @@ class BlockRound:
 def _per_block(values: np.ndarray, owner: np.ndarray, n_blocks: int) -> np.ndarray:
     """Sum of ``values`` (integers, or floats holding integers: exact in any order) per block."""
     return np.bincount(owner, weights=values, minlength=n_blocks).astype(np.int64)
+
+
+def _block_bounds(owner: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Where each block's rows begin in a column (``owner`` as ``BlockRound.column`` gives it, or of
+    rows selected from it, which stay in block order), then the row count: block j's rows are
+    ``bounds[j]:bounds[j + 1]``. (Not ``np.r_`` over the changes of owner: its indexing machinery
+    costs more than the arithmetic on a round's rows.)"""
+    bounds = np.zeros(n_blocks + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner, minlength=n_blocks), out=bounds[1:])
+    return bounds
 
 
 class SessionSignal:
@@ -342,11 +356,16 @@ def hll_update(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index, rank
 
 
+# 2^-rank for every uint8 register value: a lookup instead of a float conversion and exp2 per count
+# (powers of two are exact either way, and summed in the same order).
+_HLL_WEIGHTS = np.ldexp(1.0, -np.arange(256))
+
+
 def hll_count(registers: np.ndarray) -> float:
     """HyperLogLog cardinality estimate, with the small-range (linear counting) correction."""
     m = float(len(registers))
     alpha = 0.7213 / (1 + 1.079 / m)
-    estimate = alpha * m * m / float(np.sum(np.exp2(-registers.astype(np.float64))))
+    estimate = alpha * m * m / float(_HLL_WEIGHTS[registers].sum())
     zeros = int(np.count_nonzero(registers == 0))
     if estimate <= 2.5 * m and zeros:
         return m * float(np.log(m / zeros))
@@ -554,30 +573,36 @@ class PradaSignal(SessionSignal):
         zp = zp.astype(np.float16).astype(np.float32)
         codes = _codes_of(blocks, which)
         windows = RecentWindows.over_rings(mine, cls.RING, zp.shape[1], np.float16, owner)
-        hist = windows.stack([sig.ring.astype(np.float32) for sig in mine], zp)
+        hist = windows.stack([sig.ring for sig in mine], zp)  # float16 like the rings: zp holds float16 values
         hist_labels = windows.stack([sig.ring_labels for sig in mine], codes)
         dmin = np.empty(len(zp), dtype=np.float64)
         for start in range(0, len(zp), _WINDOW_ROWS):
             rows = slice(start, start + _WINDOW_ROWS)
-            recent = windows.recent(rows)
-            diff = zp[rows].astype(np.float64)[:, None, :] - hist[recent].astype(np.float64)
-            d = np.sqrt((diff * diff).sum(axis=2))
-            valid = windows.earlier(rows) & (hist_labels[recent] == codes[rows][:, None])
-            dmin[rows] = np.where(valid, d, np.inf).min(axis=1)
+            clients, positions = windows.recent(rows)
+            valid = windows.earlier(rows) & (hist_labels[clients, positions] == codes[rows][:, None])
+            # Distances of the valid pairs only (the client's earlier queries of the same label: with
+            # many classes a small part of the window); each pair's arithmetic is as before, per pair.
+            row, slot = np.nonzero(valid)
+            diff = zp[start + row].astype(np.float64) - hist[clients[row, 0], positions[row, slot]].astype(np.float64)
+            d = np.full(valid.shape, np.inf)
+            d[row, slot] = np.sqrt((diff * diff).sum(axis=1))
+            dmin[rows] = d.min(axis=1)
         keep = np.isfinite(dmin) & (dmin > 1e-6)  # exact repeats (retries) carry no information
+        new_dists = dmin[keep].astype(np.float16)
         # A query joins the ring only if it moved from the client's previous query in its block.
-        moved = np.r_[True, (np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0) | (owner[1:] != owner[:-1])]
-        bounds = np.r_[0, np.cumsum(np.bincount(owner, minlength=len(mine)))]
+        moved = np.concatenate(([True], (np.abs(zp[1:] - zp[:-1]).sum(axis=1) > 0) | (owner[1:] != owner[:-1])))
+        steps, step_codes = zp[moved], codes[moved]
+        dist_bounds = _block_bounds(owner[keep], len(mine)).tolist()
+        step_bounds = _block_bounds(owner[moved], len(mine)).tolist()
         for j, signal in enumerate(mine):
-            part = slice(bounds[j], bounds[j + 1])
-            new = dmin[part][keep[part]].astype(np.float16)
+            new = new_dists[dist_bounds[j] : dist_bounds[j + 1]]
             signal.d_cursor, signal.d_filled = ring_append((signal.dists,), (new,), signal.d_cursor, signal.d_filled)
             if len(new) and (signal.d_total // 8) != ((signal.d_total + len(new)) // 8):
                 signal._cache = -1.0  # W is recomputed every 8 new distances (a fixed, count-based schedule)
             signal.d_total += len(new)
-            step = moved[part]
+            step = slice(step_bounds[j], step_bounds[j + 1])
             signal.cursor, signal.filled = ring_append(
-                (signal.ring, signal.ring_labels), (zp[part][step], codes[part][step]), signal.cursor, signal.filled
+                (signal.ring, signal.ring_labels), (steps[step], step_codes[step]), signal.cursor, signal.filled
             )
 
     def values(self) -> list[float]:
@@ -669,24 +694,25 @@ class NearDuplicateChainSignal(SessionSignal):
         flipped = np.zeros(len(fp), dtype=bool)
         for start in range(0, len(fp), _WINDOW_ROWS):
             rows = slice(start, start + _WINDOW_ROWS)
-            recent = windows.recent(rows)
-            # A hash encodes its window and grid offset, so it can only match the same slot of another print.
-            shared = (fp[rows][:, None, :] == hist[recent]).sum(axis=2)
-            valid = windows.earlier(rows) & (hist_exact[recent] != exact[rows][:, None])
+            clients, positions = windows.recent(rows)
+            # A hash encodes its window and grid offset, so it can only match the same slot of another
+            # print. Matches counted in uint8 (k ≤ 32 hashes): summing bools as int64 casts every element.
+            equal = fp[rows][:, None, :] == hist[clients, positions]
+            shared = equal.view(np.uint8).sum(axis=2, dtype=np.uint8)
+            valid = windows.earlier(rows) & (hist_exact[clients, positions] != exact[rows][:, None])
             match = valid & (shared * 2 >= k)
             near[rows] = match.any(axis=1)
             latest = np.where(match, np.arange(windows.size)[None, :], -1).max(axis=1)
-            label = hist_labels[recent][np.arange(len(latest)), np.maximum(latest, 0)]
+            label = hist_labels[clients[:, 0], positions[np.arange(len(latest)), np.maximum(latest, 0)]]
             flipped[rows] = near[rows] & (label != codes[rows]) & (codes[rows] > 0)
-        near_counts = np.bincount(owner[near], minlength=len(mine))
-        flip_counts = np.bincount(owner[flipped], minlength=len(mine))
-        sizes = np.bincount(owner, minlength=len(mine))
-        bounds = np.r_[0, np.cumsum(sizes)]
+        near_counts = np.bincount(owner[near], minlength=len(mine)).tolist()
+        flip_counts = np.bincount(owner[flipped], minlength=len(mine)).tolist()
+        bounds = _block_bounds(owner, len(mine)).tolist()
         for j, signal in enumerate(mine):
             part = slice(bounds[j], bounds[j + 1])
-            signal.near += int(near_counts[j])
-            signal.flips += int(flip_counts[j])
-            signal.n += int(sizes[j])
+            signal.near += near_counts[j]
+            signal.flips += flip_counts[j]
+            signal.n += bounds[j + 1] - bounds[j]
             signal.cursor, signal.filled = ring_append(
                 (signal.ring, signal.ring_exact, signal.ring_labels),
                 (fp[part], exact[part], codes[part]),
@@ -731,8 +757,8 @@ class StepGeometrySignal(SessionSignal):
             return
         mine = [signals[i] for i in which.tolist()]
         d = z.shape[1]
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        ends = np.r_[starts[1:], len(z)] - 1
+        bounds = _block_bounds(owner, len(mine))
+        starts, ends = bounds[:-1].tolist(), (bounds[1:] - 1).tolist()
         # Each query's step from the client's query before it; a client's first query ever has none.
         prev = np.empty_like(z)
         prev[1:] = z[:-1]
@@ -750,22 +776,22 @@ class StepGeometrySignal(SessionSignal):
         sparse = moved & (n_changed <= max(1, d // 10)) & (n_changed < d)
         # Step ratios over consecutive *moving* steps of a client, carried across blocks.
         mv, mv_owner = steps[moved], owner[moved]
+        mv_bounds = _block_bounds(mv_owner, len(mine))
+        moves = np.diff(mv_bounds)
         before = np.empty_like(mv)
         before[1:] = mv[:-1]
-        first_move = np.r_[True, mv_owner[1:] != mv_owner[:-1]] if len(mv) else np.zeros(0, dtype=bool)
+        first_move = np.zeros(len(mv), dtype=bool)
+        first_move[mv_bounds[:-1][moves > 0]] = True
         carried = np.array([signal.last_step for signal in mine])
         before[first_move] = carried[mv_owner[first_move]]
         chained = ~first_move | (before > 0)
         ratio = mv[chained] / np.maximum(before[chained], 1e-12)
-        halving = np.bincount(mv_owner[chained][(ratio > 0.45) & (ratio < 0.55)], minlength=len(mine))
-        moves = np.bincount(mv_owner, minlength=len(mine))
-        sparse_counts = np.bincount(owner[sparse], minlength=len(mine))
-        last_moving = np.full(len(mine), -1)
-        latest = np.flatnonzero(np.r_[mv_owner[1:] != mv_owner[:-1], True]) if len(mv) else np.zeros(0, np.int64)
-        last_moving[mv_owner[latest]] = latest  # each client's latest move
+        halving = np.bincount(mv_owner[chained][(ratio > 0.45) & (ratio < 0.55)], minlength=len(mine)).tolist()
+        sparse_counts = np.bincount(owner[sparse], minlength=len(mine)).tolist()
+        last_moving = np.where(moves > 0, mv_bounds[1:] - 1, -1).tolist()  # each client's latest move
         for j, signal in enumerate(mine):
-            signal.halving += int(halving[j])
-            signal.sparse += int(sparse_counts[j])
+            signal.halving += halving[j]
+            signal.sparse += sparse_counts[j]
             signal.moves += int(moves[j])
             if last_moving[j] >= 0:
                 signal.last_step = float(mv[last_moving[j]])
@@ -805,23 +831,22 @@ class LowMarginShareSignal(SessionSignal):
         which, exact, exact_owner = blocks.column("exact")
         if len(which):
             # Each input against the one before it from the same client (the first: the client's last).
-            starts = np.flatnonzero(np.r_[True, exact_owner[1:] != exact_owner[:-1]])
+            bounds = _block_bounds(exact_owner, len(which))
             previous = np.empty_like(exact)
             previous[1:] = exact[:-1]
-            previous[starts] = [signals[i].last for i in which.tolist()]
+            previous[bounds[:-1]] = [signals[i].last for i in which.tolist()]
             has_exact = np.zeros(len(blocks), dtype=bool)
             has_exact[which] = True
             repeat = np.zeros(len(margins), dtype=bool)
             repeat[has_exact[owner]] = exact == previous
             known &= ~repeat
-            ends = np.r_[starts[1:], len(exact)] - 1
-            for i, last in zip(which.tolist(), exact[ends].tolist(), strict=True):
+            for i, last in zip(which.tolist(), exact[bounds[1:] - 1].tolist(), strict=True):
                 signals[i].last = last
-        known_counts = np.bincount(owner[known], minlength=len(blocks))
-        low_counts = np.bincount(owner[known & (margins < cls.threshold)], minlength=len(blocks))
-        for i, signal in enumerate(signals):
-            signal.known += int(known_counts[i])
-            signal.low += int(low_counts[i])
+        known_counts = np.bincount(owner[known], minlength=len(blocks)).tolist()
+        low_counts = np.bincount(owner[known & (margins < cls.threshold)], minlength=len(blocks)).tolist()
+        for signal, known_count, low_count in zip(signals, known_counts, low_counts, strict=True):
+            signal.known += known_count
+            signal.low += low_count
 
     def values(self) -> list[float]:
         return [self.low / self.known if self.known >= 5 else float("nan")]
@@ -860,24 +885,25 @@ class InputShapeSignal(SessionSignal):
         which, shape, owner = blocks.column("shape")
         if not len(which):
             return
-        pinned = _per_block(np.round(shape[:, 0] * FIXED), owner, len(which))
-        rough = _per_block(np.round(shape[:, 1] * FIXED), owner, len(which))
-        sizes = np.bincount(owner, minlength=len(which))
+        pinned = _per_block(np.round(shape[:, 0] * FIXED), owner, len(which)).tolist()
+        rough = _per_block(np.round(shape[:, 1] * FIXED), owner, len(which)).tolist()
+        sizes = np.bincount(owner, minlength=len(which)).tolist()
         for j, i in enumerate(which.tolist()):
-            signals[i].pinned += int(pinned[j])
-            signals[i].rough += int(rough[j])
-            signals[i].n += int(sizes[j])
+            signals[i].pinned += pinned[j]
+            signals[i].rough += rough[j]
+            signals[i].n += sizes[j]
         scored, strangeness, owner = blocks.column("strangeness")
         if not len(scored):
             return
         # Up to SCORED_PER_BLOCK evenly spaced queries of each block: its first and last.
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        ends = np.r_[starts[1:], len(owner)] - 1
+        bounds = _block_bounds(owner, len(scored))
+        starts, ends = bounds[:-1], bounds[1:] - 1
+        has_last = ends > starts
         first = np.round(strangeness[starts] * FIXED)
-        last = np.where(ends > starts, np.round(strangeness[ends] * FIXED), 0.0)
-        for j, i in enumerate(scored.tolist()):
-            signals[i].strange += int(first[j] + last[j])
-            signals[i].n_scored += 2 if ends[j] > starts[j] else 1
+        last = np.where(has_last, np.round(strangeness[ends] * FIXED), 0.0)
+        for i, strange, two in zip(scored.tolist(), (first + last).tolist(), has_last.tolist(), strict=True):
+            signals[i].strange += int(strange)
+            signals[i].n_scored += 2 if two else 1
 
     def values(self) -> list[float]:
         nan = float("nan")
@@ -914,10 +940,10 @@ class QueryRateSignal(SessionSignal):
     @classmethod
     def learn_many(cls, signals: Sequence[QueryRateSignal], blocks: BlockRound) -> None:
         _, ts, owner = blocks.column("ts")
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        first = np.minimum.reduceat(ts, starts).tolist()
-        last = np.maximum.reduceat(ts, starts).tolist()
-        sizes = np.diff(np.r_[starts, len(ts)]).tolist()
+        bounds = _block_bounds(owner, len(blocks))
+        first = np.minimum.reduceat(ts, bounds[:-1]).tolist()
+        last = np.maximum.reduceat(ts, bounds[:-1]).tolist()
+        sizes = np.diff(bounds).tolist()
         for signal, lo, hi, size in zip(signals, first, last, sizes, strict=True):
             signal.first_ts = min(signal.first_ts, lo)
             signal.last_ts = max(signal.last_ts, hi)
