@@ -116,28 +116,33 @@ class InputDensityModel:
         self.window_size = len(rows)
         self._feature, self._threshold = _tree_shapes(rows.shape[1])
         size = self._feature.shape[1]
-        paths = self._paths(rows) + (np.arange(N_TREES) * size)[None, :, None]
-        self._mass = np.bincount(paths.ravel(), minlength=N_TREES * size).reshape(N_TREES, size).astype(np.float64)
+        counts = np.bincount(self._paths(rows).ravel(), minlength=N_TREES * size)
+        self._mass = counts.reshape(N_TREES, size).astype(np.float64)
 
     def _paths(self, x: np.ndarray) -> np.ndarray:
-        """The node each row reaches in each tree at each depth: (TREE_HEIGHT + 1, N_TREES, rows)."""
-        trees = np.arange(N_TREES)[:, None]
-        cols = np.arange(len(x))[None, :]
-        nodes = np.zeros((TREE_HEIGHT + 1, N_TREES, len(x)), dtype=np.int64)
+        """The node each row reaches in each tree at each depth, (TREE_HEIGHT + 1, N_TREES, rows), as
+        an index into the flattened (tree, node) arrays. Walked with flat ``take``: two-dimensional
+        fancy indexing of the trees and the rows cost twice as much."""
+        n_rows, n_features = x.shape
+        tree_start = (np.arange(N_TREES) * self._feature.shape[1])[:, None]
+        row_start = (np.arange(n_rows) * n_features)[None, :]
+        features, thresholds, values = self._feature.ravel(), self._threshold.ravel(), x.ravel()
+        nodes = np.zeros((TREE_HEIGHT + 1, N_TREES, n_rows), dtype=np.int64)
         for depth in range(TREE_HEIGHT):
-            node = nodes[depth]
-            left = x[cols, self._feature[trees, node]] < self._threshold[trees, node]
-            nodes[depth + 1] = 2 * node + np.where(left, 1, 2)
-        return nodes
+            node = nodes[depth] + tree_start
+            left = values.take(row_start + features.take(node)) < thresholds.take(node)
+            nodes[depth + 1] = 2 * nodes[depth] + 2 - left  # children 2i+1 (left) and 2i+2
+        return nodes + tree_start
 
     def score(self, summaries: np.ndarray) -> np.ndarray:
         x = tree_features(summaries)
-        mass = self._mass[np.arange(N_TREES)[None, :, None], self._paths(x)]
+        mass = self._mass.ravel().take(self._paths(x))
         # River stops walking where the mass gets too small: a depth counts while every node above
         # it had at least the size limit.
         enough = mass[:-1] >= 0.1 * self.window_size
         walking = np.concatenate([np.ones((1, *mass.shape[1:]), dtype=bool), np.cumprod(enough, axis=0, dtype=bool)])
         depth_weight = (2.0 ** np.arange(TREE_HEIGHT + 1))[:, None, None]
-        total = np.where(walking, mass * depth_weight, 0.0).sum(axis=(0, 1))
+        # Times the 0/1 mask: np.where's values (masses are finite and never negative), at less cost.
+        total = (mass * depth_weight * walking).sum(axis=(0, 1))
         max_score = N_TREES * self.window_size * (2 ** (TREE_HEIGHT + 1) - 1)
         return 1.0 - total / max_score
