@@ -949,15 +949,18 @@ class _ModelBatch:
     """One model's queries of a flush, in columns, with their per-query features derived once
     (detectors.signals.derive_features); clients' blocks are slices of it."""
 
-    __slots__ = ("columns", "has_vector")
+    __slots__ = ("columns", "vectors_before")
 
     def __init__(self, records: list[QueryRecord], population: ModelPopulation, client_hashes: np.ndarray) -> None:
         n = len(records)
         nan = float("nan")
-        self.has_vector = np.fromiter((r.vector is not None for r in records), dtype=bool, count=n)
+        has_vector = np.fromiter((r.vector is not None for r in records), dtype=bool, count=n)
+        # How many queries before each row have a vector, as Python ints: whether a block has vectors
+        # for all its queries is then a subtraction (numpy's all() on a slice per block costs more).
+        self.vectors_before: list[int] = np.concatenate(([0], np.cumsum(has_vector))).tolist()
         matrix = z = zp = exact = None
-        if self.has_vector.any():
-            present = np.flatnonzero(self.has_vector)
+        if has_vector.any():
+            present = np.flatnonzero(has_vector)
             stacked = np.stack([records[i].vector for i in present])  # type: ignore[misc]
             # Rows without a vector stay zero: no block uses them (a block has vectors for all its
             # queries or none), and one matrix keeps every client's rows at their offsets.
@@ -988,4 +991,5 @@ class _ModelBatch:
         )
 
     def block(self, start: int, stop: int, client_hash: int) -> QueryBlock:
-        return self.columns.rows(start, stop, client_hash, bool(self.has_vector[start:stop].all()))
+        with_vectors = self.vectors_before[stop] - self.vectors_before[start] == stop - start
+        return self.columns.rows(start, stop, client_hash, with_vectors)

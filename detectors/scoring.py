@@ -113,7 +113,8 @@ class CalibratedScorer:
         the population's baselines at its query count. Tail probabilities and their combination per
         kind are computed a signal (a column) at a time; only reasons are written per client, and only
         for the kinds that score high enough to show them."""
-        shown = [{self.names[s]: v for s, v in enumerate(row) if not math.isnan(v)} for row in values.tolist()]
+        names = self.names
+        shown = [{name: v for name, v in zip(names, row, strict=True) if not math.isnan(v)} for row in values.tolist()]
         if population is None:
             return [
                 KindScores(dict.fromkeys(ATTACK_KINDS, 0.0), row, [], dict.fromkeys(ATTACK_KINDS, 1.0), True)

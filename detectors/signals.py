@@ -366,7 +366,7 @@ def hll_count(registers: np.ndarray) -> float:
     m = float(len(registers))
     alpha = 0.7213 / (1 + 1.079 / m)
     estimate = alpha * m * m / float(_HLL_WEIGHTS[registers].sum())
-    zeros = int(np.count_nonzero(registers == 0))
+    zeros = len(registers) - int(np.count_nonzero(registers))
     if estimate <= 2.5 * m and zeros:
         return m * float(np.log(m / zeros))
     return estimate
