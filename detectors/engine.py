@@ -961,7 +961,8 @@ class _ModelBatch:
         matrix = z = zp = exact = None
         if has_vector.any():
             present = np.flatnonzero(has_vector)
-            stacked = np.stack([records[i].vector for i in present])  # type: ignore[misc]
+            # np.array stacks equal-length vectors in one C pass (np.stack does Python work per vector).
+            stacked = np.array([records[i].vector for i in present])
             # Rows without a vector stay zero: no block uses them (a block has vectors for all its
             # queries or none), and one matrix keeps every client's rows at their offsets.
             matrix = stacked if len(present) == n else np.zeros((n, stacked.shape[1]), dtype=stacked.dtype)

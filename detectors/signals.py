@@ -212,7 +212,7 @@ class RecentWindows:
 
     def stack(self, rings: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
         """One padded window array from the clients' rings and the round's rows of one column."""
-        ring = np.stack(rings)
+        ring = _stacked(rings)
         out = np.zeros((len(rings), self.width, *rows.shape[1:]), dtype=ring.dtype)
         out[:, : self.size] = ring[np.arange(len(rings))[:, None], self._slots]
         out[self.owner, self.size + self.index] = rows
@@ -268,6 +268,12 @@ class BlockRound:
 def _per_block(values: np.ndarray, owner: np.ndarray, n_blocks: int) -> np.ndarray:
     """Sum of ``values`` (integers, or floats holding integers: exact in any order) per block."""
     return np.bincount(owner, weights=values, minlength=n_blocks).astype(np.int64)
+
+
+def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
+    """Same-shaped arrays, one per client of a round, stacked: ``np.array`` builds it in one C pass,
+    where ``np.stack`` spends Python work on every array (2.5 times the cost for hundreds of rings)."""
+    return np.array(arrays)
 
 
 def _block_bounds(owner: np.ndarray, n_blocks: int) -> np.ndarray:
@@ -401,7 +407,7 @@ class CellCoverageSignal(SessionSignal):
         which, cells, owner = blocks.column("cells")
         if not len(which):
             return
-        registers = np.stack([signals[i].registers for i in which])
+        registers = _stacked([signals[i].registers for i in which])
         index, rank = hll_update(cells)
         np.maximum.at(registers, (owner, index), rank)
         counts = np.bincount(owner, minlength=len(which))
@@ -439,7 +445,7 @@ class ClassCoverageSignal(SessionSignal):
         if not len(which):
             return
         known = codes > 0
-        counts = np.stack([signals[i].counts for i in which])
+        counts = _stacked([signals[i].counts for i in which])
         np.add.at(counts, (owner[known], (codes[known] % cls.BINS).astype(np.int64)), 1)
         added = np.bincount(owner[known], minlength=len(which))
         for j, i in enumerate(which.tolist()):
@@ -573,7 +579,10 @@ class PradaSignal(SessionSignal):
         zp = zp.astype(np.float16).astype(np.float32)
         codes = _codes_of(blocks, which)
         windows = RecentWindows.over_rings(mine, cls.RING, zp.shape[1], np.float16, owner)
-        hist = windows.stack([sig.ring for sig in mine], zp)  # float16 like the rings: zp holds float16 values
+        # float16 like the rings (zp holds float16 values), then float64 for the distances: converted
+        # once, not per pair (each query pairs with up to RING earlier ones).
+        hist = windows.stack([sig.ring for sig in mine], zp).astype(np.float64)
+        zp64 = zp.astype(np.float64)
         hist_labels = windows.stack([sig.ring_labels for sig in mine], codes)
         dmin = np.empty(len(zp), dtype=np.float64)
         for start in range(0, len(zp), _WINDOW_ROWS):
@@ -583,7 +592,7 @@ class PradaSignal(SessionSignal):
             # Distances of the valid pairs only (the client's earlier queries of the same label: with
             # many classes a small part of the window); each pair's arithmetic is as before, per pair.
             row, slot = np.nonzero(valid)
-            diff = zp[start + row].astype(np.float64) - hist[clients[row, 0], positions[row, slot]].astype(np.float64)
+            diff = zp64[start + row] - hist[clients[row, 0], positions[row, slot]]
             d = np.full(valid.shape, np.inf)
             d[row, slot] = np.sqrt((diff * diff).sum(axis=1))
             dmin[rows] = d.min(axis=1)
