@@ -74,7 +74,10 @@ wait_ready() {
   pid="$(cat "$PIDFILE" 2>/dev/null || true)"
   local deadline=$((SECONDS + START_TIMEOUT))
   while ((SECONDS < deadline)); do
-    if ! pid_alive; then
+    # Alive is what the pid we started says (kill -0), not pid_alive's command-line check: while the
+    # starter shell execs the service, /proc/PID/cmdline can read empty, and a start was once failed
+    # at 0.0 s with the service running.
+    if ! kill -0 "$pid" 2>/dev/null; then
       tail_log
       die "$SERVICE exited during startup (see the log above${hint:+; $hint})"
     fi
