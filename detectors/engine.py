@@ -385,10 +385,10 @@ class SessionDetector:
         out: list[SessionScore] = []
         start = 0
         while start < len(due):
-            clients: set[int] = set()
+            clients: set[ClientKey] = set()
             stop = start
-            while stop < len(due) and id(due[stop][1]) not in clients:
-                clients.add(id(due[stop][1]))
+            while stop < len(due) and (due[stop][0].model_id, due[stop][0].client_id) not in clients:
+                clients.add((due[stop][0].model_id, due[stop][0].client_id))
                 stop += 1
             chunk = due[start:stop]
             out += self._evaluate_many(
