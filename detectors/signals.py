@@ -220,7 +220,8 @@ class RecentWindows:
 
     def recent(self, rows: slice) -> tuple[np.ndarray, np.ndarray]:
         """Index (into a ``stack``) of the ``size`` window positions before each of the round's query
-        ``rows``: positions ``[i, size + i)`` for query ``i`` of its block, as (rows, size)."""
+        ``rows``: (client, position) pairs to index with, the clients as (rows, 1) and the positions
+        ``[i, size + i)`` for query ``i`` of its block as (rows, size)."""
         return self.owner[rows][:, None], self.index[rows][:, None] + np.arange(self.size)[None, :]
 
     def earlier(self, rows: slice) -> np.ndarray:
