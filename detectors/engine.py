@@ -182,9 +182,6 @@ class _ClientHistory:
             if sig.name in data["signals"]:
                 sig.load_state(data["signals"][sig.name])
 
-    def nbytes(self) -> int:
-        return 160 + sum(s.state_bytes() for s in self.signals) + self.last_values.nbytes
-
 
 SessionKey = tuple[str, str, str]
 ClientKey = tuple[str, str]
@@ -609,13 +606,20 @@ class SessionDetector:
                 values[rows], [due[row][1].signals for row in rows], population, [due[row][1].queries for row in rows]
             )
             kinds.update(zip(rows, scored, strict=True))
+        held = self._client_bytes([history for _, history in due])
         return [
-            self._score_session(session, history, values[row], kinds[row], final[row])
+            self._score_session(session, history, values[row], kinds[row], final[row], held[row])
             for row, (session, history) in enumerate(due)
         ]
 
     def _score_session(
-        self, session: _Session, history: _ClientHistory, values: np.ndarray, kinds: KindScores, closed: bool
+        self,
+        session: _Session,
+        history: _ClientHistory,
+        values: np.ndarray,
+        kinds: KindScores,
+        closed: bool,
+        client_bytes: int,
     ) -> SessionScore:
         population = self.populations.get(session.model_id)
         history.last_bucket = history.queries
@@ -636,7 +640,7 @@ class SessionDetector:
             source_ips=list(session.ips),
             closed=closed,
             warming_up=kinds.warming_up,
-            state_bytes=self._session_bytes(session) + history.nbytes(),
+            state_bytes=self._session_bytes(session) + client_bytes,
         )
         for kind, value in scores.items():
             if value >= self.alert_threshold > session.kind_max.get(kind, 0.0):
@@ -768,10 +772,18 @@ class SessionDetector:
     def _session_bytes(session: _Session) -> int:
         return 200 + 40 * len(session.ips) + 16 * len(session.kind_max)
 
+    def _client_bytes(self, histories: Sequence[_ClientHistory]) -> list[int]:
+        """Approximate bytes of state per client (its history and signals; one pass per signal type)."""
+        totals = [160 + history.last_values.nbytes for history in histories]
+        for j, signal_type in enumerate(self.signal_types):
+            sizes = signal_type.state_bytes_many([history.signals[j] for history in histories])
+            totals = [total + size for total, size in zip(totals, sizes, strict=True)]
+        return totals
+
     def state_bytes(self) -> int:
         return (
             sum(self._session_bytes(s) for s in self.sessions.values())
-            + sum(c.nbytes() for c in self.clients.values())
+            + sum(self._client_bytes(list(self.clients.values())))
             + sum(p.nbytes() for p in self.populations.values())
             + sum(g.nbytes() for g in self.groups.values())
         )

@@ -114,7 +114,8 @@ class CalibratedScorer:
         kind are computed a signal (a column) at a time; only reasons are written per client, and only
         for the kinds that score high enough to show them."""
         names = self.names
-        shown = [{name: v for name, v in zip(names, row, strict=True) if not math.isnan(v)} for row in values.tolist()]
+        # The values shown with each score: the available ones (v == v: not NaN).
+        shown = [{name: v for name, v in zip(names, row, strict=True) if v == v} for row in values.tolist()]
         if population is None:
             return [
                 KindScores(dict.fromkeys(ATTACK_KINDS, 0.0), row, [], dict.fromkeys(ATTACK_KINDS, 1.0), True)

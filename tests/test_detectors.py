@@ -205,7 +205,7 @@ def test_state_per_client_is_bounded_and_kilobytes() -> None:
                 for i in range(2000)
             ]
         )
-        sizes.append(max(c.nbytes() for c in detector.clients.values()))
+        sizes.append(max(detector._client_bytes(list(detector.clients.values()))))
     assert sizes[1] == sizes[-1] < 16 * 1024
     assert sum(p.nbytes() for p in detector.populations.values()) < 1024 * 1024
 

@@ -108,6 +108,31 @@ def test_checkpoint_restore_continues_exactly(simulated: list[QueryRecord]) -> N
     assert ordered(alerts) == ordered(reference)
 
 
+def test_client_state_bytes_count_every_array_and_survive_a_restore(simulated: list[QueryRecord]) -> None:
+    first = small_detector()
+    run(simulated[: len(simulated) // 2], 500, first)
+    second = small_detector()
+    for partition, entries in first.take_checkpoint().items():
+        second.restore(partition, {k: v for k, v in entries.items() if v is not None})
+    sizes = []
+    for detector in (first, second):
+        histories = sorted(detector.clients.items())
+        expected = [
+            160
+            + history.last_values.nbytes
+            + sum(
+                item.nbytes if isinstance(item, np.ndarray) else 8
+                for signal in history.signals
+                for item in (getattr(signal, slot) for slot in signal.__slots__)
+            )
+            for _, history in histories
+        ]
+        assert detector._client_bytes([history for _, history in histories]) == expected
+        assert max(expected) > 2048  # the rings are there, not only the scalars
+        sizes.append(expected)
+    assert sizes[0] == sizes[1]
+
+
 def test_sessions_split_on_event_time_inactivity() -> None:
     detector = SessionDetector(inactivity_gap_s=60.0, allowed_lateness_s=0.0, min_queries=1)
     vector = np.zeros(2, dtype=np.float32)
