@@ -34,7 +34,7 @@ from detectors.population import (
     SAMPLE_PER_CLIENT_EPOCH,
     ModelPopulation,
     PopulationContribution,
-    bucket_of,
+    buckets_of,
     mix64,
     text_hash,
 )
@@ -248,7 +248,7 @@ class SessionDetector:
         self.populations: dict[str, ModelPopulation] = {}
         self.watermarks: dict[int, float] = {}
         self.late_records = 0
-        self._dirty: dict[int, set[str]] = {}
+        self._dirty: dict[int, set[SessionKey]] = {}
         self._dirty_clients: set[ClientKey] = set()
         self._dirty_models: set[str] = set()
         # Per model, the sessions (open or ended) last scored against baselines still warming up or a
@@ -598,7 +598,7 @@ class SessionDetector:
                 histories = [due[row][1] for row in joining]
                 population.add_values(
                     values[joining],
-                    np.array([bucket_of(h.queries) for h in histories], dtype=np.int64),
+                    buckets_of([h.queries for h in histories]),
                     np.array([h.queries - h.last_bucket for h in histories], dtype=np.int64),
                 )
                 self._note_model_change(model_id)
@@ -716,7 +716,7 @@ class SessionDetector:
             history = self.clients.get((session.model_id, session.client_id))
             if history is not None and history.open_session == session.session_id:
                 history.open_session = None
-            self._mark_dirty(session, deleted=True)
+            self._mark_dirty(session)
             if session.n and history is not None:
                 final.append((session, history))
         return self._evaluate_many(final, closed=True)
@@ -792,12 +792,10 @@ class SessionDetector:
         if self.checkpointing:
             self._dirty_models.add(model_id)
 
-    def _mark_dirty(self, session: _Session, deleted: bool = False) -> None:
+    def _mark_dirty(self, session: _Session) -> None:
         if not self.checkpointing:
             return
-        self._dirty.setdefault(session.partition, set()).add(
-            "\x1f".join((session.model_id, session.client_id, session.session_id))
-        )
+        self._dirty.setdefault(session.partition, set()).add((session.model_id, session.client_id, session.session_id))
         self._dirty_clients.add((session.model_id, session.client_id))
 
     def take_checkpoint(self) -> dict[int, dict[str, bytes | None]]:
@@ -807,9 +805,8 @@ class SessionDetector:
         for partition, keys in self._dirty.items():
             entries: dict[str, bytes | None] = {}
             for key in keys:
-                model_id, client_id, session_id = key.split("\x1f")
-                session = self.sessions.get((model_id, client_id, session_id))
-                entries[key] = None if session is None else self._encode_session(session)
+                session = self.sessions.get(key)
+                entries["\x1f".join(key)] = None if session is None else self._encode_session(session)
             entries["__watermark__"] = _encoder.encode(self.watermarks.get(partition, float("-inf")))
             out[partition] = entries
         for (model_id, client_id), partition in self._forgotten.items():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,11 @@ SAMPLE_PER_CLIENT_EPOCH = 12
 
 def bucket_of(n: int) -> int:
     return int(np.searchsorted(BUCKET_EDGES, n, side="right"))
+
+
+def buckets_of(counts: Sequence[int]) -> np.ndarray:
+    """``bucket_of`` of many query counts (int64)."""
+    return np.searchsorted(BUCKET_EDGES, np.asarray(counts, dtype=np.int64), side="right").astype(np.int64)
 
 
 def bucket_floor(b: int) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 from detectors.population import (
     ModelPopulation,
     bucket_floor,
-    bucket_of,
+    buckets_of,
     share_tail_probabilities,
 )
 from detectors.scores import ATTACK_KINDS
@@ -121,7 +121,7 @@ class CalibratedScorer:
                 KindScores(dict.fromkeys(ATTACK_KINDS, 0.0), row, [], dict.fromkeys(ATTACK_KINDS, 1.0), True)
                 for row in shown
             ]
-        base = population.table[:, [bucket_of(q) for q in client_queries]]  # (signal, client, 4)
+        base = population.table[:, buckets_of(client_queries)]  # (signal, client, 4)
         warm, q50, q75 = base[:, :, 0].T, base[:, :, 1].T, base[:, :, 2].T
         present = ~np.isnan(values)
         usable = present & ~np.isnan(warm)
