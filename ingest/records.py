@@ -98,17 +98,17 @@ class InvalidRecord(ValueError):
 
 def parse_event_time(ts: datetime | int | float) -> float:
     """RFC 3339 time (parsed by msgspec), or epoch seconds / epoch milliseconds, to epoch seconds."""
-    if isinstance(ts, bool):
-        raise InvalidRecord("ts must be RFC 3339 text or epoch seconds/millis, got a boolean")
-    if isinstance(ts, datetime):
+    if isinstance(ts, datetime):  # the common case first
         if ts.tzinfo is None:
             raise InvalidRecord("ts has no UTC offset; send Z or +hh:mm")
         value = ts.timestamp()
+    elif isinstance(ts, bool):
+        raise InvalidRecord("ts must be RFC 3339 text or epoch seconds/millis, got a boolean")
     else:
         value = float(ts)
         if value > MAX_EPOCH_S:  # larger than any epoch-seconds value we accept: milliseconds
             value /= 1000.0
-    if not math.isfinite(value) or not MIN_EPOCH_S <= value <= MAX_EPOCH_S:
+    if not MIN_EPOCH_S <= value <= MAX_EPOCH_S:  # false for NaN and the infinities too
         raise InvalidRecord(f"ts {ts!r} is outside 2001..2100")
     return value
 
