@@ -175,25 +175,25 @@ class RecordDecoder:
         if not payload.strip():
             raise InvalidRecord("empty record")
         wire = self._decoder.decode(payload)
-        for name in ("client_id", "model_id", "request_id", "session_id", "source_ip", "user_agent"):
-            value = getattr(wire, name)
-            if value is not None and len(value) > self.max_string_len:
-                raise InvalidRecord(f"{name} is longer than {self.max_string_len} characters")
-        for name in _KEY_FIELDS:
-            value = getattr(wire, name)
-            if value is not None and _CONTROL_CHARS.search(value):
-                raise InvalidRecord(f"{name} contains control characters")
-        if not wire.client_id.strip():
+        if len(payload) > self.max_string_len:  # a decoded string has no more characters than its payload has bytes
+            self._check_string_lengths(wire)
+        client_id, model_id, session_id = wire.client_id, wire.model_id, wire.session_id
+        # isprintable() is False for every control character (and for some other characters, the regex decides).
+        if not (
+            client_id.isprintable() and model_id.isprintable() and (session_id is None or session_id.isprintable())
+        ):
+            _check_control_chars(wire)
+        if not client_id.strip():
             raise InvalidRecord("client_id is empty")
-        if not wire.model_id.strip():
+        if not model_id.strip():
             raise InvalidRecord("model_id is empty")
         record = QueryRecord(
             ts=parse_event_time(wire.ts),
-            client_id=wire.client_id,
-            model_id=wire.model_id,
+            client_id=client_id,
+            model_id=model_id,
             position=position,
             request_id=wire.request_id,
-            session_id=wire.session_id or None,
+            session_id=session_id or None,
             source_ip=wire.source_ip,
             user_agent=wire.user_agent,
             latency_ms=_finite_or_none("latency_ms", wire.latency_ms),
@@ -219,6 +219,12 @@ class RecordDecoder:
             if len(vector) > self.max_vector_len:
                 raise InvalidRecord(f"input.vector has {len(vector)} values, over the {self.max_vector_len} limit")
         return record, wire
+
+    def _check_string_lengths(self, wire: _WireRecord) -> None:
+        for name in ("client_id", "model_id", "request_id", "session_id", "source_ip", "user_agent"):
+            value = getattr(wire, name)
+            if value is not None and len(value) > self.max_string_len:
+                raise InvalidRecord(f"{name} is longer than {self.max_string_len} characters")
 
     def _check_dims(
         self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]], rejected: dict[int, str]
@@ -283,6 +289,13 @@ class RecordDecoder:
                 record.confidence = float(confidence[j])
                 record.margin = None if margin is None else float(margin[j])
         return rejected
+
+
+def _check_control_chars(wire: _WireRecord) -> None:
+    for name in _KEY_FIELDS:
+        value = getattr(wire, name)
+        if value is not None and _CONTROL_CHARS.search(value):
+            raise InvalidRecord(f"{name} contains control characters")
 
 
 def _finite_or_none(name: str, value: float | None) -> float | None:
