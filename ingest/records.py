@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 import msgspec
@@ -113,6 +114,30 @@ def parse_event_time(ts: datetime | int | float) -> float:
     return value
 
 
+class _RowsByLength:
+    """The float lists of one field (input.vector or output.probs) in a batch, grouped by length, each
+    with the index of its record among the batch's accepted ones; stacked as one float32 matrix per length."""
+
+    def __init__(self) -> None:
+        self._groups: dict[int, tuple[list[int], list[list[float]]]] = {}
+
+    def add(self, index: int, values: list[float]) -> None:
+        group = self._groups.get(len(values))
+        if group is None:
+            group = self._groups[len(values)] = ([], [])
+        group[0].append(index)
+        group[1].append(values)
+
+    def matrices(self) -> Iterator[tuple[list[int], np.ndarray]]:
+        """(record indexes, float32 matrix of their rows), per length. fromiter over the chained lists
+        converts each float as np.asarray(lists, dtype=np.float32) would, but without the nested-list
+        shape discovery (about 40% faster)."""
+        for width, (indexes, lists) in self._groups.items():
+            with np.errstate(over="ignore"):  # values beyond float32 become Inf and are rejected by the caller
+                flat = np.fromiter(chain.from_iterable(lists), np.float32, len(lists) * width)
+            yield indexes, flat.reshape(len(lists), width)
+
+
 class RecordDecoder:
     """Decodes raw message values into QueryRecords, enforcing the contract and the size limits.
 
@@ -145,12 +170,17 @@ class RecordDecoder:
         self, messages: Sequence[tuple[bytes, SourcePosition, bytes | None]]
     ) -> tuple[list[QueryRecord], list[DeadLetter]]:
         """Decode a micro-batch. Field checks run per record (msgspec, in C); the numeric checks on
-        vectors and probabilities run once per batch over stacked numpy arrays, per shape."""
+        vectors and probabilities run once per batch over stacked numpy arrays, per shape.
+
+        Dead letters come in two runs, each in stream order: records failing a field check, then
+        records failing a vector, probabilities or dimension check."""
         letters: list[DeadLetter] = []
-        accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]] = []
+        accepted: list[tuple[QueryRecord, bytes, bytes | None]] = []
+        vectors = _RowsByLength()
+        probs = _RowsByLength()
         for payload, position, key in messages:
             try:
-                record, wire = self._decode_fields(payload, position)
+                record, vector, record_probs = self._decode_fields(payload, position)
             except (InvalidRecord, msgspec.ValidationError, msgspec.DecodeError) as exc:
                 letters.append(DeadLetter(reason=_reason(exc), payload=payload, position=position, key=key))
             except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -158,18 +188,36 @@ class RecordDecoder:
                 reason = f"invalid record: {type(exc).__name__}: {exc}"[:500]
                 letters.append(DeadLetter(reason=reason, payload=payload, position=position, key=key))
             else:
-                accepted.append((record, wire, payload, key))
-        rejected = self._attach_vectors(accepted) | self._attach_outputs(accepted)
-        self._check_dims(accepted, rejected)
+                if vector is not None:
+                    vectors.add(len(accepted), vector)
+                if record_probs is not None:
+                    probs.add(len(accepted), record_probs)
+                accepted.append((record, payload, key))
+        rejected: dict[int, str] = {}
+        self._attach_vectors(accepted, vectors, rejected)
+        self._attach_probs(accepted, probs, rejected)  # after the vectors: its reason wins for a record failing both
         records: list[QueryRecord] = []
-        for i, (record, _, payload, key) in enumerate(accepted):
-            if i in rejected:
-                letters.append(DeadLetter(reason=rejected[i], payload=payload, position=record.position, key=key))
-            else:
+        input_dims = self.input_dims
+        for i, (record, payload, key) in enumerate(accepted):
+            rejection = rejected.get(i)
+            if rejection is None and record.vector is not None:
+                # In stream order, after the other checks, so that a model's dimension is learned from its
+                # first *valid* vector (a record dead-lettered for another reason cannot set it).
+                size = len(record.vector)
+                expected = input_dims.setdefault(record.model_id, size)
+                if size != expected:
+                    rejection = f"input.vector has {size} values; model {record.model_id!r} takes {expected}"
+            if rejection is None:
                 records.append(record)
+            else:
+                letters.append(DeadLetter(reason=rejection, payload=payload, position=record.position, key=key))
         return records, letters
 
-    def _decode_fields(self, payload: bytes, position: SourcePosition) -> tuple[QueryRecord, _WireRecord]:
+    def _decode_fields(
+        self, payload: bytes, position: SourcePosition
+    ) -> tuple[QueryRecord, list[float] | None, list[float] | None]:
+        """The record with its scalar fields checked, and its input vector and output probabilities
+        (checked per batch by the caller)."""
         if len(payload) > self.max_record_bytes:
             raise InvalidRecord(f"record is {len(payload)} bytes, over the {self.max_record_bytes}-byte limit")
         if not payload.strip():
@@ -200,13 +248,16 @@ class RecordDecoder:
             status=wire.status,
         )
         output = wire.output
+        probs = None
         if output is not None:
-            if isinstance(output.label, str) and len(output.label) > self.max_string_len:
+            label = output.label
+            if isinstance(label, str) and len(label) > self.max_string_len:
                 raise InvalidRecord(f"output.label is longer than {self.max_string_len} characters")
-            if output.probs is not None and not 0 < len(output.probs) <= self.max_classes:
+            probs = output.probs
+            if probs is not None and not 0 < len(probs) <= self.max_classes:
                 raise InvalidRecord(f"output.probs must have 1..{self.max_classes} classes")
-            if output.probs is None:
-                record.label = None if output.label is None else str(output.label)
+            record.label = None if label is None else str(label)  # with probs and no label: the top class, later
+            if probs is None:
                 confidence = _finite_or_none("output.confidence", output.confidence)
                 if confidence is not None and not 0.0 <= confidence <= 1.0:
                     raise InvalidRecord("output.confidence must be in [0, 1]")
@@ -218,7 +269,7 @@ class RecordDecoder:
                 raise InvalidRecord("input.vector is empty")
             if len(vector) > self.max_vector_len:
                 raise InvalidRecord(f"input.vector has {len(vector)} values, over the {self.max_vector_len} limit")
-        return record, wire
+        return record, vector, probs
 
     def _check_string_lengths(self, wire: _WireRecord) -> None:
         for name in ("client_id", "model_id", "request_id", "session_id", "source_ip", "user_agent"):
@@ -226,69 +277,45 @@ class RecordDecoder:
             if value is not None and len(value) > self.max_string_len:
                 raise InvalidRecord(f"{name} is longer than {self.max_string_len} characters")
 
-    def _check_dims(
-        self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]], rejected: dict[int, str]
-    ) -> None:
-        """Vector length against the model's input dimension, in stream order, after the other checks,
-        so that a model's dimension is learned from its first *valid* vector (a record dead-lettered
-        for another reason cannot set it)."""
-        for i, (record, _, _, _) in enumerate(accepted):
-            if i in rejected or record.vector is None:
-                continue
-            size = len(record.vector)
-            expected = self.input_dims.setdefault(record.model_id, size)
-            if size != expected:
-                rejected[i] = f"input.vector has {size} values; model {record.model_id!r} takes {expected}"
-
     @staticmethod
-    def _by_length(
-        accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]], field: str
-    ) -> dict[int, tuple[list[int], list[list[float]]]]:
-        groups: dict[int, tuple[list[int], list[list[float]]]] = {}
-        for i, (_, wire, _, _) in enumerate(accepted):
-            holder = wire.input if field == "vector" else wire.output
-            values = getattr(holder, field, None) if holder is not None else None
-            if values:
-                rows, lists = groups.setdefault(len(values), ([], []))
-                rows.append(i)
-                lists.append(values)
-        return groups
-
-    def _attach_vectors(self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]) -> dict[int, str]:
-        rejected: dict[int, str] = {}
-        for rows, lists in self._by_length(accepted, "vector").values():
-            with np.errstate(over="ignore"):  # values beyond float32 become Inf and are rejected below
-                matrix = np.asarray(lists, dtype=np.float32)
-            finite = np.asarray(np.isfinite(matrix).all(axis=1))
-            for j, i in enumerate(rows):
-                if finite[j]:
-                    accepted[i][0].vector = matrix[j]
+    def _attach_vectors(
+        accepted: list[tuple[QueryRecord, bytes, bytes | None]], vectors: _RowsByLength, rejected: dict[int, str]
+    ) -> None:
+        for indexes, matrix in vectors.matrices():
+            finite = np.isfinite(matrix).all(axis=1).tolist()
+            for i, row, ok in zip(indexes, matrix, finite, strict=True):
+                if ok:
+                    accepted[i][0].vector = row
                 else:
                     rejected[i] = "input.vector contains NaN or Inf (or values beyond float32)"
-        return rejected
 
-    def _attach_outputs(self, accepted: list[tuple[QueryRecord, _WireRecord, bytes, bytes | None]]) -> dict[int, str]:
-        rejected: dict[int, str] = {}
-        for width, (rows, lists) in self._by_length(accepted, "probs").items():
-            with np.errstate(over="ignore"):
-                matrix = np.asarray(lists, dtype=np.float32)
-            valid = np.asarray(
+    @staticmethod
+    def _attach_probs(
+        accepted: list[tuple[QueryRecord, bytes, bytes | None]], probs: _RowsByLength, rejected: dict[int, str]
+    ) -> None:
+        """Probabilities, and the top-1 label (unless given), confidence and margin derived from them."""
+        for indexes, matrix in probs.matrices():
+            valid = (
                 np.isfinite(matrix).all(axis=1) & (matrix >= -1e-6).all(axis=1) & (matrix <= 1 + 1e-6).all(axis=1)
-            )
+            ).tolist()
             top = matrix.argmax(axis=1)
-            confidence = matrix[np.arange(len(rows)), top]
-            margin = confidence - np.partition(matrix, -2, axis=1)[:, -2] if width > 1 else None
-            for j, i in enumerate(rows):
-                if not valid[j]:
+            confidence = matrix[np.arange(len(indexes)), top]
+            width = matrix.shape[1]
+            margins = (
+                (confidence - np.partition(matrix, -2, axis=1)[:, -2]).tolist() if width > 1 else [None] * len(indexes)
+            )
+            for i, row, ok, top_class, top_confidence, margin in zip(
+                indexes, matrix, valid, top.tolist(), confidence.tolist(), margins, strict=True
+            ):
+                if not ok:
                     rejected[i] = "output.probs must be finite probabilities in [0, 1]"
                     continue
-                record, wire = accepted[i][0], accepted[i][1]
-                record.probs = matrix[j]
-                label = wire.output.label if wire.output is not None else None
-                record.label = str(int(top[j])) if label is None else str(label)
-                record.confidence = float(confidence[j])
-                record.margin = None if margin is None else float(margin[j])
-        return rejected
+                record = accepted[i][0]
+                record.probs = row
+                if record.label is None:
+                    record.label = str(top_class)
+                record.confidence = top_confidence
+                record.margin = margin
 
 
 def _check_control_chars(wire: _WireRecord) -> None:
