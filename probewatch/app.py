@@ -235,10 +235,13 @@ class Pipeline:
         started = time.perf_counter()
         max_offsets: dict[int, int] = {}
         fresh: list[tuple[bytes, SourcePosition, bytes | None]] = []
+        applied_positions = self.applied_positions
         for message in batch:
             position = message.position
-            max_offsets[position.partition] = max(max_offsets.get(position.partition, -1), position.offset)
-            if position.offset < self.applied_positions.get(position.partition, -1):
+            partition, offset = position.partition, position.offset
+            if offset > max_offsets.get(partition, -1):
+                max_offsets[partition] = offset
+            if offset < applied_positions.get(partition, -1):
                 self.summary.skipped_replayed += 1  # already in the restored state and in storage
                 continue
             fresh.append((message.value, position, message.key))
