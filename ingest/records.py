@@ -223,10 +223,12 @@ class RecordDecoder:
         if not payload.strip():
             raise InvalidRecord("empty record")
         wire = self._decoder.decode(payload)
-        if len(payload) > self.max_string_len:  # a decoded string has no more characters than its payload has bytes
+        # Each per-field check below runs only when it can fail (it names the field, in field order):
+        # a decoded string has no more characters than the payload has bytes, and no control character
+        # is printable (nor are some other characters: for those the regex decides).
+        if len(payload) > self.max_string_len:
             self._check_string_lengths(wire)
         client_id, model_id, session_id = wire.client_id, wire.model_id, wire.session_id
-        # isprintable() is False for every control character (and for some other characters, the regex decides).
         if not (
             client_id.isprintable() and model_id.isprintable() and (session_id is None or session_id.isprintable())
         ):

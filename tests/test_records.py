@@ -92,6 +92,26 @@ def test_bad_records_are_dead_lettered_with_reason(payload: bytes, reason: str) 
     assert letter.payload == payload and letter.position == POS and letter.key == b"acct-42"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        # Not printable, yet no control character: the regex, not str.isprintable(), decides.
+        ({"client_id": "a\u2028b", "session_id": "\ufeffs", "model_id": "m\u00a0"}, None),
+        ({"session_id": "s\x7f"}, "session_id contains control characters"),
+        ({"model_id": "m\n", "session_id": "s\x00"}, "model_id contains control characters"),  # the first field
+        ({"user_agent": "u" * 512}, None),  # at the limit, in a payload longer than it
+        ({"user_agent": "é" * 513}, "user_agent is longer than 512 characters"),
+        ({"source_ip": "\x00" * 513, "client_id": "\x00"}, "source_ip is longer than"),  # lengths first
+    ],
+)
+def test_string_checks(overrides: dict[str, object], reason: str | None) -> None:
+    result = decode(good(**overrides))
+    if reason is None:
+        assert isinstance(result, QueryRecord), result
+    else:
+        assert isinstance(result, DeadLetter) and reason in result.reason, result
+
+
 def test_vector_length_is_fixed_per_model_by_first_record_or_config() -> None:
     decoder = RecordDecoder()
     assert isinstance(decode(good(), decoder), QueryRecord)
