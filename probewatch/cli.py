@@ -245,6 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         },
         workers=args.workers,
         shared_baselines=args.baselines == "shared",
+        blas_threads=detection.blas_threads,
     )
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())

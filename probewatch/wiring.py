@@ -17,6 +17,7 @@ from ingest.sources import FileSource, KafkaSource, Source, kafka_security_optio
 from ingest.transactions import KafkaTransactions
 from probewatch.app import Pipeline, RunSummary, new_worker_id
 from probewatch.changelog import KafkaChangelog, StateBackend, StoreStateBackend, retry_kafka
+from probewatch.compute import blas_thread_limit
 from probewatch.config import AlertReceiverConfig, Config, ConfigError
 from probewatch.metrics import MetricsServer
 from probewatch.population_log import KafkaPopulationLog
@@ -207,16 +208,25 @@ def transactional_id(config: Config, worker_id: str) -> str:
 class Job:
     """A built run: the pipeline, its source, and what they hold open until the run ends."""
 
-    def __init__(self, pipeline: Pipeline, source: Source, closers: list[Callable[[], None]], progress: bool) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        source: Source,
+        closers: list[Callable[[], None]],
+        progress: bool,
+        blas_threads: int = 1,
+    ) -> None:
         self.pipeline = pipeline
         self.source = source
         self._closers = closers
         self._progress = progress
+        self._blas_threads = blas_threads
 
     def run(self) -> RunSummary:
         """Run until the source ends or is stopped (SIGTERM, ``source.stop()``), then close everything."""
         try:
-            summary = self.pipeline.run(self.source)
+            with blas_thread_limit(self._blas_threads):
+                summary = self.pipeline.run(self.source)
         finally:
             self.source.close()
             self.pipeline.close()
@@ -295,4 +305,4 @@ def build_job(config: Config, *, input_path: str | None, dlq_path: str | None = 
         closers.append(MetricsServer(pipeline.metrics, config.metrics.host, config.metrics.port).start().close)
     if producer is not None:
         closers.append(producer.close)
-    return Job(pipeline, source, closers, progress)
+    return Job(pipeline, source, closers, progress, config.detection.blas_threads)
