@@ -488,34 +488,42 @@ def share_tail_probability(k: float, n: int, q50: float, q75: float, floor: floa
 
 
 def share_tail_probabilities(
-    k: np.ndarray, n: np.ndarray, q50: np.ndarray, q75: np.ndarray, floor: float
+    k: np.ndarray, n: np.ndarray, q50: np.ndarray, q75: np.ndarray, floor: float | np.ndarray
 ) -> np.ndarray:
-    """``share_tail_probability`` of many clients (rows). Remembered: a baseline holds between
-    publishes and clients are scored at the same query counts, so the same (k, n) against the same
-    quartiles recurs across clients and evaluations (most rows, with many short sessions). The rest
-    take one incomplete-beta evaluation per distinct pair of quartiles (their rates are shared)."""
+    """``share_tail_probability`` of many clients (rows; ``floor``: one, or one per row). Remembered:
+    a baseline holds between publishes and clients are scored at the same query counts, so the same
+    (k, n) against the same quartiles recurs across clients and evaluations (most rows, with many
+    short sessions). The rest take one incomplete-beta evaluation per distinct pair of quartiles and
+    floor (their rates are shared)."""
     k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    floors = np.broadcast_to(np.asarray(floor, dtype=np.float64), k.shape)
     out = np.where(k <= 0.0, 1.0, 0.0)  # k > n: impossible by luck
-    missing: dict[tuple[float, float], list[tuple[int, tuple[float, float, float, float, float]]]] = {}
     live = np.flatnonzero((k > 0.0) & (k <= n))
-    for row, kk, nn, x, y in zip(
-        live.tolist(), k[live].tolist(), n[live].tolist(), q50[live].tolist(), q75[live].tolist(), strict=True
-    ):
-        key = (kk, nn, x, y, floor)
-        known = _SHARE_TAILS.get(key)
-        if known is None:
-            missing.setdefault((x, y), []).append((row, key))
-        else:
-            out[row] = known
+    keys = list(
+        zip(
+            k[live].tolist(),
+            n[live].tolist(),
+            q50[live].tolist(),
+            q75[live].tolist(),
+            floors[live].tolist(),
+            strict=True,
+        )
+    )
+    known = list(map(_SHARE_TAILS.get, keys))  # None: not remembered
+    missing: dict[tuple[float, float, float], list[int]] = {}  # (q50, q75, floor) -> positions in live
+    for i in [i for i, p in enumerate(known) if p is None]:
+        missing.setdefault(keys[i][2:], []).append(i)
+        known[i] = math.nan
+    out[live] = known
     if len(_SHARE_TAILS) > _SHARE_TAILS_MAX:
         _SHARE_TAILS.clear()
-    for (x, y), found in missing.items():
-        rates, mass = _rate_mixture(x, y, floor)
-        rows = [row for row, _ in found]
+    for (x, y, f), found in missing.items():
+        rates, mass = _rate_mixture(x, y, f)
+        rows = live[found]
         luck = _binomial_sf(k[rows, None], n[rows, None], rates[None, :])
         values = np.minimum(1.0, (mass[None, :] * luck).sum(axis=1))
         out[rows] = values
-        _SHARE_TAILS.update(zip((key for _, key in found), values.tolist(), strict=True))
+        _SHARE_TAILS.update(zip((keys[i] for i in found), values.tolist(), strict=True))
     return out
 
 

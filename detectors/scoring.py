@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import compress
 
 import numpy as np
 
@@ -48,6 +49,9 @@ COUNT_SHARES = frozenset(
         "low_margin_share",
     }
 )
+# How a signal's tail probability is calibrated (CalibratedScorer._tails): on a log scale, as a share
+# that counts queries, or as another share.
+_LOG, _COUNTED, _SHARE = 0, 1, 2
 
 
 class KindScores:
@@ -85,12 +89,17 @@ class CalibratedScorer:
         self.scales = [s[2] for s in self.specs]
         self.threshold = alert_threshold
         self.budget = false_alarm_budget
-        # Per kind, the columns of its signals and which of them are primary.
-        self._kind_columns: dict[str, tuple[list[int], np.ndarray]] = {}
-        for kind in ATTACK_KINDS:
-            columns = [s for s, spec in enumerate(self.specs) if kind in spec[1]]
-            primary = np.array([self.names[s] not in CORROBORATING_ONLY for s in columns], dtype=bool)
-            self._kind_columns[kind] = (columns, primary)
+        # Per kind (rows, in ATTACK_KINDS order) and signal: whether the signal counts for the kind,
+        # and whether it is primary for it; and the fewest signals the kind needs.
+        self.kinds = ATTACK_KINDS
+        self._kind_signals = np.array([[kind in spec[1] for spec in self.specs] for kind in self.kinds])
+        self._primary_signals = self._kind_signals & np.array([name not in CORROBORATING_ONLY for name in self.names])
+        self._kind_minimum = np.array([2 if kind == "volume" else 1 for kind in self.kinds])  # volume never alone
+        # Per signal, how its tail probability is calibrated (see _tails) and its spread's floor.
+        self._calibration = np.array(
+            [_LOG if spec[2] == "log" else _COUNTED if spec[0] in COUNT_SHARES else _SHARE for spec in self.specs]
+        )
+        self._floors = np.array([spec[3] for spec in self.specs], dtype=np.float64)
 
     def score(
         self,
@@ -110,96 +119,108 @@ class CalibratedScorer:
         client_queries: Sequence[int],
     ) -> list[KindScores]:
         """Scores of many clients of one model (rows of ``values``, NaN: not available), each against
-        the population's baselines at its query count. Tail probabilities and their combination per
-        kind are computed a signal (a column) at a time; only reasons are written per client, and only
-        for the kinds that score high enough to show them."""
-        names = self.names
-        # The values shown with each score: the available ones (v == v: not NaN).
-        shown = [{name: v for name, v in zip(names, row, strict=True) if v == v} for row in values.tolist()]
+        the population's baselines at its query count. Tail probabilities, their combination per
+        kind and the scores are computed for all clients, signals and kinds at once (a call scores a
+        few dozen clients: numpy's per-call overhead, not arithmetic, is the cost); only the result
+        dicts are built per client, and reasons only for the kinds that score high enough to show them."""
+        present = ~np.isnan(values)
+        # The values shown with each score: the available ones.
+        shown = [
+            dict(compress(zip(self.names, row, strict=True), available))
+            for row, available in zip(values.tolist(), present.tolist(), strict=True)
+        ]
         if population is None:
             return [
-                KindScores(dict.fromkeys(ATTACK_KINDS, 0.0), row, [], dict.fromkeys(ATTACK_KINDS, 1.0), True)
+                KindScores(dict.fromkeys(self.kinds, 0.0), row, [], dict.fromkeys(self.kinds, 1.0), True)
                 for row in shown
             ]
         base = population.table[:, buckets_of(client_queries)]  # (signal, client, 4)
         warm, q50, q75 = base[:, :, 0].T, base[:, :, 1].T, base[:, :, 2].T
-        present = ~np.isnan(values)
         usable = present & ~np.isnan(warm)
         warming = (present & ~usable).any(axis=1).tolist()
-        queries = np.asarray(client_queries, dtype=np.float64)
-        tails = np.full(values.shape, np.inf)  # inf: no evidence from this signal
-        for s, (name, _, scale, floor) in enumerate(self.specs):
-            rows = np.flatnonzero(usable[:, s])
-            if not len(rows):
-                continue
-            value, a, b = values[rows, s], q50[rows, s], q75[rows, s]
-            if scale == "log":  # rates and counts: compare orders of magnitude
-                tails[rows, s] = _tail_probabilities(
-                    np.log10(np.maximum(value, 1e-3)), np.log10(a), np.log10(b), np.full(len(rows), floor)
-                )
-            elif name in COUNT_SHARES:  # k of n queries: the luck of few queries, integrated exactly
-                n = queries[rows]
-                tails[rows, s] = share_tail_probabilities(value * n, n, a, b, floor)
-            else:  # other shares: the spread is at least the binomial noise of this many queries
-                k = queries[rows]
-                noise = np.sqrt(np.maximum(b, 1.0 / k) * (1.0 - np.minimum(b, 0.99)) / k)
-                tails[rows, s] = _tail_probabilities(value, a, b, np.maximum(floor, noise))
-        out = [KindScores({}, row, [], {}, warm_up) for row, warm_up in zip(shown, warming, strict=True)]
-        ranked: list[list[tuple[float, str]]] = [[] for _ in out]
-        for kind, (columns, primary) in self._kind_columns.items():
-            combined = self._combine(kind, tails[:, columns], primary)
-            for row, (p_kind, best, second) in enumerate(combined):
-                result = out[row]
-                if p_kind is None:
-                    result.scores[kind], result.tail_p[kind] = 0.0, 1.0
+        tails = self._tails(values, usable, q50, q75, np.asarray(client_queries, dtype=np.float64))
+        p_kind, best, second = self._combine(tails)
+        scored = ~np.isnan(p_kind)
+        unrounded = np.zeros(p_kind.shape)
+        unrounded[scored] = self.scores_of(p_kind[scored])
+        scores: np.ndarray = np.zeros(p_kind.shape)  # (client, kind)
+        scores[scored] = [round(v, 6) for v in unrounded[scored].tolist()]  # Python's round: np.round differs
+        # Reasons, for the few (client, kind) that score high enough to show them: per client in kind
+        # order (np.nonzero is row-major), then ranked by score.
+        ranked: dict[int, list[tuple[float, str]]] = {}
+        high_rows, high_kinds = np.nonzero(scored & (unrounded >= 0.5 * self.threshold))
+        for row, k in zip(high_rows.tolist(), high_kinds.tolist(), strict=True):
+            value = float(unrounded[row, k])
+            p1 = tails[row, best[row, k]]
+            for rank, s in enumerate((int(best[row, k]), int(second[row, k]))):
+                if s < 0 or tails[row, s] > max(p_kind[row, k], p1):
                     continue
-                value = self.score_of(p_kind)
-                result.scores[kind], result.tail_p[kind] = round(value, 6), p_kind
-                if value < 0.5 * self.threshold:
-                    continue
-                p1 = tails[row, columns[best]]
-                for rank, j in enumerate((best, second)):
-                    if j is None or tails[row, columns[j]] > max(p_kind, p1):
-                        continue
-                    s = columns[j]
-                    text = self._reason(signals[row], s, values[row, s], float(tails[row, s]), base[s, row])
-                    ranked[row].append((value - 1e-3 * rank, f"{kind}: {text}"))
-        for result, reasons in zip(out, ranked, strict=True):
+                text = self._reason(signals[row], s, values[row, s], float(tails[row, s]), base[s, row])
+                ranked.setdefault(row, []).append((value - 1e-3 * rank, f"{self.kinds[k]}: {text}"))
+        kind_scores: list[list[float]] = scores.tolist()
+        kind_p: list[list[float]] = np.where(scored, p_kind, 1.0).tolist()
+        kinds = self.kinds
+        out = [
+            KindScores(dict(zip(kinds, row_scores, strict=True)), row, [], dict(zip(kinds, row_p, strict=True)), warm)
+            for row, row_scores, row_p, warm in zip(shown, kind_scores, kind_p, warming, strict=True)
+        ]
+        for row, reasons in ranked.items():
             reasons.sort(key=lambda item: -item[0])
-            result.reasons = [r for _, r in reasons]
+            out[row].reasons = [r for _, r in reasons]
         return out
 
-    def _combine(self, kind: str, tails: np.ndarray, primary: np.ndarray) -> list[tuple[float | None, int, int | None]]:
-        """Per client, the kind's tail probability (None: no score) from its signals' ``tails`` (inf:
-        none), with the column of the best primary signal and of the best other one (ties: the
-        earlier signal). p = max(best primary, best other), or sqrt(m · best primary) if smaller:
-        two lines of evidence must agree, or a primary one alone be extreme enough for both."""
-        found = np.isfinite(tails)
-        count = found.sum(axis=1)
-        primary_tails = np.where(primary[None, :], tails, np.inf)
-        best = primary_tails.argmin(axis=1)
-        p1 = primary_tails[np.arange(len(tails)), best]
-        rest = tails.copy()
-        rest[np.arange(len(tails)), best] = np.inf
-        second = rest.argmin(axis=1)
-        p2 = rest[np.arange(len(tails)), second]
-        out: list[tuple[float | None, int, int | None]] = []
-        minimum = 2 if kind == "volume" else 1  # volume never alerts alone
-        for n, b, q1, c, q2 in zip(
-            count.tolist(), best.tolist(), p1.tolist(), second.tolist(), p2.tolist(), strict=True
-        ):
-            if n < minimum or math.isinf(q1):
-                out.append((None, b, None))
-                continue
-            others = n > 1
-            single = math.sqrt(n * q1)
-            p_kind = max(min(max(q1, q2) if others else 1.0, single), 1e-300)
-            out.append((p_kind, b, c if others else None))
-        return out
+    def _tails(
+        self, values: np.ndarray, usable: np.ndarray, q50: np.ndarray, q75: np.ndarray, queries: np.ndarray
+    ) -> np.ndarray:
+        """Per client (row) and signal, the tail probability of its value against the population's
+        quartiles (inf: not usable, no evidence). The usable values of all signals calibrated alike
+        are computed together, element by element as one signal's alone."""
+        tails = np.full(values.shape, np.inf)
+        rows, signals = np.nonzero(usable)
+        value, a, b = values[rows, signals], q50[rows, signals], q75[rows, signals]
+        floor, calibration = self._floors[signals], self._calibration[signals]
+        at = calibration == _LOG  # rates and counts: compare orders of magnitude
+        tails[rows[at], signals[at]] = _tail_probabilities(
+            np.log10(np.maximum(value[at], 1e-3)), np.log10(a[at]), np.log10(b[at]), floor[at]
+        )
+        at = calibration == _COUNTED  # k of n queries: the luck of few queries, integrated exactly
+        n = queries[rows[at]]
+        tails[rows[at], signals[at]] = share_tail_probabilities(value[at] * n, n, a[at], b[at], floor[at])
+        at = calibration == _SHARE  # other shares: the spread is at least the binomial noise of n queries
+        n, b = queries[rows[at]], b[at]
+        noise = np.sqrt(np.maximum(b, 1.0 / n) * (1.0 - np.minimum(b, 0.99)) / n)
+        tails[rows[at], signals[at]] = _tail_probabilities(value[at], a[at], b, np.maximum(floor[at], noise))
+        return tails
+
+    def _combine(self, tails: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per client and kind, the kind's tail probability (NaN: no score) from its signals' ``tails``
+        (inf: none), with the best primary signal and the best other one (-1: none; ties: the earlier
+        signal). p = max(best primary, best other), or sqrt(m · best primary) if smaller: two lines of
+        evidence must agree, or a primary one alone be extreme enough for both."""
+        kind_tails = np.where(self._kind_signals, tails[:, None, :], np.inf)  # (client, kind, signal)
+        count = np.isfinite(kind_tails).sum(axis=2)
+        primary_tails = np.where(self._primary_signals, kind_tails, np.inf)
+        best = primary_tails.argmin(axis=2)[:, :, None]
+        p1 = np.take_along_axis(primary_tails, best, axis=2)[:, :, 0]
+        np.put_along_axis(kind_tails, best, np.inf, axis=2)  # the rest
+        second = kind_tails.argmin(axis=2)[:, :, None]
+        p2 = np.take_along_axis(kind_tails, second, axis=2)[:, :, 0]
+        others = count > 1
+        with np.errstate(invalid="ignore"):  # 0 · inf: a client without evidence (not scored)
+            single = np.sqrt(count * p1)
+        p_kind = np.maximum(np.minimum(np.where(others, np.maximum(p1, p2), 1.0), single), 1e-300)
+        scored = (count >= self._kind_minimum) & np.isfinite(p1)
+        return np.where(scored, p_kind, np.nan), best[:, :, 0], np.where(scored & others, second[:, :, 0], -1)
 
     def score_of(self, p: float) -> float:
         """The score in [0, 1] of a tail probability: the alert threshold is the false-alarm budget."""
-        return min(1.0, self.threshold * math.log(1.0 / max(p, 1e-300)) / math.log(1.0 / self.budget))
+        return float(self.scores_of(np.array([p]))[0])
+
+    def scores_of(self, p: np.ndarray) -> np.ndarray:
+        """``score_of`` of many tail probabilities. The logarithms are math.log's, one at a time:
+        numpy's vectorised log may differ from it in the last bit, and scores must not change."""
+        logs = np.array(list(map(math.log, (1.0 / np.maximum(p, 1e-300)).tolist())), dtype=np.float64)
+        return np.minimum(1.0, self.threshold * logs / math.log(1.0 / self.budget))
 
     def _reason(self, signals: Sequence[SessionSignal], s: int, value: float, p: float, baseline: np.ndarray) -> str:
         """Signal ``s``'s evidence, against the population's quartiles at the client's query count."""
