@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -192,6 +193,8 @@ POPULATION_PARTITION = -1
 MAX_AWAITING_RESCORE = 10_000
 # A group member's evaluation counts for its group this long (event time), then it is forgotten.
 GROUP_MEMBER_TTL_S = 24 * 3600.0
+# A client's tail probabilities of the kinds judged across clients (KindScores.tail_p has every kind).
+_group_tail_p = operator.itemgetter(*GROUP_KINDS)
 
 
 class SessionDetector:
@@ -692,12 +695,7 @@ class SessionDetector:
         if group is None:
             group = self.groups[group_key] = SourceGroup()
         now = session.last_seen
-        group.update(
-            session.client_id,
-            tuple(tail_p.get(k, 1.0) for k in GROUP_KINDS),
-            now,
-            history.queries,
-        )
+        group.update(session.client_id, _group_tail_p(tail_p), now, history.queries)
         if len(group.members) < MIN_SUSPICIOUS:  # most networks hold one client: nothing to add up
             return
         group.expire(now - GROUP_MEMBER_TTL_S)

@@ -61,27 +61,44 @@ def source_group(
 class SourceGroup:
     """One (model, source network): its members' latest per-kind tail probabilities."""
 
-    __slots__ = ("kind_max", "members")
+    __slots__ = ("_oldest", "_suspicious", "kind_max", "members")
 
     def __init__(self) -> None:
         # client id -> (tail p per kind in GROUP_KINDS order, event time of that evaluation, the
         # client's queries then); insertion order is recency of evaluation, oldest first.
         self.members: dict[str, tuple[tuple[float, ...], float, int]] = {}
         self.kind_max: dict[str, float] = {}
+        # Kept as members come and go, so that an evaluation in a large network (a NAT of hundreds of
+        # keys) scans the members only when something can come of it: per kind, how many members
+        # are suspicious, and a lower bound on the members' evaluation times.
+        self._suspicious = [0] * len(GROUP_KINDS)
+        self._oldest = float("inf")
 
     def update(self, client_id: str, kind_p: tuple[float, ...], event_time: float, queries: int) -> None:
-        self.members.pop(client_id, None)
+        self.forget(client_id)
         self.members[client_id] = (kind_p, event_time, queries)
+        self._count(kind_p, 1)
+        self._oldest = min(self._oldest, event_time)
         if len(self.members) > MAX_MEMBERS:
-            self.members.pop(next(iter(self.members)))
+            self.forget(next(iter(self.members)))
 
     def forget(self, client_id: str) -> None:
-        self.members.pop(client_id, None)
+        member = self.members.pop(client_id, None)
+        if member is not None:
+            self._count(member[0], -1)
+
+    def _count(self, kind_p: tuple[float, ...], step: int) -> None:
+        for i, p in enumerate(kind_p):
+            if p <= SUSPICIOUS_P:
+                self._suspicious[i] += step
 
     def expire(self, before: float) -> None:
         """Forget members whose latest evaluation is older than ``before`` (event time)."""
+        if self._oldest >= before:
+            return  # none is
         for client_id in [c for c, (_, ts, _) in self.members.items() if ts < before]:
-            del self.members[client_id]
+            self.forget(client_id)
+        self._oldest = self.first_seen if self.members else float("inf")
 
     @property
     def first_seen(self) -> float:
@@ -106,6 +123,8 @@ class SourceGroup:
     ) -> SessionScore | None:
         """The group's score (client ``group_id``, as of event time ``now``), or None while no kind has
         enough suspicious members. ``score_of`` maps a tail probability onto the detector's scale."""
+        if max(self._suspicious) < MIN_SUSPICIOUS:
+            return None  # every kind's tail probability is 1 (see evidence): every score is 0
         evidence = self.evidence()
         scores = {kind: round(score_of(evidence[kind][0]), 6) if kind in evidence else 0.0 for kind in ATTACK_KINDS}
         if max(scores.values()) <= 0.0:
