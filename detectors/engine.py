@@ -772,11 +772,18 @@ class SessionDetector:
 
     def _client_bytes(self, histories: Sequence[_ClientHistory]) -> list[int]:
         """Approximate bytes of state per client (its history and signals; one pass per signal type)."""
-        totals = [160 + history.last_values.nbytes for history in histories]
-        for j, signal_type in enumerate(self.signal_types):
-            sizes = signal_type.state_bytes_many([history.signals[j] for history in histories])
-            totals = [total + size for total, size in zip(totals, sizes, strict=True)]
-        return totals
+        if not histories:
+            return []
+        per_type = [
+            signal_type.state_bytes_many(signals)
+            for signal_type, signals in zip(
+                self.signal_types, zip(*(history.signals for history in histories), strict=True), strict=True
+            )
+        ]
+        return [
+            160 + history.last_values.nbytes + sum(sizes)
+            for history, sizes in zip(histories, zip(*per_type, strict=True), strict=True)
+        ]
 
     def state_bytes(self) -> int:
         return (

@@ -333,11 +333,12 @@ class SessionSignal:
         scalars = 8 * (len(cls.__slots__) - len(arrays))
         if not arrays:
             return [scalars] * len(signals)
+        # An attrgetter of dotted names reads the arrays' nbytes in C (one per signal, not per array).
         if len(arrays) == 1:
-            (slot,) = arrays
-            return [scalars + getattr(signal, slot).nbytes for signal in signals]
-        get = operator.attrgetter(*arrays)
-        return [scalars + sum(array.nbytes for array in get(signal)) for signal in signals]
+            size = operator.attrgetter(f"{arrays[0]}.nbytes")
+            return [scalars + size(signal) for signal in signals]
+        sizes = operator.attrgetter(*(f"{slot}.nbytes" for slot in arrays))
+        return [scalars + sum(sizes(signal)) for signal in signals]
 
     def to_state(self) -> dict[str, object]:
         return {slot: getattr(self, slot) for slot in self.__slots__}
