@@ -293,7 +293,7 @@ class SessionSignal:
 
     A signal implements ``learn_block`` (one client's chunk) or ``learn_many`` (a round of many
     clients' chunks, vectorised across them, where per-block work is mostly numpy call overhead);
-    each defaults to the other."""
+    each defaults to the other. Likewise ``values`` and ``values_many``."""
 
     name: ClassVar[str]
     OUTPUTS: ClassVar[tuple[tuple[str, tuple[str, ...], str, float], ...]]
@@ -309,11 +309,13 @@ class SessionSignal:
             signal.learn_block(block)
 
     def values(self) -> list[float]:
-        raise NotImplementedError
+        """This signal's values (NaN: not available)."""
+        return type(self).values_many([self])[0].tolist()
 
     @classmethod
     def values_many(cls, signals: Sequence[Any]) -> np.ndarray:
-        """The values of many clients' signals, one row each (float64, NaN: not available)."""
+        """The values of many clients' signals, one row each (float64, NaN: not available). A signal
+        implements ``values`` or ``values_many``; each defaults to the other."""
         return np.array([signal.values() for signal in signals], dtype=np.float64).reshape(
             len(signals), len(cls.OUTPUTS)
         )
@@ -437,9 +439,6 @@ class CellCoverageSignal(SessionSignal):
     def distinct(self) -> float:
         return hll_count(self.registers) if self.n else 0.0
 
-    def values(self) -> list[float]:
-        return self.values_many([self])[0].tolist()
-
     @classmethod
     def values_many(cls, signals: Sequence[CellCoverageSignal]) -> np.ndarray:
         # The estimates of all clients in one pass: per client, numpy's call overhead was most of it.
@@ -480,9 +479,6 @@ class ClassCoverageSignal(SessionSignal):
         for j, i in enumerate(which.tolist()):
             signals[i].counts = counts[j].copy()
             signals[i].n += int(added[j])
-
-    def values(self) -> list[float]:
-        return self.values_many([self])[0].tolist()
 
     @classmethod
     def values_many(cls, signals: Sequence[ClassCoverageSignal]) -> np.ndarray:
