@@ -229,24 +229,25 @@ def _at_least_one(text: str) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import msgspec
 
+    from probewatch.compute import blas_thread_limit
     from probewatch.evaluate import evaluate, format_report
 
     detection = _load(args).detection
-    report = evaluate(
-        args.input,
-        args.truth,
-        batch_records=args.batch,
-        detector_options={
-            "alert_threshold": detection.alert_threshold if args.threshold is None else args.threshold,
-            "min_queries": detection.min_queries if args.min_queries is None else args.min_queries,
-            "false_alarm_budget": args.budget,
-            "group_v4_prefix": detection.group_v4_prefix,
-            "group_v6_prefix": detection.group_v6_prefix,
-        },
-        workers=args.workers,
-        shared_baselines=args.baselines == "shared",
-        blas_threads=detection.blas_threads,
-    )
+    with blas_thread_limit(detection.blas_threads):  # as `probewatch run` holds it (see Job.run)
+        report = evaluate(
+            args.input,
+            args.truth,
+            batch_records=args.batch,
+            detector_options={
+                "alert_threshold": detection.alert_threshold if args.threshold is None else args.threshold,
+                "min_queries": detection.min_queries if args.min_queries is None else args.min_queries,
+                "false_alarm_budget": args.budget,
+                "group_v4_prefix": detection.group_v4_prefix,
+                "group_v6_prefix": detection.group_v6_prefix,
+            },
+            workers=args.workers,
+            shared_baselines=args.baselines == "shared",
+        )
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
     else:

@@ -37,7 +37,6 @@ from alerting.policy import AlertPolicy, PolicySettings
 from detectors.engine import SessionDetector
 from detectors.scores import SessionScore
 from ingest.records import QueryRecord, RecordDecoder, SourcePosition
-from probewatch.compute import blas_thread_limit
 from probewatch.config import DetectionConfig
 
 
@@ -123,21 +122,6 @@ def evaluate(
     detector_options: dict[str, Any] | None = None,
     workers: int = 1,
     shared_baselines: bool = True,
-    blas_threads: int = 1,
-) -> EvalReport:
-    """Score a labelled log as ``probewatch run`` would (``workers`` detectors splitting its clients
-    as a consumer group would), and measure detection against the truth."""
-    with blas_thread_limit(blas_threads):
-        return _evaluate(log_path, truth_path, batch_records, detector_options, workers, shared_baselines)
-
-
-def _evaluate(
-    log_path: str,
-    truth_path: str,
-    batch_records: int,
-    detector_options: dict[str, Any] | None,
-    workers: int,
-    shared_baselines: bool,
 ) -> EvalReport:
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
