@@ -21,7 +21,7 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import ConsumerGroupMetadata, MemberState, OffsetAndMetadata
 
 from ingest.records import SourcePosition
 from ingest.transactions import KafkaTransactions
@@ -35,6 +35,13 @@ _ASSIGNORS: dict[str, Any] = {
     "range": RangePartitionAssignor,
     "roundrobin": RoundRobinPartitionAssignor,
 }
+
+
+class AssignmentLost(Exception):
+    """The consumer's group membership changed while a batch was processed: its partitions may belong
+    to another worker by now, which restores their state from the checkpoints committed so far. So the
+    batch must commit nothing, neither its checkpoint (it would overwrite the new owner's newer state)
+    nor its offsets; the application rewinds to the committed state and offsets instead."""
 
 
 class RawMessage(msgspec.Struct, gc=False):
@@ -54,6 +61,11 @@ class Source(Protocol):
 
     def commit(self, batch: list[RawMessage]) -> None:
         """Mark every message of ``batch`` as done; called after its results are stored."""
+        ...
+
+    def confirm_assignment(self) -> None:
+        """Raise :class:`AssignmentLost` when the partitions of the batch last handed out may have
+        gone to another consumer since it was polled. Called before the batch's checkpoint."""
         ...
 
     def rewind(self) -> None:
@@ -146,6 +158,10 @@ class FileSource:
         # A file has no consumer offsets; results are already durable when this is called.
         return None
 
+    def confirm_assignment(self) -> None:
+        # A file has one reader: its records never move to another.
+        return None
+
     def rewind(self) -> None:
         raise NotImplementedError("a file is read once: file runs are never transactional")
 
@@ -209,6 +225,8 @@ class KafkaSource:
         self._told_lock = threading.Lock()
         self._told_assigned: set[int] = set()
         self._told_revoked: set[int] = set()
+        # The group membership the last batch was polled under (see confirm_assignment).
+        self._polled_under = ConsumerGroupMetadata(group_id=config.group_id)
         self._consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers.split(","),
             group_id=config.group_id,
@@ -248,6 +266,13 @@ class KafkaSource:
                 self._unpoll(polled)
                 time.sleep(1.0)
                 continue
+            membership = self._consumer.group_metadata()
+            if polled and not _is_member(membership):
+                # The consumer fell out of the group, or began to rejoin it, on kafka-python's IO thread
+                # since this poll fetched: these records are handed out again after the rejoin.
+                self._unpoll(polled)
+                polled = {}
+            self._polled_under = membership
             owned = self._owned
             batch = [
                 RawMessage(
@@ -325,8 +350,11 @@ class KafkaSource:
             return
         offsets = {TopicPartition(*key): OffsetAndMetadata(off + 1, "", -1) for key, off in latest.items()}
         if self._transactions is not None:
-            # Errors go to the transaction, which aborts: the offsets count only if it commits.
-            self._transactions.send_offsets(offsets, self._consumer.group_metadata())
+            # Errors go to the transaction, which aborts: the offsets count only if it commits. They go
+            # with the membership the batch was polled under, not the current one, so the broker refuses
+            # them if the group has rebalanced since (KIP-447); it accepts unfenced offsets from a
+            # consumer that is no longer a member at all (generation -1).
+            self._transactions.send_offsets(offsets, self._polled_under)
             return
         try:
             self._consumer.commit(offsets)
@@ -336,6 +364,18 @@ class KafkaSource:
             # the checkpointed state, which skips what was already applied.
             log.warning(
                 "offset commit failed (%s: %s); the records will be replayed, not lost", type(exc).__name__, exc
+            )
+
+    def confirm_assignment(self) -> None:
+        """kafka-python keeps the group membership on its IO thread: while a batch is processed, its
+        heartbeat can learn that the member was thrown out (a session that expired across a broker
+        restart, a stall past max_poll_interval_ms), and a rejoin begun in an earlier poll can complete.
+        Either way the batch's partitions may be another worker's by now."""
+        polled_under, current = self._polled_under, self._consumer.group_metadata()
+        if not _is_member(current) or current.generation_id != polled_under.generation_id:
+            raise AssignmentLost(
+                f"not the group member the batch was polled by (generation {polled_under.generation_id}, "
+                f"{polled_under.state} then; {current.generation_id}, {current.state} now)"
             )
 
     def rewind(self) -> None:
@@ -374,6 +414,11 @@ class KafkaSource:
         # Leaves the group at once so the partitions move to the other workers without waiting
         # for the session timeout.
         self._consumer.close(autocommit=False)
+
+
+def _is_member(membership: ConsumerGroupMetadata) -> bool:
+    """Whether the consumer holds a settled place in its group (a generation, no rejoin under way)."""
+    return bool(membership.generation_id >= 0 and membership.state == MemberState.STABLE)
 
 
 class _RebalanceListener(ConsumerRebalanceListener):

@@ -11,6 +11,12 @@ scores, alerts and stats written to ClickHouse (idempotent, as above) → one Ka
 the dead letters, the checkpoint and the source offsets → alerts handed to the receivers. A batch
 whose transaction aborts leaves nothing visible to read_committed readers and is processed again from
 the committed offsets and state, so its dead letters are produced once too.
+
+Either way, a batch commits only if the worker is still the group member it was when the batch was
+polled. If the group rebalanced meanwhile (the worker thrown out, say), the batch's partitions may
+have gone to a worker that restored their state from the checkpoints committed so far: the batch
+commits nothing and the worker rewinds to the committed offsets and state. Under exactly-once the
+broker checks it too (the offsets go with the membership the batch was polled under).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from detectors.engine import SessionDetector
 from detectors.scores import SessionScore
 from ingest.deadletter import DeadLetterSink
 from ingest.records import RecordDecoder, SourcePosition
-from ingest.sources import RawMessage, Source
+from ingest.sources import AssignmentLost, RawMessage, Source
 from ingest.transactions import KafkaTransactions, ProducerFenced, TransactionAborted
 from probewatch.changelog import StateBackend
 from probewatch.config import Config
@@ -275,10 +281,22 @@ class Pipeline:
                     ),
                 )
             )
-        if self.transactions is None:
-            self._commit(batch, max_offsets, source)
-        elif not self._commit_transaction(self.transactions, batch, letters, max_offsets, source):
-            return []  # replayed from the committed offsets: counted and delivered then
+        try:
+            source.confirm_assignment()
+        except AssignmentLost as exc:
+            if batch:
+                # Its records went into state that may be another worker's by now.
+                log.warning("%s: not committing the batch; rewinding to the committed state and offsets", exc)
+                self._rewind(source)
+                return []  # what is still ours is processed again from the committed offsets
+            # Nothing read (as at every poll while the worker joins): nothing to replay. What changed
+            # stays in the state to be checkpointed next, or goes with the partitions a rejoin takes.
+            log.debug("%s: checkpoint deferred", exc)
+        else:
+            if self.transactions is None:
+                self._commit(batch, max_offsets, source)
+            elif not self._commit_transaction(self.transactions, batch, letters, max_offsets, source):
+                return []  # replayed from the committed offsets: counted and delivered then
         self._dlq_reasons.update(reason_class(x.reason) for x in letters)
         self._deliver(alerts)
         self._observe(batch, letters, scores, alerts, started)
@@ -411,12 +429,16 @@ class Pipeline:
         except TransactionAborted as exc:
             log.warning("transaction aborted (%s); processing the batch again from the committed offsets", exc)
             self.metrics.transactions_aborted.inc()
-            # The in-memory state (population baselines included) went ahead with the batch: restore
-            # every owned partition from the changelog, where the aborted checkpoint is not.
-            self._population_restored = False
-            source.rewind()
+            self._rewind(source)
             return False
         return True
+
+    def _rewind(self, source: Source) -> None:
+        """Back to the committed offsets and state: the in-memory state (population baselines included)
+        went ahead with a batch that was not committed, so every owned partition is restored from the
+        changelog, where that batch's checkpoint is not."""
+        self._population_restored = False
+        source.rewind()
 
     def _checkpoint(self, state: StateBackend, max_offsets: dict[int, int]) -> None:
         dirty = self.detector.take_checkpoint()

@@ -249,6 +249,9 @@ class AbortOnceWithDeadLetters:
             self.failed |= bad
             raise KafkaError("injected: offsets not accepted")
 
+    def confirm_assignment(self) -> None:
+        self.inner.confirm_assignment()
+
     def rewind(self) -> None:
         self.inner.rewind()
 

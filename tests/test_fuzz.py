@@ -414,6 +414,9 @@ class _BatchSource:
     def commit(self, batch: list[RawMessage]) -> None:
         self.committed += len(batch)
 
+    def confirm_assignment(self) -> None:
+        return None
+
     def stop(self) -> None:
         return None
 
