@@ -19,7 +19,14 @@ import requests
 from clickhouse_driver import Client
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from ingest.deadletter import KafkaDeadLetterSink
+from ingest.sources import KafkaSource, RawMessage
+from ingest.transactions import KafkaTransactions
+from probewatch.app import Pipeline, new_worker_id
+from probewatch.config import Config
 from probewatch.simulate import SimulationPlan, write_simulation
+from probewatch.wiring import build_state_backend, transactional_id
+from storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 3  # of every test topic the pipeline tests create
@@ -289,3 +296,89 @@ def topic_values(bootstrap: str, topic: str, isolation_level: str = "read_uncomm
         return values
     finally:
         consumer.close()
+
+
+class InProcessWorker:
+    """A pipeline and its KafkaSource in the test's own process, wired as ``probewatch run`` wires
+    them, so a test can step in between their calls (through a :class:`SourceWrapper`)."""
+
+    def __init__(self, config: Config, bootstrap: str) -> None:
+        store = open_store(config.storage)
+        store.migrate()
+        worker_id = new_worker_id(config)
+        exactly_once = config.kafka.processing_guarantee == "exactly_once"
+        self.transactions = (
+            KafkaTransactions(transactional_id(config, worker_id), bootstrap_servers=bootstrap)
+            if exactly_once
+            else None
+        )
+        self.producer = self.transactions.producer if self.transactions else KafkaProducer(bootstrap_servers=bootstrap)
+        self.pipeline = Pipeline(
+            config,
+            store,
+            KafkaDeadLetterSink(self.producer, config.kafka.effective_dlq_topic),
+            [],
+            state=build_state_backend(config, store, self.transactions),
+            worker_id=worker_id,
+            transactions=self.transactions,
+        )
+        self.source = KafkaSource(
+            config.kafka,
+            on_assigned=self.pipeline.on_partitions_assigned,
+            on_revoked=self.pipeline.on_partitions_revoked,
+            transactions=self.transactions,
+        )
+
+    def run(
+        self,
+        source: SourceWrapper,
+        records: int,
+        timeout: float,
+        after_batch: Callable[[list[RawMessage]], None] | None = None,
+    ) -> None:
+        """Process batches from ``source`` (wrapping this worker's) until ``records`` are read, or
+        ``timeout`` seconds have passed (a replay that never completes fails the test, not hangs it);
+        then close everything."""
+        deadline = time.monotonic() + timeout
+        try:
+            for batch in source.batches():
+                self.pipeline.process_batch(batch, source)
+                if after_batch is not None:
+                    after_batch(batch)
+                if self.pipeline.summary.records_read >= records or time.monotonic() > deadline:
+                    break
+        finally:
+            source.close()
+            self.pipeline.close()
+            self.producer.close()
+
+
+class SourceWrapper:
+    """A KafkaSource with a fault injected by a subclass: every call goes to the real source unless
+    the subclass overrides it."""
+
+    def __init__(self, inner: KafkaSource) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def batches(self) -> Iterator[list[RawMessage]]:
+        return self.inner.batches()
+
+    def commit(self, batch: list[RawMessage]) -> None:
+        self.inner.commit(batch)
+
+    def confirm_assignment(self) -> None:
+        self.inner.confirm_assignment()
+
+    def rewind(self) -> None:
+        self.inner.rewind()
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+    @property
+    def stopped(self) -> bool:
+        return self.inner.stopped
+
+    def close(self) -> None:
+        self.inner.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,9 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from pipeline_helpers import (
+    InProcessWorker,
     Scenario,
+    SourceWrapper,
     check_results,
     committed_dead_letters,
     dlq_documents,
@@ -28,11 +30,8 @@ from ingest.deadletter import KafkaDeadLetterSink
 from ingest.records import DeadLetter, SourcePosition
 from ingest.sources import KafkaSource, RawMessage
 from ingest.transactions import KafkaTransactions, ProducerFenced, TransactionAborted
-from probewatch.app import Pipeline, new_worker_id
 from probewatch.changelog import KafkaChangelog
 from probewatch.config import load_config
-from probewatch.wiring import build_state_backend, transactional_id
-from storage import open_store
 
 pytestmark = pytest.mark.integration
 
@@ -228,19 +227,15 @@ def test_a_stop_inside_a_transaction_aborts_it_at_once(
         transactions.producer.close()
 
 
-class AbortOnceWithDeadLetters:
+class AbortOnceWithDeadLetters(SourceWrapper):
     """A KafkaSource whose commit, inside the batch's transaction, fails the first time it is given a
     batch holding malformed records: by then the batch's dead letters and changelog entries are
     produced, so the transaction aborts after producing (as when the group rebalanced meanwhile)."""
 
     def __init__(self, inner: KafkaSource, malformed: set[bytes]) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.malformed = malformed
         self.failed: set[tuple[int, int]] = set()
-
-    def batches(self) -> Iterator[list[RawMessage]]:
-        return self.inner.batches()
 
     def commit(self, batch: list[RawMessage]) -> None:
         self.inner.commit(batch)
@@ -248,22 +243,6 @@ class AbortOnceWithDeadLetters:
         if bad - self.failed:
             self.failed |= bad
             raise KafkaError("injected: offsets not accepted")
-
-    def confirm_assignment(self) -> None:
-        self.inner.confirm_assignment()
-
-    def rewind(self) -> None:
-        self.inner.rewind()
-
-    def stop(self) -> None:
-        self.inner.stop()
-
-    @property
-    def stopped(self) -> bool:
-        return self.inner.stopped
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_aborted_batches_are_replayed_exactly_once(
@@ -277,39 +256,10 @@ def test_aborted_batches_are_replayed_exactly_once(
         "kafka": {"processing_guarantee": "exactly_once", "batch_max_records": 1000},
         "alerting": {"console": False},
     }
-    config = load_config(environ=pipeline_env, overrides=overrides)
-    store = open_store(config.storage)
-    store.migrate()
-    worker_id = new_worker_id(config)
-    transactions = KafkaTransactions(transactional_id(config, worker_id), bootstrap_servers=kafka_bootstrap)
-    pipeline = Pipeline(
-        config,
-        store,
-        KafkaDeadLetterSink(transactions.producer, config.kafka.effective_dlq_topic),
-        [],
-        state=build_state_backend(config, store, transactions),
-        worker_id=worker_id,
-        transactions=transactions,
-    )
-    source = AbortOnceWithDeadLetters(
-        KafkaSource(
-            config.kafka,
-            on_assigned=pipeline.on_partitions_assigned,
-            on_revoked=pipeline.on_partitions_revoked,
-            transactions=transactions,
-        ),
-        set(scenario.malformed),
-    )
-    deadline = time.monotonic() + 120  # a replay that never completes fails the test, not hangs it
-    try:
-        for batch in source.batches():
-            pipeline.process_batch(batch, source)
-            if pipeline.summary.records_read >= len(scenario.lines) or time.monotonic() > deadline:
-                break
-    finally:
-        source.close()
-        pipeline.close()
-        transactions.producer.close()
+    worker = InProcessWorker(load_config(environ=pipeline_env, overrides=overrides), kafka_bootstrap)
+    source = AbortOnceWithDeadLetters(worker.source, set(scenario.malformed))
+    worker.run(source, len(scenario.lines), timeout=120)
+    pipeline = worker.pipeline
     assert len(source.failed) == len(scenario.malformed), "not every dead letter was aborted once"
     aborted = pipeline.metrics.registry.get_sample_value("probewatch_transactions_aborted_total")
     assert aborted and aborted <= len(scenario.malformed)

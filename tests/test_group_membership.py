@@ -15,15 +15,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from pipeline_helpers import Scenario, check_results, produce
+from pipeline_helpers import InProcessWorker, Scenario, SourceWrapper, check_results, produce
 
-from ingest.deadletter import KafkaDeadLetterSink
 from ingest.sources import AssignmentLost, KafkaSource, RawMessage
 from ingest.transactions import KafkaTransactions, TransactionAborted
-from probewatch.app import Pipeline, new_worker_id
 from probewatch.config import load_config
-from probewatch.wiring import build_state_backend, changelog_topic, transactional_id
-from storage import open_store
+from probewatch.wiring import changelog_topic
 
 pytestmark = pytest.mark.integration
 
@@ -90,13 +87,12 @@ def test_the_broker_refuses_the_offsets_of_a_batch_polled_before_the_member_left
         transactions.producer.close()
 
 
-class StallsOnce:
+class StallsOnce(SourceWrapper):
     """A KafkaSource whose worker stalls, the first time it is asked to confirm a batch with records,
     until its consumer has left the group. It notes the changelog's end offsets at that moment."""
 
     def __init__(self, inner: KafkaSource, changelog_ends: Callable[[], int]) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.changelog_ends = changelog_ends
         self.stalled_batch: list[RawMessage] | None = None
         self.ends_at_stall = -1
@@ -119,19 +115,6 @@ class StallsOnce:
         self.commits.append(batch)
         self.inner.commit(batch)
 
-    def rewind(self) -> None:
-        self.inner.rewind()
-
-    def stop(self) -> None:
-        self.inner.stop()
-
-    @property
-    def stopped(self) -> bool:
-        return self.inner.stopped
-
-    def close(self) -> None:
-        self.inner.close()
-
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_a_batch_whose_worker_left_the_group_commits_nothing_and_is_processed_again(
@@ -150,24 +133,7 @@ def test_a_batch_whose_worker_left_the_group_commits_nothing_and_is_processed_ag
         "alerting": {"console": False},
     }
     config = load_config(environ=pipeline_env, overrides=overrides)
-    store = open_store(config.storage)
-    store.migrate()
-    worker_id = new_worker_id(config)
-    transactions = (
-        KafkaTransactions(transactional_id(config, worker_id), bootstrap_servers=kafka_bootstrap)
-        if guarantee == "exactly_once"
-        else None
-    )
-    producer = transactions.producer if transactions is not None else KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    pipeline = Pipeline(
-        config,
-        store,
-        KafkaDeadLetterSink(producer, config.kafka.effective_dlq_topic),
-        [],
-        state=build_state_backend(config, store, transactions),
-        worker_id=worker_id,
-        transactions=transactions,
-    )
+    worker = InProcessWorker(config, kafka_bootstrap)
     changelog = changelog_topic(config)
     ends_reader = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
 
@@ -175,31 +141,18 @@ def test_a_batch_whose_worker_left_the_group_commits_nothing_and_is_processed_ag
         partitions = [TopicPartition(changelog, p) for p in sorted(ends_reader.partitions_for_topic(changelog) or ())]
         return sum(ends_reader.end_offsets(partitions).values())
 
-    source = StallsOnce(
-        KafkaSource(
-            config.kafka,
-            on_assigned=pipeline.on_partitions_assigned,
-            on_revoked=pipeline.on_partitions_revoked,
-            transactions=transactions,
-        ),
-        changelog_ends,
-    )
-    deadline = time.monotonic() + 180  # a replay that never completes fails the test, not hangs it
+    source = StallsOnce(worker.source, changelog_ends)
+
+    def nothing_of_the_stalled_batch_committed(batch: list[RawMessage]) -> None:
+        if batch is source.stalled_batch:  # no checkpoint entry, no offsets
+            assert changelog_ends() == source.ends_at_stall
+            assert not any(committed is batch for committed in source.commits)
+
     try:
-        for batch in source.batches():
-            pipeline.process_batch(batch, source)
-            if batch is source.stalled_batch:
-                # Nothing of the batch was committed: no checkpoint entry, no offsets.
-                assert changelog_ends() == source.ends_at_stall
-                assert not any(committed is batch for committed in source.commits)
-            if pipeline.summary.records_read >= len(scenario.lines) or time.monotonic() > deadline:
-                break
+        worker.run(source, len(scenario.lines), timeout=180, after_batch=nothing_of_the_stalled_batch_committed)
     finally:
         ends_reader.close()
-        source.close()
-        pipeline.close()
-        producer.close()
     assert source.stalled_batch, "the worker never stalled"
     # The batch was processed again from the committed offsets and state: every record counted once.
-    assert pipeline.summary.records_read == len(scenario.lines)
+    assert worker.pipeline.summary.records_read == len(scenario.lines)
     check_results(pipeline_env, scenario)
