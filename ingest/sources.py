@@ -437,3 +437,10 @@ class _RebalanceListener(ConsumerRebalanceListener):
         partitions = sorted(tp.partition for tp in assigned)
         log.info("partitions assigned: %s", partitions)
         self.source.take_note(partitions, [])
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        # kafka-python logs why (a session expired, a stall past max_poll_interval_ms) below the level
+        # probewatch shows its logs at; this is the line an operator finds.
+        partitions = sorted(tp.partition for tp in lost)
+        log.warning("partitions lost: %s (this worker was out of the group; their new owners restore them)", partitions)
+        self.source.take_note([], partitions)

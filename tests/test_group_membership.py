@@ -118,7 +118,11 @@ class StallsOnce(SourceWrapper):
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_a_batch_whose_worker_left_the_group_commits_nothing_and_is_processed_again(
-    pipeline_env: dict[str, str], scenario: Scenario, kafka_bootstrap: str, guarantee: str
+    pipeline_env: dict[str, str],
+    scenario: Scenario,
+    kafka_bootstrap: str,
+    guarantee: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     topic = pipeline_env["PROBEWATCH__KAFKA__TOPIC"]
     produce(kafka_bootstrap, topic, scenario)
@@ -153,6 +157,8 @@ def test_a_batch_whose_worker_left_the_group_commits_nothing_and_is_processed_ag
     finally:
         ends_reader.close()
     assert source.stalled_batch, "the worker never stalled"
+    assert "not committing the batch" in caplog.text
+    assert "partitions lost" in caplog.text  # said where an operator sees it, at the rejoin
     # The batch was processed again from the committed offsets and state: every record counted once.
     assert worker.pipeline.summary.records_read == len(scenario.lines)
     check_results(pipeline_env, scenario)
