@@ -257,8 +257,12 @@ class KafkaSource:
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.5
+            # The membership these records are processed under (see confirm_assignment), read before
+            # the restores below, which take a while.
+            membership = self._consumer.group_metadata()
+            settled = _is_member(membership)
             try:
-                self._reconcile_assignment()
+                self._reconcile_assignment(settled)
             except Exception as exc:
                 # A restore failed (the changelog or storage is unreachable, say): hand out nothing,
                 # put the polled records back, and try again. Never process a partition unrestored.
@@ -266,8 +270,7 @@ class KafkaSource:
                 self._unpoll(polled)
                 time.sleep(1.0)
                 continue
-            membership = self._consumer.group_metadata()
-            if polled and not _is_member(membership):
+            if polled and not settled:
                 # The consumer fell out of the group, or began to rejoin it, on kafka-python's IO thread
                 # since this poll fetched: these records are handed out again after the rejoin.
                 self._unpoll(polled)
@@ -300,19 +303,26 @@ class KafkaSource:
                 self._on_assigned(assigned)
             self._owned |= set(assigned)
 
-    def _reconcile_assignment(self) -> None:
+    def _reconcile_assignment(self, settled: bool) -> None:
         """Announce what the last poll changed: partitions revoked (dropped, even when assigned again
         in the same poll: another worker may have moved them on meanwhile), then partitions gained
         (restored). Called after every poll, before the polled records are processed, so no record of
         a partition is processed before its state is restored. It also catches changes that came
         without a listener call: in CI, kafka-python's cooperative rebalancing once gave a worker a
-        dead worker's partition without calling on_partitions_assigned."""
+        dead worker's partition without calling on_partitions_assigned.
+
+        While a rejoin is under way (not ``settled``) nothing is restored: kafka-python keeps an eager
+        member's revoked partitions in its assignment until the join completes, and the group may hand
+        them to another worker. They are restored at the poll where the group settles."""
         with self._told_lock:
             told_assigned, self._told_assigned = self._told_assigned, set()
             told_revoked, self._told_revoked = self._told_revoked, set()
         current = {tp.partition for tp in self._consumer.assignment()}
         lost = sorted((self._owned - current) | (self._owned & told_revoked))
         gained = sorted(current - (self._owned - set(lost)))
+        if not settled:
+            self.take_note(told_assigned, ())  # explained when they are restored
+            gained = []
         unexplained = (set(gained) - told_assigned) | (set(lost) - told_revoked)
         if unexplained:
             log.warning("partition assignment changed without a rebalance callback: gained %s, lost %s", gained, lost)
@@ -393,7 +403,10 @@ class KafkaSource:
                 self._consumer.seek_to_beginning(tp)
             else:
                 self._consumer.seek_to_end(tp)
-        self._announce(partitions, [])
+        if _is_member(self._consumer.group_metadata()):
+            self._announce(partitions, [])
+        # Otherwise (out of the group, or rejoining) the poll where the group settles restores what
+        # is still this worker's.
 
     def lag(self) -> dict[int, int]:
         """Messages behind the log end, per assigned partition (for metrics)."""

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import msgspec
 import pytest
 from kafka import KafkaProducer
 
@@ -169,3 +170,80 @@ def test_a_slow_restore_runs_on_the_polling_thread_and_the_worker_keeps_its_part
     finally:
         batches.close()
         source.close()
+
+
+class BackgroundMember:
+    """A KafkaSource of the same group polled on its own thread (a member must poll for a join to
+    complete); ``paused`` holds its polls, as a worker busy with a long batch would."""
+
+    def __init__(self, config: KafkaConfig) -> None:
+        self.events: list[Event] = []
+        self.source = KafkaSource(
+            config,
+            on_assigned=lambda partitions: self.events.append(("restore", list(partitions))),
+            on_revoked=lambda partitions: self.events.append(("drop", list(partitions))),
+        )
+        self.paused = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        batches = self.source.batches()
+        try:
+            while not self._stop.is_set():
+                if self.paused.is_set():
+                    time.sleep(0.05)
+                else:
+                    next(batches)
+        finally:
+            batches.close()
+            self.source.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def test_an_eager_rebalance_restores_only_what_the_group_settles_on(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], unique_name: Callable[[str], str]
+) -> None:
+    """Under an eager strategy kafka-python revokes every partition when a rejoin begins but keeps them
+    in its assignment until the join completes, which can take several polls (here a busy member
+    rejoins late). The source drops them at once and restores only what the completed join gives
+    it, not the old assignment again in the middle of the rejoin (the group may be handing those
+    partitions to another worker meanwhile)."""
+    topic = kafka_topic(partitions=3)
+    config = msgspec.structs.replace(
+        source_config(kafka_bootstrap, topic, unique_name("group")), assignment_strategy="range", poll_timeout_ms=500
+    )
+    events: list[Event] = []
+    first = KafkaSource(
+        config,
+        on_assigned=lambda partitions: events.append(("restore", list(partitions))),
+        on_revoked=lambda partitions: events.append(("drop", list(partitions))),
+    )
+    batches = first.batches()
+    members: list[BackgroundMember] = []
+    try:
+        poll_until(batches, events, lambda: ("restore", [0, 1, 2]) in events)
+        members.append(BackgroundMember(config))
+        poll_until(batches, events, lambda: 0 < len(first._owned) < 3 and bool(members[0].source._owned))
+        held = sorted(first._owned)
+        events.clear()
+        members[0].paused.set()  # busy: it rejoins only when it polls again
+        members.append(BackgroundMember(config))
+        deadline = time.monotonic() + 5  # polls while the join waits for the busy member
+        poll_until(batches, events, lambda: time.monotonic() > deadline)
+        assert [e for e in events if e[0] != "batch"] == [("drop", held)], events
+        assert not any(ps for kind, ps in events if kind == "batch"), "records handed out mid-rejoin"
+        members[0].paused.clear()
+        poll_until(batches, events, lambda: any(kind == "restore" for kind, _ in events))
+        announced = [e for e in events if e[0] != "batch"]
+        assert len(announced) == 2 and announced[1][0] == "restore" and len(announced[1][1]) == 1, events
+        assert first._owned == set(announced[1][1])
+    finally:
+        for member in members:
+            member.close()
+        batches.close()
+        first.close()
