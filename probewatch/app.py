@@ -287,6 +287,7 @@ class Pipeline:
             if batch:
                 # Its records went into state that may be another worker's by now.
                 log.warning("%s: not committing the batch; rewinding to the committed state and offsets", exc)
+                self.metrics.assignment_lost.inc()
                 self._rewind(source)
                 return []  # what is still ours is processed again from the committed offsets
             # Nothing read (as at every poll while the worker joins): nothing to replay. What changed

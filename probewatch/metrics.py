@@ -44,6 +44,12 @@ class PipelineMetrics:
             "Batches whose Kafka transaction aborted and that were processed again (exactly-once only)",
             registry=r,
         )
+        self.assignment_lost = Counter(
+            "probewatch_assignment_lost",
+            "Batches not committed because the worker was no longer the group member that polled them "
+            "(thrown out or rebalanced meanwhile) and that were processed again",
+            registry=r,
+        )
         self.population_contributions = Counter(
             "probewatch_population_contributions",
             "Population baseline contributions sent to the population log by this worker, and folded from "

@@ -158,6 +158,7 @@ def test_a_batch_whose_worker_left_the_group_commits_nothing_and_is_processed_ag
         ends_reader.close()
     assert source.stalled_batch, "the worker never stalled"
     assert "not committing the batch" in caplog.text
+    assert worker.pipeline.metrics.registry.get_sample_value("probewatch_assignment_lost_total") == 1
     assert "partitions lost" in caplog.text  # said where an operator sees it, at the rejoin
     # The batch was processed again from the committed offsets and state: every record counted once.
     assert worker.pipeline.summary.records_read == len(scenario.lines)
