@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 import requests
 from clickhouse_driver import Client
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from ingest.deadletter import KafkaDeadLetterSink
 from ingest.sources import KafkaSource, RawMessage
@@ -261,13 +261,39 @@ def finish(
     assert all(code == 0 for code in codes), f"exit codes {codes}:\n{log_tail(log, 8000)}"
 
 
+def group_formed(bootstrap: str, group: str, members: int) -> Callable[[], bool]:
+    """A condition for :func:`wait_until`: the group is stable with ``members`` members and every one
+    holds partitions (a cooperative rebalance gives a newcomer its partitions in its second round)."""
+
+    def formed() -> bool:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            info = admin.describe_groups([group]).get(group, {})
+        finally:
+            admin.close()
+        joined = info.get("members", [])
+        return (
+            info.get("group_state") == "Stable"
+            and len(joined) == members
+            and all(m["member_assignment"]["assigned_partitions"] for m in joined)
+        )
+
+    return formed
+
+
 def kill_one_worker_mid_stream(
     env: dict[str, str], scenario: Scenario, kafka_bootstrap: str, log: Path, workers: int
 ) -> None:
-    """Produce the scenario, start ``workers`` workers, SIGKILL one of them once a quarter of the
-    records is committed, and let the others finish the topic."""
-    produce(kafka_bootstrap, env["PROBEWATCH__KAFKA__TOPIC"], scenario)
+    """Start ``workers`` workers, wait until each holds partitions, produce the scenario, SIGKILL one
+    of them once a quarter of the records is committed, and let the others finish the topic.
+
+    The log is produced only once the group has formed: with a backlog waiting, the first worker to
+    join read a quarter of it alone before the others had partitions, the worker killed could be one
+    that never held any (nothing to hand over), and the group then waited a session timeout for it."""
     running = [Worker(env, log) for _ in range(workers)]
+    group = env["PROBEWATCH__KAFKA__GROUP_ID"]
+    wait_until(group_formed(kafka_bootstrap, group, workers), 120, f"{workers} workers each holding partitions")
+    produce(kafka_bootstrap, env["PROBEWATCH__KAFKA__TOPIC"], scenario)
     done = progress(kafka_bootstrap, env)
     wait_until(lambda: done() > len(scenario.lines) // 4, 180, "a quarter of the records committed")
     running[0].stop(signal.SIGKILL)
