@@ -297,13 +297,20 @@ def _binary_search(oracle: _Oracle, x0: np.ndarray, y0: int, adv: np.ndarray, st
     return x0 + hi * (adv - x0)
 
 
+def _search_widths(v: Victim) -> np.ndarray:
+    """Per-feature scale of a boundary search's distances and steps: the input range, or 1 where the
+    range is empty (digits' always-blank pixels), where dividing by it made the distance NaN."""
+    width = v.high - v.low
+    return np.where(width > 0, width, 1.0)
+
+
 def _hopskipjump(v: Victim, rng: np.random.Generator, n: int) -> np.ndarray:
     """HopSkipJump (Chen et al. 2020), label-only: boundary search, Monte-Carlo gradient estimate
     at the boundary, geometric step search, repeat."""
     oracle = _Oracle(v)
     x0, y0, adv = _start_pair(v, rng, oracle)
     adv = _binary_search(oracle, x0, y0, adv, 10)
-    width = v.high - v.low
+    width = _search_widths(v)
     it = 1
     while len(oracle.queries) < n:
         dist = float(np.linalg.norm((adv - x0) / width))
@@ -333,7 +340,7 @@ def _boundary(v: Victim, rng: np.random.Generator, n: int) -> np.ndarray:
     orthogonal steps along the boundary and small steps towards the original, adapting both."""
     oracle = _Oracle(v)
     x0, y0, adv = _start_pair(v, rng, oracle)
-    width = v.high - v.low
+    width = _search_widths(v)
     spherical, source = 0.1, 0.1
     while len(oracle.queries) < n:
         diff = (x0 - adv) / width
