@@ -38,17 +38,22 @@ def _squash(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + x)
 
 
-def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Per query (rows of ``raw`` and its standardised ``z``): pinned-at-bounds share, roughness,
-    RMS of z, max |z|, share of |z| > 3 (the ``N_SUMMARIES`` summaries), then z's first eight
-    coordinates. Columns 0 and 1 are also the values behind ``InputShapeSignal`` (pinned share as is,
-    roughness before squashing); ``tree_features`` squashes the rest."""
-    # At (or beyond) a bound means equal to it up to float32 rounding: clipped values sit exactly
-    # there. A tolerance relative to the box's width would let one client with wild values (the box
-    # is learned from the reference sample) put ordinary inputs "at the bounds".
+def pinned_at_bounds(raw: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Per query and feature (bool, shaped as ``raw``): at (or beyond) the model's input bounds.
+
+    At a bound means equal to it up to float32 rounding: clipped values sit exactly there. A tolerance
+    relative to the box's width would let one client with wild values (the box is learned from the
+    reference sample) put ordinary inputs "at the bounds"."""
     at_low = raw <= low + 1e-6 * np.maximum(np.abs(low), 1.0)
     at_high = raw >= high - 1e-6 * np.maximum(np.abs(high), 1.0)
-    at_bound = (at_low | at_high) & (high - low > 1e-6)
+    return (at_low | at_high) & (high - low > 1e-6)
+
+
+def input_summaries(pinned: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Per query (rows of ``pinned``, from :func:`pinned_at_bounds`, and of the standardised input
+    ``z``): pinned-at-bounds share, roughness, RMS of z, max |z|, share of |z| > 3 (the
+    ``N_SUMMARIES`` summaries), then z's first eight coordinates. Column 1 is also the value behind
+    ``InputShapeSignal``'s roughness (before squashing); ``tree_features`` squashes the rest."""
     z = z.astype(np.float64)
     if z.shape[1] > 1:
         num = (np.diff(z, axis=1) ** 2).sum(axis=1)
@@ -59,7 +64,7 @@ def input_summaries(raw: np.ndarray, z: np.ndarray, low: np.ndarray, high: np.nd
     absz = np.abs(z)
     return np.column_stack(
         [
-            at_bound.mean(axis=1),
+            pinned.mean(axis=1),
             rough,
             _squash(np.sqrt((z * z).mean(axis=1)) / 2.0),
             _squash(absz.max(axis=1) / 4.0),

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors.input_model import InputDensityModel, input_summaries
+from detectors.input_model import InputDensityModel, input_summaries, pinned_at_bounds
 
 N_BINS = 200
 LOG_LO, LOG_HI = -3.0, 6.0  # log10 range of "log"-scaled signal values
@@ -327,7 +327,7 @@ class ModelPopulation:
         self.low = raw.min(axis=0)
         self.high = raw.max(axis=0)
         standard = self.frame.standardise(raw)
-        self.input_model = InputDensityModel(input_summaries(raw, standard, self.low, self.high))
+        self.input_model = InputDensityModel(input_summaries(pinned_at_bounds(raw, self.low, self.high), standard))
         z = self.frame.project(standard)
         self.sample = z
         self.sample_clients = self.s_clients

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import msgspec
 import numpy as np
 
-from detectors.input_model import input_summaries
+from detectors.input_model import input_summaries, pinned_at_bounds
 from detectors.population import ModelPopulation, mix64
 
 FIXED = 1_000_000  # fixed-point scale for exact sums of per-query floats
@@ -60,7 +60,8 @@ class QueryBlock(msgspec.Struct, gc=False):
     cells: np.ndarray | None = None  # uint64 LSH cell hash of zp
     fp: np.ndarray | None = None  # uint32 content fingerprints of z
     far: np.ndarray | None = None  # bool: farther from other clients' reference inputs than normal
-    shape: np.ndarray | None = None  # float64 (n, 2): pinned-feature share and roughness
+    pinned: np.ndarray | None = None  # bool (n, d): features at the model's input bounds
+    roughness: np.ndarray | None = None  # float64 high-frequency energy of the input (input_summaries)
     strangeness: np.ndarray | None = None  # float64 HalfSpaceTrees anomaly score of the input
 
     def __len__(self) -> int:
@@ -89,7 +90,8 @@ class QueryBlock(msgspec.Struct, gc=False):
             cells=part(self.cells),
             fp=part(self.fp),
             far=part(self.far),
-            shape=part(self.shape),
+            pinned=part(self.pinned),
+            roughness=part(self.roughness),
             strangeness=part(self.strangeness),
         )
 
@@ -110,8 +112,9 @@ def derive_features(block: QueryBlock, client_hashes: np.ndarray | None = None) 
     if block.z is not None:
         block.fp = fingerprints(block.z)
         if block.vectors is not None and pop is not None and pop.low is not None and pop.high is not None:
-            summaries = input_summaries(block.vectors, block.z, pop.low, pop.high)
-            block.shape = summaries[:, :2]
+            block.pinned = pinned_at_bounds(block.vectors, pop.low, pop.high)
+            summaries = input_summaries(block.pinned, block.z)
+            block.roughness = summaries[:, 1]
             if pop.input_model is not None:
                 block.strangeness = pop.input_model.score(summaries)
     return block
@@ -901,21 +904,28 @@ class LowMarginShareSignal(SessionSignal):
 
 # --------------------------------------------------------------------------------- adversarial input
 class InputShapeSignal(SessionSignal):
-    """Per-query input statistics against the model's population: share of features pinned at the
-    population's bounds (clipped perturbations), high-frequency energy (roughness: energy of
+    """Per-query input statistics against the model's population: share of features *newly* pinned at
+    the population's bounds (clipped perturbations), high-frequency energy (roughness: energy of
     differences between neighbouring features relative to the input's own energy), and strangeness:
     the River HalfSpaceTrees anomaly score of the query's input summary under the model's normal
     inputs (detectors/input_model.py), for up to ``SCORED_PER_BLOCK`` evenly spaced queries per block
-    (the block's boundaries are fixed query counts, so the choice is too)."""
+    (the block's boundaries are fixed query counts, so the choice is too).
+
+    A feature counts as newly pinned when it is at a bound in a query and was not in the client's
+    previous query. A perturbation crafted per input pins features that change with the input; a
+    feature that sits at its bound query after query is a property of the client's data source (a
+    saturated sensor, data drifted past the training range, the same health-check input), not of
+    crafting. Counting every pinned feature flagged exactly those benign clients (drifting, canary
+    and sensor clients were all the benign adversarial_input alerts of the reference traces)."""
 
     name = "shape"
     OUTPUTS = (
-        ("pinned_feature_share", ("adversarial_input",), "unit", 0.01),
+        ("fresh_pinned_share", ("adversarial_input",), "unit", 0.01),
         ("roughness", ("adversarial_input",), "log", 0.03),
         ("input_strangeness", ("adversarial_input",), "unit", 0.02),
     )
     SCORED_PER_BLOCK = 2
-    __slots__ = ("n", "n_scored", "pinned", "rough", "strange")
+    __slots__ = ("last_pinned", "n", "n_scored", "pinned", "rough", "strange")
 
     def __init__(self) -> None:
         self.n = 0
@@ -923,19 +933,37 @@ class InputShapeSignal(SessionSignal):
         self.pinned = 0  # fixed-point sums
         self.rough = 0
         self.strange = 0
+        self.last_pinned = np.zeros(0, dtype=np.uint8)  # the previous query's pinned features, bit-packed
 
     @classmethod
     def learn_many(cls, signals: Sequence[InputShapeSignal], blocks: BlockRound) -> None:
-        which, shape, owner = blocks.column("shape")
+        which, pinned, owner = blocks.column("pinned")
         if not len(which):
             return
-        pinned = _per_block(np.round(shape[:, 0] * FIXED), owner, len(which)).tolist()
-        rough = _per_block(np.round(shape[:, 1] * FIXED), owner, len(which)).tolist()
-        sizes = np.bincount(owner, minlength=len(which)).tolist()
+        _, roughness, _ = blocks.column("roughness")
+        bounds = _block_bounds(owner, len(which))
+        starts = bounds[:-1]
+        # Each query against the one before it: within a block the previous row, at a block's start
+        # the client's last query from earlier blocks (none yet, or another input width: nothing).
+        width = pinned.shape[1]
+        carried = [signals[i].last_pinned for i in which.tolist()]
+        before = np.empty_like(pinned)
+        before[1:] = pinned[:-1]
+        before[starts] = [
+            np.unpackbits(last, count=width).astype(bool) if len(last) == (width + 7) // 8 else np.zeros(width, bool)
+            for last in carried
+        ]
+        fresh = (pinned & ~before).mean(axis=1)
+        fresh_sums = _per_block(np.round(fresh * FIXED), owner, len(which)).tolist()
+        rough = _per_block(np.round(roughness * FIXED), owner, len(which)).tolist()
+        sizes = np.diff(bounds).tolist()
+        last_rows = np.packbits(pinned[bounds[1:] - 1], axis=1)
         for j, i in enumerate(which.tolist()):
-            signals[i].pinned += pinned[j]
-            signals[i].rough += rough[j]
-            signals[i].n += sizes[j]
+            signal = signals[i]
+            signal.pinned += fresh_sums[j]
+            signal.rough += rough[j]
+            signal.n += sizes[j]
+            signal.last_pinned = last_rows[j].copy()  # not a view: it would keep the round's rows alive
         scored, strangeness, owner = blocks.column("strangeness")
         if not len(scored):
             return
@@ -959,7 +987,10 @@ class InputShapeSignal(SessionSignal):
     def evidence(self, i: int) -> str:
         if i == 0:
             share = 100 * self.values()[0]
-            return f"on average {share:.0f}% of features at the model's input bounds ({self.n} queries)"
+            return (
+                f"on average {share:.0f}% of features newly at the model's input bounds (at a bound the "
+                f"client's previous query did not touch; {self.n} queries)"
+            )
         if i == 1:
             return f"mean input roughness {self.values()[1]:.2f} over {self.n} queries"
         return (

@@ -37,10 +37,6 @@ class Scenario:
         self.lines = [line for line in path.read_bytes().splitlines() if line.strip()]
         labels = [json.loads(line) for line in truth.read_text().splitlines()]
         self.attackers = {str(x["client_id"]) for x in labels if x["label"] != "benign"}
-        # Benign clients whose data drifts out of the training distribution: whether the strongest of
-        # them is flagged depends on which clients formed the population when it was judged, so on
-        # processing order and timing (a detection gap `probewatch eval` measures, not a fault).
-        self.drifting = {str(x["client_id"]) for x in labels if x.get("variant") == "drifting"}
         self.valid: list[dict[str, object]] = []
         self.malformed: list[bytes] = []
         for line in self.lines:
@@ -223,20 +219,18 @@ def check_results(env: dict[str, str], scenario: Scenario) -> Client:
         client.execute(f"SELECT client_id, max(client_queries) FROM {db}.session_scores FINAL GROUP BY client_id")
     )
     assert stored == dict(expected)
-    # Alerts: no duplicates as readers see them; every attacker alerted; no benign client (below).
+    # Alerts: no duplicates as readers see them; every attacker alerted, no benign client.
     alert_rows = client.execute(f"SELECT alert_id, client_id, status FROM {db}.alerts FINAL")
     assert len(alert_rows) == len({row[0] for row in alert_rows})
     firing = firing_clients(client, db)
-    # No benign client alerted, drifting ones aside (see Scenario.drifting): in these fault tests a
-    # drifting client's alert told of the timing of the run, not of the fault.
     benign_alerts = client.execute(
         f"SELECT client_id, kind, n_queries, score, reasons FROM {db}.alerts FINAL"
-        f" WHERE status = 'firing' AND client_id NOT IN %(exempt)s",
-        {"exempt": tuple(sorted(scenario.attackers | scenario.drifting))},
+        f" WHERE status = 'firing' AND client_id NOT IN %(attackers)s",
+        {"attackers": tuple(sorted(scenario.attackers))},
     )
     # The alerts' own evidence in the message: a false positive in CI is diagnosed from this alone.
     assert not benign_alerts, f"benign clients alerted: {benign_alerts}"
-    assert scenario.attackers and firing - scenario.drifting == scenario.attackers
+    assert scenario.attackers and firing == scenario.attackers
     return client
 
 

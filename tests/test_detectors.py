@@ -16,6 +16,7 @@ from detectors.input_model import (
     TREE_HEIGHT,
     InputDensityModel,
     input_summaries,
+    pinned_at_bounds,
     river_anomaly,
     tree_features,
 )
@@ -182,7 +183,37 @@ def test_pinned_share_reads_the_population_bounds() -> None:
     rng = np.random.default_rng(4)
     clipped.learn_block(block(np.clip(rng.normal(8, 20, size=(50, 8)), 0, 16), pop=pop))
     natural.learn_block(block(rng.uniform(4, 12, size=(50, 8)), pop=pop))
-    assert clipped.values()[0] > 0.5 > 0.01 > natural.values()[0]
+    assert clipped.values()[0] > 0.2 > 0.01 > natural.values()[0]
+
+
+def test_features_pinned_query_after_query_are_not_counted_again() -> None:
+    # Drifted data clipped at the same bounds, or the same input sent again and again, pins the same
+    # features every time: a property of the client's data, not a perturbation crafted per input.
+    pop = ModelPopulation("m", 1)
+    pop.low, pop.high = np.zeros(8, dtype=np.float32), np.full(8, 16.0, dtype=np.float32)
+    rng = np.random.default_rng(6)
+    natural = rng.uniform(4, 12, size=(60, 8))
+    drifted = natural.copy()
+    drifted[:, :3] = 16.0  # three features past the training range, clipped, in every query
+    crafted = natural.copy()
+    crafted[np.arange(60), rng.integers(0, 8, size=60)] = 0.0  # one feature per input, a different one
+    crafted[np.arange(60), rng.integers(0, 8, size=60)] = 16.0
+    shares = []
+    for x in (drifted, crafted):
+        signal = InputShapeSignal()
+        signal.learn_block(block(x, pop=pop))
+        shares.append(signal.values()[0])
+    assert shares[0] == pytest.approx(3 / 8 / 60)  # counted at the first query only
+    assert shares[1] > 0.15
+    # Across blocks the comparison carries over (the client's last query), through a checkpoint too,
+    # so cutting the stream differently gives the same value.
+    whole, cut = InputShapeSignal(), InputShapeSignal()
+    whole.learn_block(block(crafted, pop=pop))
+    cut.learn_block(block(crafted[:25], pop=pop))
+    restored = InputShapeSignal()
+    restored.load_state(cut.to_state())
+    restored.learn_block(block(crafted[25:], pop=pop))
+    assert restored.values()[:2] == whole.values()[:2]  # (strangeness needs a fitted input model)
 
 
 def test_state_per_client_is_bounded_and_kilobytes() -> None:
@@ -246,20 +277,24 @@ def test_input_density_model_scores_crafted_inputs_above_normal_ones() -> None:
     low, high = np.zeros(8), np.ones(8)
     normal = rng.normal(0.5, 0.08, size=(384, 8)).clip(0, 1)
     centre, scale = normal.mean(axis=0), normal.std(axis=0)
-    model = InputDensityModel(input_summaries(normal, (normal - centre) / scale, low, high))
+
+    def summarise(x: np.ndarray) -> np.ndarray:
+        return input_summaries(pinned_at_bounds(x, low, high), (x - centre) / scale)
+
+    model = InputDensityModel(summarise(normal))
     fresh = rng.normal(0.5, 0.08, size=(200, 8)).clip(0, 1)
     # Crafted: half the features pushed to the clip bounds, the rest left natural.
     crafted = fresh.copy()
     crafted[:, ::2] = np.where(crafted[:, ::2] > 0.5, 1.0, 0.0)
-    normal_scores = model.score(input_summaries(fresh, (fresh - centre) / scale, low, high))
-    crafted_scores = model.score(input_summaries(crafted, (crafted - centre) / scale, low, high))
+    normal_scores = model.score(summarise(fresh))
+    crafted_scores = model.score(summarise(crafted))
     assert np.median(crafted_scores) > np.quantile(normal_scores, 0.95)
     # Rebuilt from the same reference sample (as after a restart), the trees score identically.
-    again = InputDensityModel(input_summaries(normal, (normal - centre) / scale, low, high))
-    assert np.array_equal(again.score(input_summaries(crafted, (crafted - centre) / scale, low, high)), crafted_scores)
+    again = InputDensityModel(summarise(normal))
+    assert np.array_equal(again.score(summarise(crafted)), crafted_scores)
     # The numpy fit and walk score exactly what River's own HalfSpaceTrees does, fed the same window
     # row by row with learn_one and scored row by row with score_one.
-    reference = tree_features(input_summaries(normal, (normal - centre) / scale, low, high))
+    reference = tree_features(summarise(normal))
     river = river_anomaly().HalfSpaceTrees(
         n_trees=N_TREES,
         height=TREE_HEIGHT,
@@ -269,8 +304,8 @@ def test_input_density_model_scores_crafted_inputs_above_normal_ones() -> None:
     )
     for row in reference.tolist():
         river.learn_one(dict(enumerate(row)))
-    summaries = input_summaries(crafted, (crafted - centre) / scale, low, high)
-    rows = tree_features(np.concatenate([summaries, input_summaries(fresh, (fresh - centre) / scale, low, high)]))
+    summaries = summarise(crafted)
+    rows = tree_features(np.concatenate([summaries, summarise(fresh)]))
     river_scores = np.array([river.score_one(dict(enumerate(row))) for row in rows.tolist()])
     assert np.array_equal(np.concatenate([crafted_scores, normal_scores]), river_scores)
 
@@ -283,8 +318,8 @@ def test_pinned_means_at_the_bound_not_near_it_in_a_wide_box() -> None:
     ordinary = np.array([[7.5, 9.0, 12.0, 20.0], [8.1, 7.9, 15.0, 11.0]])
     clipped = np.array([[7.0, 3700.0, 12.0, 7.0], [6.5, 9.0, 3700.0, 3701.0]])  # at or beyond the bounds
     z = np.zeros((2, 4))
-    assert input_summaries(ordinary, z, low, high)[:, 0].tolist() == [0.0, 0.0]
-    assert input_summaries(clipped, z, low, high)[:, 0].tolist() == [0.75, 0.75]
+    assert input_summaries(pinned_at_bounds(ordinary, low, high), z)[:, 0].tolist() == [0.0, 0.0]
+    assert input_summaries(pinned_at_bounds(clipped, low, high), z)[:, 0].tolist() == [0.75, 0.75]
 
 
 def test_low_margin_share_counts_a_repeated_input_once() -> None:
