@@ -933,7 +933,7 @@ class InputShapeSignal(SessionSignal):
         self.pinned = 0  # fixed-point sums
         self.rough = 0
         self.strange = 0
-        self.last_pinned = np.zeros(0, dtype=np.uint8)  # the previous query's pinned features, bit-packed
+        self.last_pinned = b""  # the previous query's pinned features, bit-packed (numpy's packbits)
 
     @classmethod
     def learn_many(cls, signals: Sequence[InputShapeSignal], blocks: BlockRound) -> None:
@@ -946,24 +946,25 @@ class InputShapeSignal(SessionSignal):
         # Each query against the one before it: within a block the previous row, at a block's start
         # the client's last query from earlier blocks (none yet, or another input width: nothing).
         width = pinned.shape[1]
+        packed = (width + 7) // 8
         carried = [signals[i].last_pinned for i in which.tolist()]
+        if any(len(last) != packed for last in carried):
+            carried = [last if len(last) == packed else bytes(packed) for last in carried]
         before = np.empty_like(pinned)
         before[1:] = pinned[:-1]
-        before[starts] = [
-            np.unpackbits(last, count=width).astype(bool) if len(last) == (width + 7) // 8 else np.zeros(width, bool)
-            for last in carried
-        ]
-        fresh = (pinned & ~before).mean(axis=1)
+        previous = np.frombuffer(b"".join(carried), dtype=np.uint8).reshape(len(carried), packed)
+        before[starts] = np.unpackbits(previous, axis=1, count=width).view(bool)
+        fresh = np.count_nonzero(pinned & ~before, axis=1) / width
         fresh_sums = _per_block(np.round(fresh * FIXED), owner, len(which)).tolist()
         rough = _per_block(np.round(roughness * FIXED), owner, len(which)).tolist()
         sizes = np.diff(bounds).tolist()
-        last_rows = np.packbits(pinned[bounds[1:] - 1], axis=1)
+        last_rows = np.packbits(pinned[bounds[1:] - 1], axis=1).tobytes()
         for j, i in enumerate(which.tolist()):
             signal = signals[i]
             signal.pinned += fresh_sums[j]
             signal.rough += rough[j]
             signal.n += sizes[j]
-            signal.last_pinned = last_rows[j].copy()  # not a view: it would keep the round's rows alive
+            signal.last_pinned = last_rows[j * packed : (j + 1) * packed]
         scored, strangeness, owner = blocks.column("strangeness")
         if not len(scored):
             return
@@ -976,6 +977,12 @@ class InputShapeSignal(SessionSignal):
         for i, strange, two in zip(scored.tolist(), (first + last).tolist(), has_last.tolist(), strict=True):
             signals[i].strange += int(strange)
             signals[i].n_scored += 2 if two else 1
+
+    @classmethod
+    def state_bytes_many(cls, signals: Sequence[Any]) -> list[int]:
+        # last_pinned is bytes, which the base class counts as one 8-byte slot.
+        sizes = super().state_bytes_many(signals)
+        return [size - 8 + len(signal.last_pinned) for size, signal in zip(sizes, signals, strict=True)]
 
     def values(self) -> list[float]:
         nan = float("nan")

@@ -121,7 +121,7 @@ def test_client_state_bytes_count_every_array_and_survive_a_restore(simulated: l
             160
             + history.last_values.nbytes
             + sum(
-                item.nbytes if isinstance(item, np.ndarray) else 8
+                item.nbytes if isinstance(item, np.ndarray) else len(item) if isinstance(item, bytes) else 8
                 for signal in history.signals
                 for item in (getattr(signal, slot) for slot in signal.__slots__)
             )
