@@ -42,6 +42,22 @@ def test_every_attack_kind_detected_and_no_benign_client_flagged(tmp_path: Path)
     assert report.max_session_state_bytes < 16 * 1024
 
 
+def test_benign_data_clipped_at_the_bounds_query_after_query_is_not_an_adversarial_input(tmp_path: Path) -> None:
+    # breast_cancer's inputs clip at the data's bounds: a client whose data drifts past them sends
+    # the same features at the bounds query after query. Counting those as crafted flagged acct-007,
+    # the drifting client of this scenario, as adversarial_input (at the production settings).
+    log, truth = str(tmp_path / "logs.jsonl"), str(tmp_path / "truth.jsonl")
+    plan = SimulationPlan(
+        victim="breast_cancer", benign_clients=40, attackers_per_kind=1, attacks=("hopskipjump",), use_art="no"
+    )
+    write_simulation(plan, log, truth)
+    report = evaluate(log, truth)
+    text = format_report(report)
+    assert "drifting" in {o.variant for o in report.benign()}
+    assert report.false_positive_rate() == 0.0, text
+    assert all(o.right_kind_queries is not None for o in report.attackers()), text  # not blind meanwhile
+
+
 @pytest.mark.parametrize(
     ("outputs", "vectors", "caught"),
     [
