@@ -925,12 +925,14 @@ class InputShapeSignal(SessionSignal):
         ("input_strangeness", ("adversarial_input",), "unit", 0.02),
     )
     SCORED_PER_BLOCK = 2
-    __slots__ = ("last_pinned", "n", "n_scored", "pinned", "rough", "strange")
+    __slots__ = ("fresh_pinned", "last_pinned", "n", "n_scored", "rough", "strange")
 
     def __init__(self) -> None:
         self.n = 0
         self.n_scored = 0
-        self.pinned = 0  # fixed-point sums
+        # Fixed-point sums. (Not named "pinned": checkpoints from before fresh pinning counted every
+        # pinned feature there, and a restored client must not carry that sum into the new value.)
+        self.fresh_pinned = 0
         self.rough = 0
         self.strange = 0
         self.last_pinned = b""  # the previous query's pinned features, bit-packed (numpy's packbits)
@@ -940,7 +942,7 @@ class InputShapeSignal(SessionSignal):
         which, pinned, owner = blocks.column("pinned")
         if not len(which):
             return
-        _, roughness, _ = blocks.column("roughness")
+        _, roughness, _ = blocks.column("roughness")  # derived with `pinned`: the same blocks and rows
         bounds = _block_bounds(owner, len(which))
         starts = bounds[:-1]
         # Each query against the one before it: within a block the previous row, at a block's start
@@ -961,7 +963,7 @@ class InputShapeSignal(SessionSignal):
         last_rows = np.packbits(pinned[bounds[1:] - 1], axis=1).tobytes()
         for j, i in enumerate(which.tolist()):
             signal = signals[i]
-            signal.pinned += fresh_sums[j]
+            signal.fresh_pinned += fresh_sums[j]
             signal.rough += rough[j]
             signal.n += sizes[j]
             signal.last_pinned = last_rows[j * packed : (j + 1) * packed]
@@ -989,7 +991,7 @@ class InputShapeSignal(SessionSignal):
         if self.n < 5:
             return [nan, nan, nan]
         strange = self.strange / FIXED / self.n_scored if self.n_scored >= 2 else nan
-        return [self.pinned / FIXED / self.n, self.rough / FIXED / self.n, strange]
+        return [self.fresh_pinned / FIXED / self.n, self.rough / FIXED / self.n, strange]
 
     def evidence(self, i: int) -> str:
         if i == 0:

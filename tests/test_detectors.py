@@ -214,6 +214,11 @@ def test_features_pinned_query_after_query_are_not_counted_again() -> None:
     restored.load_state(cut.to_state())
     restored.learn_block(block(crafted[25:], pop=pop))
     assert restored.values()[:2] == whole.values()[:2]  # (strangeness needs a fitted input model)
+    # A checkpoint from before fresh pinning (its sum of every pinned feature under "pinned") does not
+    # carry that sum into the new value: the client's share starts again from zero.
+    older = InputShapeSignal()
+    older.load_state({"n": 60, "n_scored": 0, "pinned": 30_000_000, "rough": 0, "strange": 0})
+    assert older.values()[0] == 0.0
 
 
 def test_state_per_client_is_bounded_and_kilobytes() -> None:
