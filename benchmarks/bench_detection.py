@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from probewatch.evaluate import EvalReport, evaluate, format_report
@@ -64,8 +65,7 @@ def trace(folder: Path, name: str, plan: SimulationPlan, art: str) -> tuple[Path
     if not (log.exists() and truth.exists()):
         started = time.monotonic()
         print(f"generating {name} …", file=sys.stderr, flush=True)
-        plan.use_art = art
-        info = write_simulation(plan, str(log), str(truth))
+        info = write_simulation(msgspec.structs.replace(plan, use_art=art), str(log), str(truth))
         print(
             f"  {info['records']:,} records, {info['clients']} clients ({time.monotonic() - started:.0f} s)",
             file=sys.stderr,
@@ -73,25 +73,40 @@ def trace(folder: Path, name: str, plan: SimulationPlan, art: str) -> tuple[Path
     return log, truth
 
 
-def summary_row(name: str, report: EvalReport) -> str:
-    attackers = report.attackers()
-    groups: dict[str, list[int | None]] = {}
-    right: dict[str, bool] = {}
-    for o in attackers:
-        key = o.group or o.client_id
-        groups.setdefault(key, []).append(o.first_alert_queries)
-        right[key] = right.get(key, False) or o.right_kind_queries is not None
-    detected = [min(q for q in qs if q is not None) for qs in groups.values() if any(q is not None for q in qs)]
-    benign = report.benign()
-    flagged = [o for o in benign if o.first_alert_queries is not None]
-    variants: dict[str, int] = {}
-    for o in flagged:
-        variants[o.variant] = variants.get(o.variant, 0) + 1
-    median = f"{np.median(detected):.0f}" if detected else "-"
-    which = ", ".join(f"{n} {v}" for v, n in sorted(variants.items()))
+class Tally(msgspec.Struct):
+    """One evaluation's counts: attackers (a multi-key attacker once) and benign clients."""
+
+    detected: int
+    attackers: int
+    right_kind: int
+    first_alerts: list[int]  # queries to each detected attacker's first alert
+    flagged: int
+    benign: int
+    flagged_variants: dict[str, int]
+
+    @classmethod
+    def of(cls, report: EvalReport) -> Tally:
+        first: dict[str, list[int | None]] = {}
+        right: dict[str, bool] = {}
+        for o in report.attackers():
+            key = o.group or o.client_id
+            first.setdefault(key, []).append(o.first_alert_queries)
+            right[key] = right.get(key, False) or o.right_kind_queries is not None
+        alerts = [min(q for q in qs if q is not None) for qs in first.values() if any(q is not None for q in qs)]
+        benign = report.benign()
+        variants: dict[str, int] = {}
+        for o in benign:
+            if o.first_alert_queries is not None:
+                variants[o.variant] = variants.get(o.variant, 0) + 1
+        return cls(len(alerts), len(first), sum(right.values()), alerts, sum(variants.values()), len(benign), variants)
+
+
+def summary_row(name: str, workers: int, tally: Tally, events_per_s: float) -> str:
+    median = f"{np.median(tally.first_alerts):.0f}" if tally.first_alerts else "-"
+    which = ", ".join(f"{n} {v}" for v, n in sorted(tally.flagged_variants.items()))
     return (
-        f"{name:<16}{report.workers:>3}{f'{len(detected)}/{len(groups)}':>10}{sum(right.values()):>7}"
-        f"{median:>8}{f'{len(flagged)}/{len(benign)}':>10}{report.events_per_s:>10,.0f}  {which}"
+        f"{name:<16}{workers:>3}{f'{tally.detected}/{tally.attackers}':>10}{tally.right_kind:>7}"
+        f"{median:>8}{f'{tally.flagged}/{tally.benign}':>10}{events_per_s:>10,.0f}  {which}"
     )
 
 
@@ -112,27 +127,23 @@ def main() -> int:
         folder = args.traces or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         rows: list[str] = []
-        totals = {w: [0, 0, 0, 0] for w in workers}  # detected, attackers, flagged, benign
+        tallies: dict[int, list[Tally]] = {w: [] for w in workers}
         for name in names:
             log, truth = trace(folder, name, REFERENCE[name], args.art)
             for count in workers:
                 print(f"evaluating {name} with {count} worker(s) …", file=sys.stderr, flush=True)
                 report = evaluate(str(log), str(truth), workers=count)
-                rows.append(summary_row(name, report))
+                tally = Tally.of(report)
+                tallies[count].append(tally)
+                rows.append(summary_row(name, count, tally, report.events_per_s))
                 if args.details:
                     print(f"\n== {name}, {count} worker(s)\n{format_report(report)}", file=sys.stderr)
-                groups = {o.group or o.client_id for o in report.attackers()}
-                caught = {o.group or o.client_id for o in report.attackers() if o.first_alert_queries is not None}
-                benign = report.benign()
-                t = totals[count]
-                t[0] += len(caught)
-                t[1] += len(groups)
-                t[2] += sum(o.first_alert_queries is not None for o in benign)
-                t[3] += len(benign)
     header = f"{'trace':<16}{'wk':>3}{'detected':>10}{'right':>7}{'median':>8}{'benign':>10}{'events/s':>10}  flagged"
     print(f"\n{header}\n{'-' * len(header)}")
     print("\n".join(rows))
-    for count, (caught, attackers, flagged, benign) in totals.items():
+    for count, done in tallies.items():
+        caught, attackers = sum(t.detected for t in done), sum(t.attackers for t in done)
+        flagged, benign = sum(t.flagged for t in done), sum(t.benign for t in done)
         print(f"{'total':<16}{count:>3}{f'{caught}/{attackers}':>10}{'':>7}{'':>8}{f'{flagged}/{benign}':>10}")
     return 0
 
