@@ -86,7 +86,7 @@ class Source(Protocol):
 class FileSource:
     """JSON lines from a file (plain or gzip) or stdin ('-'). Line numbers are the offsets."""
 
-    def __init__(self, path: str, batch_max_records: int = 5000, max_line_bytes: int | None = None) -> None:
+    def __init__(self, path: str, batch_max_records: int = 20_000, max_line_bytes: int | None = None) -> None:
         self.path = path
         self.name = "stdin" if path == "-" else path
         self.batch_max_records = batch_max_records
@@ -234,6 +234,7 @@ class KafkaSource:
             enable_auto_commit=False,
             auto_offset_reset=config.auto_offset_reset,
             max_poll_records=config.batch_max_records,
+            max_partition_fetch_bytes=config.max_partition_fetch_bytes,
             partition_assignment_strategy=[_ASSIGNORS[config.assignment_strategy]],
             max_poll_interval_ms=config.max_poll_interval_ms,
             session_timeout_ms=config.session_timeout_ms,

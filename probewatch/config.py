@@ -44,7 +44,14 @@ class KafkaConfig(_Section):
     group_id: str = "probewatch"
     client_id: str = "probewatch"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    batch_max_records: int = 5000
+    # A batch is what one poll returns: up to batch_max_records, and no more than the fetches brought,
+    # at most max_partition_fetch_bytes per partition (kafka-python's setting, so a worker buffers at
+    # most that much per partition it owns). A poll returns what has arrived without waiting for more,
+    # so these limits matter when the worker is behind (a backlog, a restart): each batch has a fixed
+    # cost (ClickHouse inserts, checkpoint, offset commit) and the detector vectorises across a batch.
+    # Reading a backlog, 20,000 / 4 MiB ran about a third faster than 5,000 / 1 MiB (bench_pipeline).
+    batch_max_records: int = 20_000
+    max_partition_fetch_bytes: int = 4_194_304
     poll_timeout_ms: int = 500
     # How long the loop may go without polling before the group evicts this worker; long, because
     # while storage is down the worker waits (backpressure) instead of polling more records.
@@ -77,7 +84,7 @@ class FileSourceConfig(_Section):
     # Dead-lettered records of a file run go here (JSON lines); empty means "<input>.dlq.jsonl",
     # or "probewatch-dlq.jsonl" for stdin.
     dlq_path: str = ""
-    batch_max_records: int = 5000
+    batch_max_records: int = 20_000  # as kafka.batch_max_records
 
 
 class LimitsConfig(_Section):
@@ -316,6 +323,7 @@ class Config(_Section):
             problems.append("storage.raw_sample_rate must be in [0, 1]")
         for key, value in (
             ("kafka.batch_max_records", self.kafka.batch_max_records),
+            ("kafka.max_partition_fetch_bytes", self.kafka.max_partition_fetch_bytes),
             ("kafka.producer_batch_bytes", self.kafka.producer_batch_bytes),
             ("file.batch_max_records", self.file.batch_max_records),
             ("limits.max_record_bytes", self.limits.max_record_bytes),

@@ -247,3 +247,40 @@ def test_an_eager_rebalance_restores_only_what_the_group_settles_on(
             member.close()
         batches.close()
         first.close()
+
+
+def test_a_batch_holds_no_more_than_a_fetch_brings_per_partition(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], unique_name: Callable[[str], str]
+) -> None:
+    """kafka.max_partition_fetch_bytes bounds what a worker buffers per partition, and with it a batch
+    of a worker that is behind: records beyond it wait on the broker for the next poll, however large
+    batch_max_records is."""
+    topic = kafka_topic(partitions=1)
+    value = b"x" * 400
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    try:
+        for _ in range(40):  # one record batch each: a fetch's limit is counted in whole record batches
+            producer.send(topic, value, partition=0).get(timeout=30)
+    finally:
+        producer.close()
+    config = msgspec.structs.replace(
+        source_config(kafka_bootstrap, topic, unique_name("group")),
+        batch_max_records=1000,
+        max_partition_fetch_bytes=4096,
+    )
+    source = KafkaSource(config)
+    batches = source.batches()
+    sizes: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while sum(sizes) < 40:
+            assert time.monotonic() < deadline, f"read {sum(sizes)} of 40 records in batches {sizes}"
+            batch = next(batches)
+            if batch:
+                sizes.append(len(batch))
+    finally:
+        batches.close()
+        source.close()
+    assert sum(sizes) == 40
+    assert max(sizes) * len(value) <= 2 * 4096, sizes  # each fetch about 4 KB: a few records at a time
+    assert len(sizes) >= 5, sizes
