@@ -17,6 +17,7 @@ Rows printed per shape (events/s, one process each, all reading the same topic):
 
 Needs the local services (`make services-up`). Usage:
   python benchmarks/bench_pipeline.py [--records 60000] [--shapes long,short] [--skip-naive]
+                                      [--batch-max-records N] [--fetch-bytes N]
                                       [--kafka 127.0.0.1:19092] [--clickhouse 127.0.0.1:19000]
 """
 
@@ -38,7 +39,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
 from ingest.records import RecordDecoder, SourcePosition
-from probewatch.config import Config, load_config
+from probewatch.config import Config, KafkaConfig, load_config
 from probewatch.simulate import SimulationPlan, write_simulation
 from probewatch.wiring import build_and_run, build_job
 
@@ -60,10 +61,14 @@ def make_log(directory: Path, records: int, queries_per_client: int = 400) -> Pa
     return path
 
 
-def bench_file(path: Path, directory: Path) -> tuple[float, int]:
+def bench_file(path: Path, directory: Path, batch_max_records: int) -> tuple[float, int]:
     config = load_config(
         environ={},
-        overrides={"storage": {"chdb": {"path": str(directory / "chdb")}}, "alerting": {"console": False}},
+        overrides={
+            "file": {"batch_max_records": batch_max_records},
+            "storage": {"chdb": {"path": str(directory / "chdb")}},
+            "alerting": {"console": False},
+        },
     )
     summary = build_and_run(config, input_path=str(path), dlq_path=str(directory / "dlq.jsonl"))
     return summary.events_per_s, summary.records_read
@@ -87,7 +92,9 @@ def produce(bootstrap: str, topic: str, path: Path) -> int:
     return count
 
 
-def bench_consumer(bootstrap: str, topic: str, total: int, handle: Callable[[list[Any]], object]) -> float:
+def bench_consumer(
+    bootstrap: str, topic: str, total: int, fetch: KafkaConfig, handle: Callable[[list[Any]], object]
+) -> float:
     """Events/s of a kafka-python consumer reading the whole topic and passing each poll to ``handle``."""
     consumer = KafkaConsumer(
         topic,
@@ -95,12 +102,13 @@ def bench_consumer(bootstrap: str, topic: str, total: int, handle: Callable[[lis
         group_id=f"bench-{uuid.uuid4().hex[:6]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        max_poll_records=5000,
+        max_poll_records=fetch.batch_max_records,
+        max_partition_fetch_bytes=fetch.max_partition_fetch_bytes,
     )
     seen = 0
     started = None
     while seen < total:
-        for messages in consumer.poll(timeout_ms=500, max_records=5000).values():
+        for messages in consumer.poll(timeout_ms=500, max_records=fetch.batch_max_records).values():
             if started is None:
                 started = time.perf_counter()
             seen += len(messages)
@@ -110,17 +118,18 @@ def bench_consumer(bootstrap: str, topic: str, total: int, handle: Callable[[lis
     return seen / elapsed
 
 
-def bench_bare_consumer(bootstrap: str, topic: str, total: int) -> float:
+def bench_bare_consumer(bootstrap: str, topic: str, total: int, fetch: KafkaConfig) -> float:
     # Touches every value, as any pipeline must, and does nothing else.
-    return bench_consumer(bootstrap, topic, total, lambda messages: sum(len(m.value) for m in messages))
+    return bench_consumer(bootstrap, topic, total, fetch, lambda messages: sum(len(m.value) for m in messages))
 
 
-def bench_consume_decode(bootstrap: str, topic: str, total: int) -> float:
+def bench_consume_decode(bootstrap: str, topic: str, total: int, fetch: KafkaConfig) -> float:
     decoder = RecordDecoder()
     return bench_consumer(
         bootstrap,
         topic,
         total,
+        fetch,
         lambda messages: decoder.decode_batch(
             [(m.value, SourcePosition(m.topic, m.partition, m.offset), m.key) for m in messages]
         ),
@@ -133,6 +142,7 @@ def bench_probewatch_kafka(
     total: int,
     host: str,
     port: int,
+    fetch: KafkaConfig,
     guarantee: str = "at_least_once",
     shared_baselines: bool = True,
 ) -> float:
@@ -146,6 +156,8 @@ def bench_probewatch_kafka(
                 "topic": topic,
                 "group_id": f"pw-{uuid.uuid4().hex[:6]}",
                 "processing_guarantee": guarantee,
+                "batch_max_records": fetch.batch_max_records,
+                "max_partition_fetch_bytes": fetch.max_partition_fetch_bytes,
             },
             "storage": {
                 "backend": "clickhouse",
@@ -163,11 +175,19 @@ def bench_probewatch_kafka(
     job = build_job(config, input_path=None)
     started: list[float] = []
     done = threading.Event()
+    # The clock starts when the first records are handed to the pipeline, as the bare consumer's starts
+    # at its first poll that returns records: the first batch's processing is part of the rate.
+    process_batch = job.pipeline.process_batch
+
+    def timed_process_batch(batch: list[Any], source: Any) -> Any:
+        if batch and not started:
+            started.append(time.perf_counter())
+        return process_batch(batch, source)
+
+    job.pipeline.process_batch = timed_process_batch  # type: ignore[method-assign]
 
     def watch() -> None:
         while not done.wait(0.05):
-            if job.pipeline.summary.records_read and not started:
-                started.append(time.perf_counter())
             if job.pipeline.summary.records_read >= total:
                 job.source.stop()
                 return
@@ -240,25 +260,27 @@ def bench_naive_river(bootstrap: str, topic: str, total: int, host: str, port: i
 
 def bench_shape(args: argparse.Namespace, shape: str, directory: Path) -> list[tuple[str, float]]:
     host, port = args.clickhouse.split(":")
+    # The batch limits of probewatch's rows; the consumers of the baseline rows fetch and poll alike.
+    fetch = KafkaConfig(batch_max_records=args.batch_max_records, max_partition_fetch_bytes=args.fetch_bytes)
     path = make_log(directory, args.records, SHAPES[shape])
-    file_rate, n = bench_file(path, directory)
+    file_rate, n = bench_file(path, directory, args.batch_max_records)
     print(f"{shape} sessions: {n} records ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     total = produce(args.kafka, topic, path)
     results = [
-        ("bare kafka-python consumer (ceiling)", bench_bare_consumer(args.kafka, topic, total)),
-        ("consume + decode, no detection", bench_consume_decode(args.kafka, topic, total)),
+        ("bare kafka-python consumer (ceiling)", bench_bare_consumer(args.kafka, topic, total, fetch)),
+        ("consume + decode, no detection", bench_consume_decode(args.kafka, topic, total, fetch)),
         (
             "probewatch kafka → ClickHouse server",
-            bench_probewatch_kafka(args.kafka, topic, total, host, int(port)),
+            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch),
         ),
         (
             "  the same, exactly_once",
-            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), "exactly_once"),
+            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch, "exactly_once"),
         ),
         (
             "  the same, baselines per worker",
-            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), shared_baselines=False),
+            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch, shared_baselines=False),
         ),
     ]
     if not args.skip_naive:
@@ -274,6 +296,19 @@ def main() -> int:
     parser.add_argument("--kafka", default="127.0.0.1:19092")
     parser.add_argument("--clickhouse", default="127.0.0.1:19000")
     parser.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive River baseline")
+    defaults = KafkaConfig()
+    parser.add_argument(
+        "--batch-max-records",
+        type=int,
+        default=defaults.batch_max_records,
+        help="records per batch at most (kafka.batch_max_records, file.batch_max_records; default %(default)s)",
+    )
+    parser.add_argument(
+        "--fetch-bytes",
+        type=int,
+        default=defaults.max_partition_fetch_bytes,
+        help="bytes per partition and fetch at most (kafka.max_partition_fetch_bytes; default %(default)s)",
+    )
     args = parser.parse_args()
     shapes = [shape.strip() for shape in args.shapes.split(",") if shape.strip()]
     unknown = [shape for shape in shapes if shape not in SHAPES]
