@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
+import select
+import stat
 import sys
 import threading
 import time
@@ -84,15 +87,26 @@ class Source(Protocol):
 
 
 class FileSource:
-    """JSON lines from a file (plain or gzip) or stdin ('-'). Line numbers are the offsets."""
+    """JSON lines from a file (plain or gzip) or stdin ('-'). Line numbers are the offsets.
 
-    def __init__(self, path: str, batch_max_records: int = 20_000, max_line_bytes: int | None = None) -> None:
+    A file is read in full batches. Stdin from a pipe or a terminal is live: a batch is handed on
+    once it is full or ``linger_s`` after its first line arrived, so that a stream piped in
+    (``tail -F app.log | probewatch run --input -``) is scored as it comes, not once enough of it has."""
+
+    def __init__(
+        self,
+        path: str,
+        batch_max_records: int = 20_000,
+        max_line_bytes: int | None = None,
+        linger_s: float = 0.2,
+    ) -> None:
         self.path = path
         self.name = "stdin" if path == "-" else path
         self.batch_max_records = batch_max_records
         # Lines longer than this are not held in memory: only their first max_line_bytes + 1 bytes are
         # passed on (so the decoder's size limit dead-letters them) and the rest is skipped.
         self.max_line_bytes = max_line_bytes
+        self.linger_s = linger_s
         self._stopped = False
         self.total_bytes: int | None = None if path == "-" else Path(path).stat().st_size
         self._raw: IO[bytes] | None = None
@@ -115,6 +129,9 @@ class FileSource:
 
     def batches(self) -> Iterator[list[RawMessage]]:
         stream = self._open()
+        if self.path == "-" and not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            yield from self._live_batches(stream.fileno())
+            return
         batch: list[RawMessage] = []
         try:
             for line_no, line in enumerate(self._lines(stream), start=1):
@@ -134,6 +151,44 @@ class FileSource:
             log.error("input %s ended with a read error after the last full line: %s", self.name, exc)
             if batch:
                 yield batch
+
+    def _live_batches(self, fd: int) -> Iterator[list[RawMessage]]:
+        """Batches of a pipe or terminal as lines arrive: read with ``select`` and raw reads (Python's
+        buffered reader blocks until its buffer is full or the input ends)."""
+        lines = _LineSplitter(self.name, self.max_line_bytes)
+        batch: list[RawMessage] = []
+        line_no = 0
+        first_at = 0.0
+        ended = False
+        while not ended:
+            if self._stopped:
+                break
+            # Waiting with nothing read: wake now and then to see a stop request.
+            wait = max(0.0, first_at + self.linger_s - time.monotonic()) if batch else 0.5
+            try:
+                readable, _, _ = select.select([fd], [], [], wait)
+                chunk = os.read(fd, 1 << 20) if readable else None
+            except OSError as exc:
+                log.error("input %s ended with a read error after the last full line: %s", self.name, exc)
+                break
+            if chunk is None:  # quiet for the batch's linger time
+                if batch:
+                    yield batch
+                    batch = []
+                continue
+            ended = not chunk
+            for line in lines.feed(chunk) if chunk else lines.finish():
+                line_no += 1
+                if not line.strip():
+                    continue
+                if not batch:
+                    first_at = time.monotonic()
+                batch.append(RawMessage(value=line, position=SourcePosition(self.name, 0, line_no)))
+                if len(batch) >= self.batch_max_records:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
 
     def _lines(self, stream: IO[bytes]) -> Iterator[bytes]:
         limit = self.max_line_bytes
@@ -175,6 +230,54 @@ class FileSource:
     def close(self) -> None:
         if self._raw is not None:
             self._raw.close()
+
+
+class _LineSplitter:
+    """Cuts raw reads into lines (without their line ends). A line longer than ``max_line_bytes`` is
+    passed on as its first max_line_bytes + 1 bytes, so that the decoder's size limit dead-letters
+    it, and the rest of it is skipped, not held: as FileSource does for files."""
+
+    def __init__(self, name: str, max_line_bytes: int | None) -> None:
+        self.name = name
+        self.limit = max_line_bytes
+        self._pending = b""  # the start of a line not yet ended
+        self._skipped: int | None = None  # bytes of an over-long line so far (None: not in one)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        parts = chunk.split(b"\n")
+        out: list[bytes] = []
+        for part in parts[:-1]:  # each ends a line
+            if self._skipped is not None:
+                self._over_long(self._skipped + len(part) + 1)
+                self._skipped = None
+            else:
+                out.append(self._cut(self._pending + part).rstrip(b"\r"))
+            self._pending = b""
+        rest = parts[-1]
+        if self._skipped is not None:
+            self._skipped += len(rest)
+        else:
+            self._pending += rest
+            if self.limit is not None and len(self._pending) > self.limit:
+                out.append(self._pending[: self.limit + 1])
+                self._skipped, self._pending = len(self._pending), b""
+        return out
+
+    def finish(self) -> list[bytes]:
+        """The last line, when the input ended without a line end."""
+        if self._skipped is not None:
+            self._over_long(self._skipped)
+            return []
+        return [self._pending.rstrip(b"\r")] if self._pending else []
+
+    def _cut(self, line: bytes) -> bytes:
+        if self.limit is not None and len(line) > self.limit:
+            self._over_long(len(line) + 1)
+            return line[: self.limit + 1]
+        return line
+
+    def _over_long(self, size: int) -> None:
+        log.warning("input %s: a line of %d bytes is over the %d-byte limit", self.name, size, self.limit)
 
 
 def kafka_security_options(config: Any) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
             inputs and volume, store the scores in ClickHouse and raise alerts.
 
             With --input the source is a file (plain or .gz) or '-' for stdin, and the run ends with a
-            summary. Without it the source is `source` from the configuration (kafka: runs until
+            summary. Stdin from a pipe is scored as lines arrive (a batch waits at most file.linger_ms
+            for more). Without it the source is `source` from the configuration (kafka: runs until
             SIGTERM/SIGINT, which finish the current batch, checkpoint and leave the group)."""
         ),
         epilog=EXAMPLES,

@@ -85,6 +85,9 @@ class FileSourceConfig(_Section):
     # or "probewatch-dlq.jsonl" for stdin.
     dlq_path: str = ""
     batch_max_records: int = 20_000  # as kafka.batch_max_records
+    # Stdin from a pipe or a terminal: a batch is handed on at most this long after its first line
+    # arrived, full or not (a file is read in full batches).
+    linger_ms: int = 200
 
 
 class LimitsConfig(_Section):
@@ -332,6 +335,8 @@ class Config(_Section):
         ):
             if value <= 0:
                 problems.append(f"{key} must be positive, got {value}")
+        if self.file.linger_ms < 0:
+            problems.append(f"file.linger_ms must be 0 or more, got {self.file.linger_ms}")
         if self.sessions.inactivity_gap_s <= 0 or self.sessions.allowed_lateness_s < 0:
             problems.append("sessions.inactivity_gap_s must be > 0 and sessions.allowed_lateness_s >= 0")
         if 0 < self.sessions.client_ttl_s <= self.sessions.inactivity_gap_s:

@@ -298,7 +298,12 @@ def build_job(config: Config, *, input_path: str | None, dlq_path: str | None = 
             f", transactional id {transactions.transactional_id}" if transactions is not None else "",
         )
     else:
-        source = FileSource(input_path or "-", config.file.batch_max_records, config.limits.max_record_bytes)
+        source = FileSource(
+            input_path or "-",
+            config.file.batch_max_records,
+            config.limits.max_record_bytes,
+            linger_s=config.file.linger_ms / 1000.0,
+        )
         log.info("reading %s (storage: %s)", source.name, config.storage.backend)
     closers: list[Callable[[], None]] = []
     if config.metrics.port:
