@@ -6,18 +6,20 @@
    group's throughput, not its start-up: workers started on a full topic rebalanced while the first
    one was already consuming, and a short log measured mostly that. events/s is measured from the
    first committed offset to the last.
-2. Latency: one in-process worker consumes while a producer sends at a fixed rate with each record's
-   `ts` set to its send time; latency is the time from send to the end of the ClickHouse write that
-   makes its session's score queryable (p50 / p99).
+2. Latency: one in-process worker consumes while a producer (a process of its own) sends at a fixed
+   rate with each record's `ts` set to its send time; latency is the time from send to the end of
+   the ClickHouse write that makes its session's score queryable (p50 / p99), at a light rate and
+   at a rate that keeps the worker busy (its batches then grow: the price of larger batches).
 
 Needs the local services (`make services-up`). This machine has 2 cores, so 3 workers share them.
-  python benchmarks/bench_scaling.py [--records 60000] [--rate 800] [--seconds 20]
+  python benchmarks/bench_scaling.py [--records 60000] [--rates 800,5000] [--seconds 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -191,17 +193,12 @@ def measure_latency(bootstrap: str, ch: tuple[str, int], lines: list[bytes], rat
         runner = threading.Thread(target=pipeline.run, args=(source,), daemon=True)
         runner.start()
         time.sleep(5)  # joined the group
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
-        started = time.time()
-        sent = 0
-        while time.time() - started < seconds:
-            doc = dict(docs[sent % len(docs)])
-            doc["ts"] = time.time()
-            producer.send(topic, key=str(doc["client_id"]).encode(), value=json.dumps(doc).encode())
-            sent += 1
-            time.sleep(max(0.0, started + sent / rate - time.time()))
-        producer.flush()
-        producer.close()
+        # The producer runs in a process of its own: in this one it would take the worker's GIL.
+        producer = multiprocessing.get_context("spawn").Process(
+            target=produce_at_rate, args=(bootstrap, topic, docs, rate, seconds)
+        )
+        producer.start()
+        producer.join()
         time.sleep(5)
         source.stop()
         runner.join(timeout=60)
@@ -212,10 +209,27 @@ def measure_latency(bootstrap: str, ch: tuple[str, int], lines: list[bytes], rat
     return np.asarray(latencies)
 
 
+def produce_at_rate(bootstrap: str, topic: str, docs: list[dict[str, Any]], rate: float, seconds: float) -> None:
+    """Send ``rate`` records/s for ``seconds``, each with its ``ts`` set to its send time."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
+    started = time.time()
+    sent = 0
+    while time.time() - started < seconds:
+        doc = dict(docs[sent % len(docs)])
+        doc["ts"] = time.time()
+        producer.send(topic, key=str(doc["client_id"]).encode(), value=json.dumps(doc).encode())
+        sent += 1
+        time.sleep(max(0.0, started + sent / rate - time.time()))
+    producer.flush()
+    producer.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=60_000)
-    parser.add_argument("--rate", type=float, default=800.0, help="records/s produced in the latency run")
+    parser.add_argument(
+        "--rates", default="800,5000", help="records/s produced in the latency runs, one run each (comma-separated)"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the latency run")
     parser.add_argument("--kafka", default="127.0.0.1:19092")
     parser.add_argument("--clickhouse", default="127.0.0.1:19000")
@@ -232,13 +246,14 @@ def main() -> int:
     print(f"\n{'workers':<10} {'events/s (all)':>16} {'per worker':>12} {'vs 1 worker':>12}")
     for n, rate in rates.items():
         print(f"{n:<10} {rate:>16,.0f} {rate / n:>12,.0f} {rate / rates[1]:>11.2f}x", flush=True)
-    latencies = measure_latency(args.kafka, ch, lines, args.rate, args.seconds)
-    if len(latencies):
-        print(
-            f"\nlatency at {args.rate:.0f} records/s (send → score queryable in ClickHouse), "
-            f"{len(latencies)} records: p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
-            f"p99 {np.percentile(latencies, 99) * 1000:.0f} ms, max {latencies.max() * 1000:.0f} ms"
-        )
+    print(f"\n{'latency (send → score queryable in ClickHouse)':<48} {'p50':>8} {'p99':>8} {'max':>8}")
+    for rate in [float(r) for r in args.rates.split(",") if r.strip()]:
+        latencies = measure_latency(args.kafka, ch, lines, rate, args.seconds)
+        if len(latencies):
+            p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+            top = latencies.max() * 1000
+            title = f"at {rate:,.0f} records/s ({len(latencies)} records)"
+            print(f"{title:<48} {p50:>6.0f}ms {p99:>6.0f}ms {top:>6.0f}ms", flush=True)
     return 0
 
 
