@@ -89,8 +89,9 @@ class Source(Protocol):
 class FileSource:
     """JSON lines from a file (plain or gzip) or stdin ('-'). Line numbers are the offsets.
 
-    A file is read in full batches. Stdin from a pipe or a terminal is live: a batch is handed on
-    once it is full or ``linger_s`` after its first line arrived, so that a stream piped in
+    A batch is full at ``batch_max_records`` lines or ``batch_max_bytes`` of them. A file is read in
+    full batches. Stdin from a pipe or a terminal is live: a batch is handed on once it is full or
+    ``linger_s`` after its first line arrived, so that a stream piped in
     (``tail -F app.log | probewatch run --input -``) is scored as it comes, not once enough of it has."""
 
     def __init__(
@@ -99,10 +100,12 @@ class FileSource:
         batch_max_records: int = 20_000,
         max_line_bytes: int | None = None,
         linger_s: float = 0.2,
+        batch_max_bytes: int = 64 << 20,
     ) -> None:
         self.path = path
         self.name = "stdin" if path == "-" else path
         self.batch_max_records = batch_max_records
+        self.batch_max_bytes = batch_max_bytes
         # Lines longer than this are not held in memory: only their first max_line_bytes + 1 bytes are
         # passed on (so the decoder's size limit dead-letters them) and the rest is skipped.
         self.max_line_bytes = max_line_bytes
@@ -132,39 +135,32 @@ class FileSource:
         if self.path == "-" and not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
             yield from self._live_batches(stream.fileno())
             return
-        batch: list[RawMessage] = []
+        batch = _BatchBuilder(self.name, self.batch_max_records, self.batch_max_bytes)
         try:
             for line_no, line in enumerate(self._lines(stream), start=1):
-                line = line.rstrip(b"\r\n")
-                if not line.strip():
-                    continue
-                batch.append(RawMessage(value=line, position=SourcePosition(self.name, 0, line_no)))
-                if len(batch) >= self.batch_max_records:
-                    yield batch
-                    batch = []
+                full = batch.add(line_no, line.rstrip(b"\r\n"))
+                if full:
+                    yield full
                     if self._stopped:
                         return
-            if batch:
-                yield batch
+            if batch.lines:
+                yield batch.take()
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             # A truncated .gz is common (a log still being written): keep what was read, say so.
             log.error("input %s ended with a read error after the last full line: %s", self.name, exc)
-            if batch:
-                yield batch
+            if batch.lines:
+                yield batch.take()
 
     def _live_batches(self, fd: int) -> Iterator[list[RawMessage]]:
         """Batches of a pipe or terminal as lines arrive: read with ``select`` and raw reads (Python's
         buffered reader blocks until its buffer is full or the input ends)."""
         lines = _LineSplitter(self.name, self.max_line_bytes)
-        batch: list[RawMessage] = []
+        batch = _BatchBuilder(self.name, self.batch_max_records, self.batch_max_bytes)
         line_no = 0
-        first_at = 0.0
         ended = False
-        while not ended:
-            if self._stopped:
-                break
+        while not ended and not self._stopped:
             # Waiting with nothing read: wake now and then to see a stop request.
-            wait = max(0.0, first_at + self.linger_s - time.monotonic()) if batch else 0.5
+            wait = max(0.0, batch.started + self.linger_s - time.monotonic()) if batch.lines else 0.5
             try:
                 readable, _, _ = select.select([fd], [], [], wait)
                 chunk = os.read(fd, 1 << 20) if readable else None
@@ -172,23 +168,17 @@ class FileSource:
                 log.error("input %s ended with a read error after the last full line: %s", self.name, exc)
                 break
             if chunk is None:  # quiet for the batch's linger time
-                if batch:
-                    yield batch
-                    batch = []
+                if batch.lines:
+                    yield batch.take()
                 continue
             ended = not chunk
             for line in lines.feed(chunk) if chunk else lines.finish():
                 line_no += 1
-                if not line.strip():
-                    continue
-                if not batch:
-                    first_at = time.monotonic()
-                batch.append(RawMessage(value=line, position=SourcePosition(self.name, 0, line_no)))
-                if len(batch) >= self.batch_max_records:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
+                full = batch.add(line_no, line)
+                if full:
+                    yield full
+        if batch.lines:
+            yield batch.take()
 
     def _lines(self, stream: IO[bytes]) -> Iterator[bytes]:
         limit = self.max_line_bytes
@@ -230,6 +220,34 @@ class FileSource:
     def close(self) -> None:
         if self._raw is not None:
             self._raw.close()
+
+
+class _BatchBuilder:
+    """A file's or pipe's lines into batches of at most ``max_records`` lines and about ``max_bytes``
+    (a batch is full once it holds that many: memory stays bounded whatever the lines' size). Blank
+    lines are skipped; the line numbers are the offsets."""
+
+    def __init__(self, name: str, max_records: int, max_bytes: int) -> None:
+        self.name = name
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.lines: list[RawMessage] = []
+        self.bytes = 0
+        self.started = 0.0  # monotonic time of the batch's first line
+
+    def add(self, line_no: int, line: bytes) -> list[RawMessage] | None:
+        """Add a line; the batch, when this line filled it."""
+        if not line.strip():
+            return None
+        if not self.lines:
+            self.started = time.monotonic()
+        self.lines.append(RawMessage(value=line, position=SourcePosition(self.name, 0, line_no)))
+        self.bytes += len(line)
+        return self.take() if len(self.lines) >= self.max_records or self.bytes >= self.max_bytes else None
+
+    def take(self) -> list[RawMessage]:
+        out, self.lines, self.bytes = self.lines, [], 0
+        return out
 
 
 class _LineSplitter:

@@ -85,6 +85,9 @@ class FileSourceConfig(_Section):
     # or "probewatch-dlq.jsonl" for stdin.
     dlq_path: str = ""
     batch_max_records: int = 20_000  # as kafka.batch_max_records
+    # ... and at most this many bytes of lines (memory stays bounded whatever the lines' size, up to
+    # limits.max_record_bytes each), as kafka.max_partition_fetch_bytes bounds a Kafka batch.
+    batch_max_bytes: int = 67_108_864
     # Stdin from a pipe or a terminal: a batch is handed on at most this long after its first line
     # arrived, full or not (a file is read in full batches).
     linger_ms: int = 200
@@ -329,6 +332,7 @@ class Config(_Section):
             ("kafka.max_partition_fetch_bytes", self.kafka.max_partition_fetch_bytes),
             ("kafka.producer_batch_bytes", self.kafka.producer_batch_bytes),
             ("file.batch_max_records", self.file.batch_max_records),
+            ("file.batch_max_bytes", self.file.batch_max_bytes),
             ("limits.max_record_bytes", self.limits.max_record_bytes),
             ("limits.max_vector_len", self.limits.max_vector_len),
             ("sessions.max_open_sessions", self.sessions.max_open_sessions),

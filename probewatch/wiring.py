@@ -303,6 +303,7 @@ def build_job(config: Config, *, input_path: str | None, dlq_path: str | None = 
             config.file.batch_max_records,
             config.limits.max_record_bytes,
             linger_s=config.file.linger_ms / 1000.0,
+            batch_max_bytes=config.file.batch_max_bytes,
         )
         log.info("reading %s (storage: %s)", source.name, config.storage.backend)
     closers: list[Callable[[], None]] = []

@@ -1,9 +1,8 @@
-"""FileSource on stdin from a pipe: batches are handed on as lines arrive (full or after the linger
-time), line numbers and over-long lines are handled as for a file."""
+"""FileSource: batches bounded in lines and bytes; on stdin from a pipe, batches handed on as lines
+arrive (full or after the linger time), with line numbers and over-long lines as for a file."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import sys
@@ -11,6 +10,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,14 +19,32 @@ from ingest.sources import FileSource, RawMessage, _LineSplitter
 LIMIT = 1_000_000
 
 
+class Pipe:
+    """The write end of the pipe that stdin reads from."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def write(self, data: bytes) -> None:
+        assert self.fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def close(self) -> None:  # once: a closed descriptor's number can be reused by the next open
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 @pytest.fixture
-def stdin_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+def stdin_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipe]:
     """Stdin replaced by the read end of a pipe; yields the write end (closed at the end if still open)."""
     read_fd, write_fd = os.pipe()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(os.fdopen(read_fd, "rb")))
-    yield write_fd
-    with contextlib.suppress(OSError):  # the test closed it
-        os.close(write_fd)
+    pipe = Pipe(write_fd)
+    yield pipe
+    pipe.close()
 
 
 def next_within(batches: Iterator[list[RawMessage]], seconds: float) -> list[RawMessage] | None:
@@ -38,46 +56,46 @@ def next_within(batches: Iterator[list[RawMessage]], seconds: float) -> list[Raw
     return got[0]
 
 
-def test_lines_piped_in_are_handed_on_before_the_batch_is_full(stdin_pipe: int) -> None:
+def test_lines_piped_in_are_handed_on_before_the_batch_is_full(stdin_pipe: Pipe) -> None:
     source = FileSource("-", batch_max_records=20_000, linger_s=0.2)
     batches = source.batches()
-    os.write(stdin_pipe, b'{"a": 1}\n\n{"a": 2}\r\n{"a"')
-    os.write(stdin_pipe, b": 3}\n")
+    stdin_pipe.write(b'{"a": 1}\n\n{"a": 2}\r\n{"a"')
+    stdin_pipe.write(b": 3}\n")
     first = next_within(batches, 10)  # the pipe stays open: before, the source waited for 20,000 lines
     assert first is not None, "a live pipe's lines waited for a full batch"
     assert [(m.value, m.position.offset) for m in first] == [(b'{"a": 1}', 1), (b'{"a": 2}', 3), (b'{"a": 3}', 4)]
     started = time.monotonic()
-    os.write(stdin_pipe, b'{"a": 4}\n{"a": 5}')  # the last line has no line end: it ends with the input
-    os.close(stdin_pipe)
+    stdin_pipe.write(b'{"a": 4}\n{"a": 5}')  # the last line has no line end: it ends with the input
+    stdin_pipe.close()
     second = next_within(batches, 10)
     assert second is not None and time.monotonic() - started < 10
     assert [(m.value, m.position.offset) for m in second] == [(b'{"a": 4}', 5), (b'{"a": 5}', 6)]
     assert next_within(batches, 10) is None  # the input ended: so do the batches
 
 
-def test_a_full_batch_is_handed_on_at_once(stdin_pipe: int) -> None:
+def test_a_full_batch_is_handed_on_at_once(stdin_pipe: Pipe) -> None:
     source = FileSource("-", batch_max_records=3, linger_s=60.0)
     batches = source.batches()
-    os.write(stdin_pipe, b"1\n2\n3\n4\n")
+    stdin_pipe.write(b"1\n2\n3\n4\n")
     first = next_within(batches, 10)  # full: not held for the minute of linger
     assert first is not None and [m.value for m in first] == [b"1", b"2", b"3"]
 
 
-def test_a_stop_request_ends_a_quiet_pipe(stdin_pipe: int) -> None:
+def test_a_stop_request_ends_a_quiet_pipe(stdin_pipe: Pipe) -> None:
     source = FileSource("-", linger_s=0.2)
     batches = source.batches()
-    os.write(stdin_pipe, b"1\n")
+    stdin_pipe.write(b"1\n")
     assert next_within(batches, 10) is not None
     source.stop()  # nothing more arrives, the pipe stays open: the source still ends, within its wake-up
     assert next_within(batches, 10) is None
 
 
-def test_a_piped_overlong_line_is_not_held(stdin_pipe: int) -> None:
+def test_a_piped_overlong_line_is_not_held(stdin_pipe: Pipe) -> None:
     """As for a file (tests/test_fuzz.py): a 10 MB line is passed on as its first LIMIT + 1 bytes, in
     bounded memory, and the lines after it keep their numbers."""
     huge = b'{"client_id": "' + b"x" * (10 * 1024 * 1024) + b'"}'
     data = b"good 1\n" + huge + b"\n\ngood 2\n"  # built before the memory is traced
-    writer = threading.Thread(target=_write_all, args=(stdin_pipe, data), daemon=True)
+    writer = threading.Thread(target=stdin_pipe.write, args=(data,), daemon=True)
     source = FileSource("-", max_line_bytes=LIMIT, linger_s=0.05)
     tracemalloc.start()
     try:
@@ -97,12 +115,6 @@ def test_a_piped_overlong_line_is_not_held(stdin_pipe: int) -> None:
     assert peak < 6 * 1024 * 1024, f"reading a 10 MB line took {peak} bytes"
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 @pytest.mark.parametrize("size", [1, 2, 3, 7])
 def test_lines_are_the_same_however_the_reads_cut_them(size: int) -> None:
     data = b"short\r\n\n" + b"y" * 12 + b"\nabc\nlast"
@@ -112,3 +124,24 @@ def test_lines_are_the_same_however_the_reads_cut_them(size: int) -> None:
         lines += splitter.feed(data[start : start + size])
     lines += splitter.finish()
     assert lines == [b"short", b"", b"y" * 9, b"abc", b"last"]
+
+
+@pytest.mark.parametrize("piped", [False, True])
+def test_a_batch_is_full_at_its_byte_limit(tmp_path: Path, stdin_pipe: Pipe, piped: bool) -> None:
+    """Memory stays bounded whatever the lines' size: 10 kB lines, 64 kB a batch."""
+    line = b"z" * 10_000
+    if piped:
+        data = (line + b"\n") * 50
+
+        def write_and_close() -> None:  # the input ends after the last line: the last batch is handed on
+            stdin_pipe.write(data)
+            stdin_pipe.close()
+
+        threading.Thread(target=write_and_close, daemon=True).start()
+        source = FileSource("-", batch_max_bytes=64_000, linger_s=60.0)
+    else:
+        path = tmp_path / "wide.jsonl"
+        path.write_bytes((line + b"\n") * 50)
+        source = FileSource(str(path), batch_max_bytes=64_000)
+    sizes = [len(batch) for batch in source.batches()]
+    assert sizes == [7] * 7 + [1], sizes  # full at the line that reaches 64 kB: 7 lines, 70 kB
