@@ -172,6 +172,8 @@ class FileSource:
                     yield batch.take()
                 continue
             ended = not chunk
+            # A stop request is seen after this read's lines: what was read from a pipe cannot be
+            # read again, so it is handed on, not dropped.
             for line in lines.feed(chunk) if chunk else lines.finish():
                 line_no += 1
                 full = batch.add(line_no, line)
