@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -145,3 +146,29 @@ def test_a_batch_is_full_at_its_byte_limit(tmp_path: Path, stdin_pipe: Pipe, pip
         source = FileSource(str(path), batch_max_bytes=64_000)
     sizes = [len(batch) for batch in source.batches()]
     assert sizes == [7] * 7 + [1], sizes  # full at the line that reaches 64 kB: 7 lines, 70 kB
+
+
+def test_probewatch_run_scores_a_live_pipe_as_it_arrives(tmp_path: Path) -> None:
+    """`probewatch run --input -` on a pipe that stays open: its dead letters are written (the batch
+    was processed) before the input ends."""
+    dlq = tmp_path / "dlq.jsonl"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "probewatch", "run", "--input", "-", "--quiet", "--data-dir", str(tmp_path / "data"),
+         "--dlq-out", str(dlq), "--alerts-out", str(tmp_path / "alerts.jsonl")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.stdin is not None and run.stdout is not None
+    try:
+        run.stdin.write(b'{"ts": 1800000000, "client_id": "c", "model_id": "m"}\nnot json\n{"client_id": 7}\n')
+        run.stdin.flush()
+        deadline = time.monotonic() + 120  # the process starts chDB first
+        while not (dlq.exists() and len(dlq.read_bytes().splitlines()) == 2):
+            assert run.poll() is None, run.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the piped records were not processed while the pipe was open"
+            time.sleep(0.2)
+        run.stdin.close()
+        assert run.wait(timeout=60) == 0, run.stdout.read().decode()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
