@@ -9,7 +9,7 @@
 2. Latency: one in-process worker consumes while a producer (a process of its own) sends at a fixed
    rate with each record's `ts` set to its send time; latency is the time from send to the end of
    the ClickHouse write that makes its session's score queryable (p50 / p99), at a light rate and
-   at a rate that keeps the worker busy (its batches then grow: the price of larger batches).
+   at a busier one (a busier worker's batches grow, and each record waits for more of its batch).
 
 Needs the local services (`make services-up`). This machine has 2 cores, so 3 workers share them.
   python benchmarks/bench_scaling.py [--records 60000] [--rates 800,4000] [--seconds 20]
