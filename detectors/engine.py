@@ -247,12 +247,17 @@ class SessionDetector:
         self.epoch_records = epoch_records
         self.min_population = min_population
         self.sessions: dict[SessionKey, _Session] = {}
+        # Each client's open session ids (in opening order): its checkpoint entry holds those sessions.
+        self._client_sessions: dict[ClientKey, dict[str, None]] = {}
         self.clients: dict[ClientKey, _ClientHistory] = {}
         self.populations: dict[str, ModelPopulation] = {}
         self.watermarks: dict[int, float] = {}
         self.late_records = 0
-        self._dirty: dict[int, set[SessionKey]] = {}
+        self._dirty_partitions: set[int] = set()
         self._dirty_clients: set[ClientKey] = set()
+        # Session entries of checkpoints from before sessions went into their client's entry, restored
+        # and to be deleted by the next checkpoint (partition -> keys).
+        self._legacy_session_keys: dict[int, set[str]] = {}
         self._dirty_models: set[str] = set()
         # Per model, the sessions (open or ended) last scored against baselines still warming up or a
         # young population: scored again at the model's next publish (see _rescore_warming).
@@ -528,6 +533,7 @@ class SessionDetector:
                 history.open_session = key[2]
         if key not in self.sessions:
             self.sessions[key] = _Session(key[0], key[1], key[2], partition, record.ts)
+            self._client_sessions.setdefault(client_key, {})[key[2]] = None
             history.sessions += 1
             if len(self.sessions) > self.max_open_sessions:
                 emitted.extend(self._evict_oldest(len(self.sessions) - self.max_open_sessions, runs))
@@ -711,7 +717,13 @@ class SessionDetector:
         final: list[tuple[_Session, _ClientHistory]] = []
         for session in sessions:
             self.sessions.pop((session.model_id, session.client_id, session.session_id), None)
-            history = self.clients.get((session.model_id, session.client_id))
+            client_key = (session.model_id, session.client_id)
+            open_ids = self._client_sessions.get(client_key)
+            if open_ids is not None:
+                open_ids.pop(session.session_id, None)
+                if not open_ids:
+                    del self._client_sessions[client_key]
+            history = self.clients.get(client_key)
             if history is not None and history.open_session == session.session_id:
                 history.open_session = None
             self._mark_dirty(session)
@@ -798,22 +810,23 @@ class SessionDetector:
             self._dirty_models.add(model_id)
 
     def _mark_dirty(self, session: _Session) -> None:
+        """The session changed, opened or ended: its client's entry (which holds its open sessions)
+        goes into the next checkpoint, with its partition's watermark."""
         if not self.checkpointing:
             return
-        self._dirty.setdefault(session.partition, set()).add((session.model_id, session.client_id, session.session_id))
+        self._dirty_partitions.add(session.partition)
         self._dirty_clients.add((session.model_id, session.client_id))
 
     def take_checkpoint(self) -> dict[int, dict[str, bytes | None]]:
-        """Serialized state changed since the last call (None: session ended). Sessions, client
-        histories and watermarks under their partition; per-model population baselines under -1."""
+        """Serialized state changed since the last call (None: deleted). Per partition: the entry of
+        each changed client, holding its history and its open sessions (one Kafka record per client,
+        not one per session too: half the changelog records of many short sessions), and the
+        watermark; per-model population baselines under -1."""
         out: dict[int, dict[str, bytes | None]] = {}
-        for partition, keys in self._dirty.items():
-            entries: dict[str, bytes | None] = {}
-            for key in keys:
-                session = self.sessions.get(key)
-                entries["\x1f".join(key)] = None if session is None else self._encode_session(session)
-            entries["__watermark__"] = _encoder.encode(self.watermarks.get(partition, float("-inf")))
-            out[partition] = entries
+        for partition in self._dirty_partitions:
+            out[partition] = {"__watermark__": _encoder.encode(self.watermarks.get(partition, float("-inf")))}
+        for partition, keys in self._legacy_session_keys.items():
+            out.setdefault(partition, {}).update(dict.fromkeys(keys))
         for (model_id, client_id), partition in self._forgotten.items():
             if (model_id, client_id) not in self.clients:  # still gone: delete its checkpoint
                 out.setdefault(partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = None
@@ -825,6 +838,10 @@ class SessionDetector:
                 group = self.groups.get((model_id, history.group)) if history.group else None
                 if group is not None and client_id in group.members:
                     state["ge"] = group.members[client_id]
+                state["ss"] = {
+                    session_id: self._session_state(self.sessions[(model_id, client_id, session_id)])
+                    for session_id in self._client_sessions.get((model_id, client_id), ())
+                }
                 out.setdefault(history.partition, {})[f"client\x1f{model_id}\x1f{client_id}"] = _encoder.encode(state)
         for model_id in sorted(self._dirty_models):
             population = self.populations[model_id]
@@ -836,23 +853,23 @@ class SessionDetector:
             if population.dirty_published:
                 entries[f"pop\x1f{model_id}\x1fpublished"] = _encoder.encode(population.published_state())
                 population.dirty_published = False
-        self._dirty.clear()
+        self._dirty_partitions.clear()
+        self._legacy_session_keys.clear()
         self._dirty_clients.clear()
         self._dirty_models.clear()
         return out
 
-    def _encode_session(self, session: _Session) -> bytes:
-        return _encoder.encode(
-            {
-                "first_seen": session.first_seen,
-                "last_seen": session.last_seen,
-                "n": session.n,
-                "ips": session.ips,
-                "kind_max": session.kind_max,
-                "warming": session.warming,
-                "scored_against": session.scored_against,
-            }
-        )
+    @staticmethod
+    def _session_state(session: _Session) -> dict[str, Any]:
+        return {
+            "first_seen": session.first_seen,
+            "last_seen": session.last_seen,
+            "n": session.n,
+            "ips": session.ips,
+            "kind_max": session.kind_max,
+            "warming": session.warming,
+            "scored_against": session.scored_against,
+        }
 
     def restore(self, partition: int, entries: dict[str, bytes]) -> None:
         """Load the checkpointed state of one partition (sessions, client histories, watermark), or
@@ -881,27 +898,43 @@ class SessionDetector:
                     kind_p, ts, queries = data["ge"]
                     group = self.groups.setdefault((model_id, history.group), SourceGroup())
                     group.update(client_id, tuple(kind_p), float(ts), int(queries))
+                if isinstance(data, dict):
+                    for session_id, session_data in data.get("ss", {}).items():
+                        self._restore_session(partition, model_id, client_id, session_id, session_data)
             else:
+                # A session's own entry, from a checkpoint before sessions went into their client's
+                # entry: restored, and deleted by the next checkpoint, which writes the client's entry.
                 model_id, client_id, session_id = key.split("\x1f")
-                data = _decoder.decode(blob)
-                session = _Session(model_id, client_id, session_id, partition, data["first_seen"])
-                session.last_seen = data["last_seen"]
-                session.n = data["n"]
-                session.ips = list(data["ips"])
-                session.kind_max = dict(data["kind_max"])
-                session.warming = bool(data.get("warming", False))
-                session.scored_against = int(data.get("scored_against", 0))
-                session_key = (model_id, client_id, session_id)
-                self.sessions[session_key] = session
-                if session.warming:
-                    self._warming.setdefault(model_id, {})[session_key] = session
-                    self._adopted_warming.append(session_key)
+                self._restore_session(partition, model_id, client_id, session_id, _decoder.decode(blob))
+                if self.checkpointing:
+                    self._legacy_session_keys.setdefault(partition, set()).add(key)
+                    self._dirty_clients.add((model_id, client_id))
+
+    def _restore_session(
+        self, partition: int, model_id: str, client_id: str, session_id: str, data: dict[str, Any]
+    ) -> None:
+        session = _Session(model_id, client_id, session_id, partition, data["first_seen"])
+        session.last_seen = data["last_seen"]
+        session.n = data["n"]
+        session.ips = list(data["ips"])
+        session.kind_max = dict(data["kind_max"])
+        session.warming = bool(data.get("warming", False))
+        session.scored_against = int(data.get("scored_against", 0))
+        session_key = (model_id, client_id, session_id)
+        self.sessions[session_key] = session
+        self._client_sessions.setdefault((model_id, client_id), {})[session_id] = None
+        if session.warming:
+            self._warming.setdefault(model_id, {})[session_key] = session
+            self._adopted_warming.append(session_key)
 
     def drop_partitions(self, partitions: Iterable[int]) -> None:
         """Forget the state of partitions this worker no longer owns (after they were checkpointed).
         The population baselines (partition -1) are shared and stay."""
         gone = set(partitions) - {POPULATION_PARTITION}
         self.sessions = {k: s for k, s in self.sessions.items() if s.partition not in gone}
+        sessions = self.sessions
+        remaining = {key: {i: None for i in ids if (*key, i) in sessions} for key, ids in self._client_sessions.items()}
+        self._client_sessions = {key: ids for key, ids in remaining.items() if ids}
         for (model_id, client_id), history in self.clients.items():
             if history.partition in gone:
                 self._leave_group(model_id, client_id, history)
@@ -910,7 +943,8 @@ class SessionDetector:
             self._warming[model_id] = {k: s for k, s in waiting.items() if s.partition not in gone}
         for partition in gone:
             self.watermarks.pop(partition, None)
-            self._dirty.pop(partition, None)
+            self._dirty_partitions.discard(partition)
+            self._legacy_session_keys.pop(partition, None)
 
     def top_sessions(self, limit: int = 10) -> list[SessionScore]:
         scored = [s.last_score for s in self.sessions.values() if s.last_score is not None]

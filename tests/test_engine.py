@@ -108,6 +108,64 @@ def test_checkpoint_restore_continues_exactly(simulated: list[QueryRecord]) -> N
     assert ordered(alerts) == ordered(reference)
 
 
+def test_a_checkpoint_writes_one_entry_per_client_with_its_open_sessions(simulated: list[QueryRecord]) -> None:
+    """A client's open sessions travel in its entry (one changelog record per client, not one more per
+    session), and an ended session leaves nothing behind."""
+    detector = small_detector()
+    detector.process(simulated[: len(simulated) // 2])
+    entries = detector.take_checkpoint()[0]
+    clients = {k for k in entries if k.startswith("client\x1f")}
+    assert set(entries) - clients == {"__watermark__"}
+    held = {
+        (key.split("\x1f")[2], session_id)
+        for key in clients
+        for session_id in msgspec.msgpack.decode(entries[key] or b"")["ss"]
+    }
+    assert held == {(client_id, session_id) for _, client_id, session_id in detector.sessions}
+    assert held  # some sessions are open at the cut
+    for session in list(detector.sessions.values()):
+        detector._end(session)
+    after = detector.take_checkpoint()[0]
+    assert all(msgspec.msgpack.decode(blob or b"")["ss"] == {} for key, blob in after.items() if key in clients)
+
+
+def test_a_checkpoint_with_sessions_in_entries_of_their_own_restores_and_is_rewritten(
+    simulated: list[QueryRecord],
+) -> None:
+    """Checkpoints from before sessions went into their client's entry (a key per session): a restore
+    continues exactly, and the next checkpoint deletes the old session keys and writes the client
+    entries with their sessions."""
+    reference = run(simulated, 500)
+    half = len(simulated) // 2
+    first = small_detector()
+    alerts = run(simulated[:half], 500, first)
+    legacy: dict[int, dict[str, bytes]] = {}
+    for partition, entries in first.take_checkpoint().items():
+        for key, blob in entries.items():
+            if blob is None:
+                continue
+            if key.startswith("client\x1f"):
+                state = msgspec.msgpack.decode(blob)
+                for session_id, session in state.pop("ss").items():
+                    _, model_id, client_id = key.split("\x1f")
+                    legacy.setdefault(partition, {})[f"{model_id}\x1f{client_id}\x1f{session_id}"] = (
+                        msgspec.msgpack.encode(session)
+                    )
+                blob = msgspec.msgpack.encode(state)
+            legacy.setdefault(partition, {})[key] = blob
+    session_keys = {k for k in legacy[0] if not k.startswith(("client\x1f", "__"))}
+    assert session_keys
+    second = small_detector()
+    for partition, entries in legacy.items():
+        second.restore(partition, entries)
+    rewritten = second.take_checkpoint()[0]
+    assert {k for k, v in rewritten.items() if v is None} == session_keys
+    restored = sum(len(msgspec.msgpack.decode(v)["ss"]) for k, v in rewritten.items() if k.startswith("client") and v)
+    assert restored == len(session_keys)
+    alerts += run(simulated[half:], 500, second)
+    assert ordered(alerts) == ordered(reference)
+
+
 def test_client_state_bytes_count_every_array_and_survive_a_restore(simulated: list[QueryRecord]) -> None:
     first = small_detector()
     run(simulated[: len(simulated) // 2], 500, first)
