@@ -14,11 +14,13 @@ alerts a log produces do not depend on how the stream was cut into batches: repl
 the alerts the live stream gave. Population baselines are checkpointed under partition ``-1``.
 With ``shared_population`` (the workers of a consumer group) a worker's epochs become contributions
 and its baselines change when it folds the group's population log; then only one worker's replay of
-one log is exact (``probewatch eval --workers`` measures the group).
+one log is exact (``probewatch eval --workers`` measures the group). Source groups are shared through
+the same log (see ``detectors.groups``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
@@ -29,7 +31,15 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from detectors.groups import GROUP_KINDS, MIN_SUSPICIOUS, SourceGroup, source_group
+from detectors.groups import (
+    EMPTY_DIGEST,
+    GROUP_KINDS,
+    MIN_SUSPICIOUS,
+    GroupDigest,
+    SharedSourceGroup,
+    SourceGroup,
+    source_group,
+)
 from detectors.input_model import river_anomaly
 from detectors.population import (
     SAMPLE_PER_CLIENT_EPOCH,
@@ -268,6 +278,12 @@ class SessionDetector:
         self.network_label = network_label  # how a network is named in group ids (e.g. hashed)
         self.groups: dict[ClientKey, SourceGroup] = {}
         self._group_scores: list[SessionScore] = []  # made at member evaluations, emitted by process
+        # With shared_population, groups are judged as every worker of the consumer group sees them:
+        # model -> group id -> the digests of its members on each source partition, folded from the
+        # population log. This worker's groups (above) then only say what to publish: the groups
+        # whose members changed since the last digests were taken (see _take_group_digests).
+        self.shared_groups: dict[str, dict[str, SharedSourceGroup]] = {}
+        self._touched_groups: set[ClientKey] = set()
         # Population baselines shared by the workers of a consumer group: an epoch's evidence leaves
         # as a contribution (take_population_contributions) for the population log, and the
         # baselines change only when the log's contributions, every worker's, are folded in
@@ -319,6 +335,8 @@ class SessionDetector:
         """(model id, encoded contribution) of the epochs completed since the last call, in order: for
         the population log, with the batch's checkpoint (shared baselines only)."""
         out, self._contributions = self._contributions, []
+        if self.shared_population and self._touched_groups:
+            out += self._take_group_digests()
         return out
 
     def population_log_start(self) -> int:
@@ -336,15 +354,24 @@ class SessionDetector:
             population = self._population(model_id)
             if offset < population.folded_to:
                 continue  # folded before the checkpoint this state came from
+            digests: list[tuple[str, int, GroupDigest]] | None = None  # an entry of source-group digests
             try:
-                contribution = PopulationContribution.from_state(_decoder.decode(blob), len(self.specs))
+                data = _decoder.decode(blob)
+                if isinstance(data, dict) and "groups" in data:
+                    digests = [(str(g), int(p), GroupDigest.from_state(d)) for g, p, d in data["groups"]]
+                else:
+                    contribution = PopulationContribution.from_state(data, len(self.specs))
             except (msgspec.DecodeError, ValueError, TypeError, KeyError, IndexError) as exc:
                 log.error("skipped population contribution at offset %d for model %r: %s", offset, model_id, exc)
                 population.folded_to = offset + 1
                 continue
-            population.fold(contribution)
             population.folded_to = offset + 1
             self._note_model_change(model_id)
+            if digests is not None:
+                emitted.extend(self._fold_group_digests(model_id, digests))
+                population.dirty_published = True  # the shared groups are checkpointed with the baselines
+                continue
+            population.fold(contribution)
             emitted.extend(self._rescore_warming(model_id))
         return emitted
 
@@ -692,6 +719,8 @@ class SessionDetector:
             group.forget(client_id)
             if not group.members:
                 del self.groups[group_key]
+            if self.shared_population:
+                self._touched_groups.add(group_key)
 
     def _judge_group(self, session: _Session, history: _ClientHistory, tail_p: dict[str, float]) -> None:
         """Record a member's evaluation in its source group and score the group (detectors.groups)."""
@@ -702,12 +731,70 @@ class SessionDetector:
             group = self.groups[group_key] = SourceGroup()
         now = session.last_seen
         group.update(session.client_id, _group_tail_p(tail_p), now, history.queries)
+        if self.shared_population:
+            group.expire(now - GROUP_MEMBER_TTL_S)
+            self._touched_groups.add(group_key)  # judged when its digests come back from the log
+            return
         if len(group.members) < MIN_SUSPICIOUS:  # most networks hold one client: nothing to add up
             return
         group.expire(now - GROUP_MEMBER_TTL_S)
         score = group.judge(session.model_id, history.group, now, self.scorer.score_of, self.alert_threshold)
         if score is not None:
             self._group_scores.append(score)
+
+    def _take_group_digests(self) -> list[tuple[str, bytes]]:
+        """(model id, encoded digests) for the population log: for each group whose members changed, a
+        digest per source partition this worker owns where it differs from what the log says. Off the
+        log stays a network of one client that looks honest, unless another worker has put it there:
+        most networks are that. A network of several clients here (a NAT, say) goes on it with its
+        member count before any of them is suspicious, so that a suspicion elsewhere is judged against
+        all its members, not only the suspicious ones."""
+        rows: dict[str, list[Any]] = {}
+        for model_id, group_id in sorted(self._touched_groups):
+            group = self.groups.get((model_id, group_id))
+            shared = self.shared_groups.get(model_id, {}).get(group_id)
+            if shared is None and (group is None or not (group.has_suspicious() or len(group.members) > 1)):
+                continue
+            mine = group.digests(functools.partial(self._client_partition, model_id)) if group else {}
+            theirs = shared.digests if shared is not None else {}
+            for partition in sorted((set(mine) | set(theirs)) & self.watermarks.keys()):
+                digest = mine.get(partition, EMPTY_DIGEST)
+                if digest.signature() != theirs.get(partition, EMPTY_DIGEST).signature():
+                    rows.setdefault(model_id, []).append([group_id, partition, digest.state()])
+        self._touched_groups.clear()
+        return [
+            (model_id, _encoder.encode({"groups": digests, "contributor": self.worker_id}))
+            for model_id, digests in rows.items()
+        ]
+
+    def _client_partition(self, model_id: str, client_id: str) -> int | None:
+        history = self.clients.get((model_id, client_id))
+        return None if history is None else history.partition
+
+    def _fold_group_digests(self, model_id: str, digests: list[tuple[str, int, GroupDigest]]) -> list[SessionScore]:
+        """Fold one worker's digests into the shared groups and judge the groups they changed, as every
+        worker does at this log offset. One worker emits a group's scores, so that its incidents are
+        one worker's: the owner of the lowest source partition holding members of the group (whoever
+        published the digest, who may since have died)."""
+        shared_groups = self.shared_groups.setdefault(model_id, {})
+        for group_id, partition, digest in digests:
+            shared = shared_groups.get(group_id)
+            if shared is None:
+                shared = shared_groups[group_id] = SharedSourceGroup()
+            shared.replace(partition, digest)
+            if (model_id, group_id) in self.groups:
+                self._touched_groups.add((model_id, group_id))  # our members of it count too
+        emitted: list[SessionScore] = []
+        for group_id in dict.fromkeys(group_id for group_id, _, _ in digests):
+            shared = shared_groups[group_id]
+            if not shared.digests:
+                del shared_groups[group_id]
+                continue
+            now = shared.latest_evaluation()
+            score = shared.judge(model_id, group_id, now, self.scorer.score_of, self.alert_threshold)
+            if score is not None and min(shared.digests) in self.watermarks:
+                emitted.append(score)
+        return emitted
 
     def _end(self, session: _Session) -> list[SessionScore]:
         return self._end_many([session])
@@ -803,6 +890,7 @@ class SessionDetector:
             + sum(self._client_bytes(list(self.clients.values())))
             + sum(p.nbytes() for p in self.populations.values())
             + sum(g.nbytes() for g in self.groups.values())
+            + sum(g.nbytes() for groups in self.shared_groups.values() for g in groups.values())
         )
 
     def _note_model_change(self, model_id: str) -> None:
@@ -851,7 +939,12 @@ class SessionDetector:
                 # goes with the worker; what a restart loses of it is less than one epoch's.
                 entries[f"pop\x1f{model_id}\x1fpending"] = _encoder.encode(population.pending_state())
             if population.dirty_published:
-                entries[f"pop\x1f{model_id}\x1fpublished"] = _encoder.encode(population.published_state())
+                published = population.published_state()
+                if self.shared_population:
+                    # In the same entry: a restore reads the groups as of the baselines' log offset.
+                    shared = self.shared_groups.get(model_id, {})
+                    published["groups"] = {group_id: group.state() for group_id, group in shared.items()}
+                entries[f"pop\x1f{model_id}\x1fpublished"] = _encoder.encode(published)
                 population.dirty_published = False
         self._dirty_partitions.clear()
         self._legacy_session_keys.clear()
@@ -881,8 +974,13 @@ class SessionDetector:
                 _, model_id, part = key.split("\x1f")
                 population = self._population(model_id)
                 if part == "published":
-                    population.load_published(_decoder.decode(blob))
+                    published = _decoder.decode(blob)
+                    population.load_published(published)
                     if self.shared_population:
+                        self.shared_groups[model_id] = {
+                            str(group_id): SharedSourceGroup.from_state(state)
+                            for group_id, state in published.get("groups", {}).items()
+                        }
                         # This worker's evidence since its last contribution went ahead with batches the
                         # restore undoes (an aborted transaction); their replay gathers it again.
                         population.take_contribution()

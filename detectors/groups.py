@@ -15,17 +15,27 @@ client's. Honest clients behind one NAT or proxy each look ordinary (their p-val
 so many of them do not add up to an alert; a handful of keys that each look a little like an attack
 do. At least ``MIN_SUSPICIOUS`` members must be suspicious, so one client alone never raises its group.
 
-Limits, by design: members are the clients *this worker* sees (records are keyed by client, so with
-N workers a group's keys are spread over them; a second stage keyed by group would see them all),
-and keys spread over unrelated networks are not linked (fingerprint overlap across clients is not
-implemented).
+With N workers a group's keys are spread over them (records are keyed by client). Workers that
+share their population baselines share their groups through the same population log: for each
+source partition it owns, a worker publishes a *digest* of a group (how many of its members are on
+that partition, and those that are suspicious) whenever that changes, and every worker folds every
+digest, in log order, into a :class:`SharedSourceGroup` that it judges. All workers thus judge the
+same evidence at the same log offset; one of them, the owner of the lowest partition holding members
+of the group, emits the group's scores, so its incidents are one worker's. A network nobody suspects
+is never published (most networks hold one honest client).
+
+Limits, by design: keys spread over unrelated networks are not linked (fingerprint overlap across
+clients is not implemented).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any, NamedTuple
 
 from detectors.population import binomial_tail
 from detectors.scores import ATTACK_KINDS, GROUP_PREFIX, SessionScore
@@ -38,6 +48,9 @@ MIN_SUSPICIOUS = 3
 MAX_MEMBERS = 256
 # Kinds judged across clients: volume never alerts alone, and a NAT's summed rate is not evidence.
 GROUP_KINDS = ("extraction", "boundary_probing", "adversarial_input")
+
+# A member's latest evaluation: (tail p per kind in GROUP_KINDS order, its event time, the client's queries then).
+Member = tuple[tuple[float, ...], float, int]
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -58,15 +71,133 @@ def source_group(
     return f"{GROUP_PREFIX}{label(str(network)) if label else network}"
 
 
-class SourceGroup:
-    """One (model, source network): its members' latest per-kind tail probabilities."""
+def is_suspicious(kind_p: tuple[float, ...]) -> bool:
+    """Whether a member counts as suspicious for any kind judged across clients."""
+    return min(kind_p, default=1.0) <= SUSPICIOUS_P
+
+
+def binomial_evidence(judged: int, members: Iterable[tuple[str, Member]]) -> dict[str, tuple[float, list[str], int]]:
+    """Per kind: (group tail probability, suspicious members, members judged), of ``judged`` members
+    among which ``members`` holds (at least) every suspicious one."""
+    rows = list(members)
+    out: dict[str, tuple[float, list[str], int]] = {}
+    for i, kind in enumerate(GROUP_KINDS):
+        suspicious = sorted(c for c, (ps, _, _) in rows if ps[i] <= SUSPICIOUS_P)
+        k = len(suspicious)
+        p = binomial_tail(k, judged, SUSPICIOUS_P) if k >= MIN_SUSPICIOUS else 1.0
+        out[kind] = (p, suspicious, judged)
+    return out
+
+
+class _JudgedGroup(ABC):
+    """Scoring a group; SourceGroup (a worker's members) and SharedSourceGroup (every worker's
+    digests) say where the evidence comes from."""
+
+    __slots__ = ()
+    kind_max: dict[str, float]
+
+    @abstractmethod
+    def evidence(self) -> dict[str, tuple[float, list[str], int]]:
+        """Per kind: (group tail probability, suspicious members, members judged)."""
+
+    @abstractmethod
+    def member_count(self) -> int: ...
+
+    @abstractmethod
+    def queries(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def first_seen(self) -> float: ...
+
+    @abstractmethod
+    def nbytes(self) -> int: ...
+
+    def judge(
+        self, model_id: str, group_id: str, now: float, score_of: Callable[[float], float], threshold: float
+    ) -> SessionScore | None:
+        """The group's score (client ``group_id``, as of event time ``now``), or None while no kind has
+        enough suspicious members. ``score_of`` maps a tail probability onto the detector's scale."""
+        evidence = self.evidence()
+        scores = {kind: round(score_of(evidence[kind][0]), 6) if kind in evidence else 0.0 for kind in ATTACK_KINDS}
+        if max(scores.values()) <= 0.0:
+            return None
+        top = max(scores, key=lambda k: scores[k])
+        network = group_id.removeprefix(GROUP_PREFIX)
+        reasons = []
+        for kind in GROUP_KINDS:
+            p, suspicious, m = evidence[kind]
+            if scores[kind] >= 0.5 * threshold:
+                shown = ", ".join(suspicious[:8]) + (f" (+{len(suspicious) - 8} more)" if len(suspicious) > 8 else "")
+                reasons.append(
+                    f"{kind}: {len(suspicious)} of the {m} API keys from {network} each show {kind} evidence "
+                    f"at tail p ≤ {SUSPICIOUS_P} ({shown}); by chance P ≈ {p:.0e}"
+                )
+        queries = self.queries()
+        score = SessionScore(
+            model_id=model_id,
+            client_id=group_id,
+            session_id="group",
+            event_time=now,
+            first_seen=self.first_seen,
+            n_queries=queries,
+            client_queries=queries,
+            score=scores[top],
+            kind_scores=scores,
+            signals={
+                "group_members": float(self.member_count()),
+                **{f"suspicious_{k}": float(len(evidence[k][1])) for k in GROUP_KINDS},
+            },
+            reasons=reasons,
+            source_ips=[],
+            state_bytes=self.nbytes(),
+            members=evidence[top][1][:32],
+        )
+        for kind, value in scores.items():
+            if value >= threshold > self.kind_max.get(kind, 0.0):
+                score.crossed_kinds.append(kind)
+            self.kind_max[kind] = max(self.kind_max.get(kind, 0.0), value)
+        score.peak_kind_scores = dict(self.kind_max)
+        return score
+
+
+class GroupDigest(NamedTuple):
+    """A group's members on one source partition, as its owner publishes them to the other workers:
+    how many there are, their queries, and the suspicious ones with their latest evaluations."""
+
+    members: int
+    queries: int
+    suspicious: dict[str, Member]
+
+    def signature(self) -> tuple[int, frozenset[tuple[str, tuple[bool, ...]]]]:
+        """What judging the group reads of it: a digest is published again only when this changes."""
+        flags = frozenset((c, tuple(p <= SUSPICIOUS_P for p in ps)) for c, (ps, _, _) in self.suspicious.items())
+        return self.members, flags
+
+    def state(self) -> list[Any]:
+        return [self.members, self.queries, {c: list(m) for c, m in self.suspicious.items()}]
+
+    @classmethod
+    def from_state(cls, data: list[Any]) -> GroupDigest:
+        members, queries, suspicious = data
+        return cls(
+            int(members),
+            int(queries),
+            {str(c): (tuple(float(p) for p in ps), float(ts), int(q)) for c, (ps, ts, q) in suspicious.items()},
+        )
+
+
+EMPTY_DIGEST = GroupDigest(0, 0, {})
+
+
+class SourceGroup(_JudgedGroup):
+    """One (model, source network) as one worker sees it: its members' latest per-kind tail probabilities."""
 
     __slots__ = ("_oldest", "_suspicious", "kind_max", "members")
 
     def __init__(self) -> None:
-        # client id -> (tail p per kind in GROUP_KINDS order, event time of that evaluation, the
-        # client's queries then); insertion order is recency of evaluation, oldest first.
-        self.members: dict[str, tuple[tuple[float, ...], float, int]] = {}
+        # client id -> its latest evaluation (Member); insertion order is recency of evaluation, oldest first.
+        self.members: dict[str, Member] = {}
         self.kind_max: dict[str, float] = {}
         # Kept as members come and go, so that an evaluation in a large network (a NAT of hundreds of
         # keys) scans the members only when something can come of it: per kind, how many members
@@ -104,68 +235,89 @@ class SourceGroup:
     def first_seen(self) -> float:
         return min((ts for _, ts, _ in self.members.values()), default=0.0)
 
+    def member_count(self) -> int:
+        return len(self.members)
+
+    def has_suspicious(self) -> bool:
+        """Whether any member is suspicious for any kind (is_suspicious), without a scan."""
+        return max(self._suspicious) > 0
+
     def queries(self) -> int:
         return sum(q for _, _, q in self.members.values())
 
     def evidence(self) -> dict[str, tuple[float, list[str], int]]:
-        """Per kind: (group tail probability, suspicious members, members judged)."""
-        m = len(self.members)
-        out: dict[str, tuple[float, list[str], int]] = {}
-        for i, kind in enumerate(GROUP_KINDS):
-            suspicious = sorted(c for c, (ps, _, _) in self.members.items() if ps[i] <= SUSPICIOUS_P)
-            k = len(suspicious)
-            p = binomial_tail(k, m, SUSPICIOUS_P) if k >= MIN_SUSPICIOUS else 1.0
-            out[kind] = (p, suspicious, m)
-        return out
+        return binomial_evidence(len(self.members), self.members.items())
 
     def judge(
         self, model_id: str, group_id: str, now: float, score_of: Callable[[float], float], threshold: float
     ) -> SessionScore | None:
-        """The group's score (client ``group_id``, as of event time ``now``), or None while no kind has
-        enough suspicious members. ``score_of`` maps a tail probability onto the detector's scale."""
         if max(self._suspicious) < MIN_SUSPICIOUS:
             return None  # every kind's tail probability is 1 (see evidence): every score is 0
-        evidence = self.evidence()
-        scores = {kind: round(score_of(evidence[kind][0]), 6) if kind in evidence else 0.0 for kind in ATTACK_KINDS}
-        if max(scores.values()) <= 0.0:
-            return None
-        top = max(scores, key=lambda k: scores[k])
-        network = group_id.removeprefix(GROUP_PREFIX)
-        reasons = []
-        for kind in GROUP_KINDS:
-            p, suspicious, m = evidence[kind]
-            if scores[kind] >= 0.5 * threshold:
-                shown = ", ".join(suspicious[:8]) + (f" (+{len(suspicious) - 8} more)" if len(suspicious) > 8 else "")
-                reasons.append(
-                    f"{kind}: {len(suspicious)} of the {m} API keys from {network} each show {kind} evidence "
-                    f"at tail p ≤ {SUSPICIOUS_P} ({shown}); by chance P ≈ {p:.0e}"
-                )
-        queries = self.queries()
-        score = SessionScore(
-            model_id=model_id,
-            client_id=group_id,
-            session_id="group",
-            event_time=now,
-            first_seen=self.first_seen,
-            n_queries=queries,
-            client_queries=queries,
-            score=scores[top],
-            kind_scores=scores,
-            signals={
-                "group_members": float(len(self.members)),
-                **{f"suspicious_{k}": float(len(evidence[k][1])) for k in GROUP_KINDS},
-            },
-            reasons=reasons,
-            source_ips=[],
-            state_bytes=self.nbytes(),
-            members=evidence[top][1][:32],
-        )
-        for kind, value in scores.items():
-            if value >= threshold > self.kind_max.get(kind, 0.0):
-                score.crossed_kinds.append(kind)
-            self.kind_max[kind] = max(self.kind_max.get(kind, 0.0), value)
-        score.peak_kind_scores = dict(self.kind_max)
-        return score
+        return super().judge(model_id, group_id, now, score_of, threshold)
+
+    def digests(self, partition_of: Callable[[str], int | None]) -> dict[int, GroupDigest]:
+        """The members per source partition (``partition_of`` a member's; None: not this worker's)."""
+        out: dict[int, GroupDigest] = {}
+        for client_id, member in self.members.items():
+            partition = partition_of(client_id)
+            if partition is None:
+                continue
+            members, queries, suspicious = out.get(partition, EMPTY_DIGEST)
+            if is_suspicious(member[0]):
+                suspicious = {**suspicious, client_id: member}
+            out[partition] = GroupDigest(members + 1, queries + member[2], suspicious)
+        return out
 
     def nbytes(self) -> int:
         return 120 + len(self.members) * (100 + 8 * len(GROUP_KINDS))
+
+
+class SharedSourceGroup(_JudgedGroup):
+    """One (model, source network) as all the workers sharing a population log see it: per source
+    partition, the latest digest its owner published. Folded in log order on every worker, so all of
+    them judge it alike (``kind_max`` included: a kind crosses the threshold once in the group)."""
+
+    __slots__ = ("digests", "kind_max")
+
+    def __init__(self) -> None:
+        self.digests: dict[int, GroupDigest] = {}
+        self.kind_max: dict[str, float] = {}
+
+    def replace(self, partition: int, digest: GroupDigest) -> None:
+        if digest.members:
+            self.digests[partition] = digest
+        else:
+            self.digests.pop(partition, None)
+
+    def _suspicious_members(self) -> Iterable[tuple[str, Member]]:
+        return chain.from_iterable(d.suspicious.items() for d in self.digests.values())
+
+    def latest_evaluation(self) -> float:
+        """The event time of the newest suspicious member's evaluation: the group's 'now' when judged."""
+        return max((ts for _, (_, ts, _) in self._suspicious_members()), default=0.0)
+
+    @property
+    def first_seen(self) -> float:
+        return min((ts for _, (_, ts, _) in self._suspicious_members()), default=0.0)
+
+    def member_count(self) -> int:
+        return sum(d.members for d in self.digests.values())
+
+    def queries(self) -> int:
+        return sum(d.queries for d in self.digests.values())
+
+    def evidence(self) -> dict[str, tuple[float, list[str], int]]:
+        return binomial_evidence(self.member_count(), self._suspicious_members())
+
+    def nbytes(self) -> int:
+        return 120 + sum(64 + len(d.suspicious) * (100 + 8 * len(GROUP_KINDS)) for d in self.digests.values())
+
+    def state(self) -> dict[str, Any]:
+        return {"d": {p: d.state() for p, d in self.digests.items()}, "kind_max": self.kind_max}
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> SharedSourceGroup:
+        group = cls()
+        group.digests = {int(p): GroupDigest.from_state(d) for p, d in data["d"].items()}
+        group.kind_max = {str(k): float(v) for k, v in data["kind_max"].items()}
+        return group

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines",
         choices=["shared", "per-worker"],
         default="shared",
-        help="with --workers: population baselines shared through a population log, as `probewatch run` "
-        "does on Kafka (default), or each worker's own",
+        help="with --workers: population baselines and source groups shared through a population log, as "
+        "`probewatch run` does on Kafka (default), or each worker's own",
     )
     ev.add_argument("--json", action="store_true", help="print the full report as JSON")
     _add_common(ev)

@@ -14,10 +14,10 @@ so a benign client behind a flagged NAT is a false positive.
 With ``workers`` > 1 the log is split as a consumer group would split it: each record goes to the
 partition of its client id under Kafka's default partitioner (murmur2 of the key, as a producer
 keyed by client id writes it), one partition per worker, and each worker has its own detector (its
-own sessions and source groups, as in production). Their population baselines are shared as in
-production: each worker's epoch contributions go to one population log, which every worker folds
-in order before its next batch; ``shared_baselines=False`` gives each worker its own instead. What
-scaling out costs in detection is then measured, not guessed.
+own sessions, as in production). Their population baselines and source groups are shared as in
+production: each worker's epoch contributions and group digests go to one population log, which
+every worker folds in order before its next batch; ``shared_baselines=False`` gives each worker its
+own instead. What scaling out costs in detection is then measured, not guessed.
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ def evaluate(
             worker = worker_of.get(record.client_id)
             if worker is None:
                 worker = worker_of[record.client_id] = (murmur2(record.client_id.encode()) & 0x7FFFFFFF) % workers
+            if workers > 1:
+                record.position = SourcePosition("eval", worker, record.position.offset)  # its worker's partition
             shares[worker].append(record)
         t0 = time.perf_counter()
         scores: list[SessionScore] = []
@@ -276,7 +278,7 @@ def format_report(report: EvalReport) -> str:
         f"{report.population_state_bytes / 1024:.0f} KiB; {report.warming_up_scores} of {report.scores} scores "
         "while warming up"
         + (
-            f"; {report.workers} workers, population baselines "
+            f"; {report.workers} workers, population baselines and source groups "
             + ("shared through a population log" if report.shared_baselines else "per worker")
             if report.workers > 1
             else ""

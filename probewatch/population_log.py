@@ -7,7 +7,8 @@ clients (``probewatch eval --workers`` measures what that costs). Here every wor
 epoch's evidence (a *contribution*: histogram counts and reference-sample offers) to one single-
 partition topic and folds the whole topic, every worker's contributions, in log order. A fold is a
 pure function of the baselines and the contribution, so all workers hold the same baselines at the
-same log offset, like a Kafka Streams global table.
+same log offset, like a Kafka Streams global table. Source groups travel the same way: digests of a
+group's members per source partition (``detectors.groups``), folded in the same order.
 
 The offsets folded travel with the baselines in the checkpoint (per model), so a worker restored from
 any worker's checkpoint reads on from there and never folds a contribution twice. Contributions are

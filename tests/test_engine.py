@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -329,9 +330,16 @@ def test_sessions_scored_again_together_score_as_one_at_a_time(simulated: list[Q
     assert [h.last_bucket for _, h in together_due] == [h.last_bucket for _, h in apart_due]
 
 
-def shared_workers(records: list[QueryRecord], workers: int, batch: int) -> tuple[list[SessionDetector], list[bytes]]:
+class SharedWorkers(NamedTuple):
+    detectors: list[SessionDetector]
+    log: list[bytes]  # the population log: every worker's contributions and group digests, in order
+    scores: list[list[SessionScore]]  # what each worker emitted
+
+
+def shared_workers(records: list[QueryRecord], workers: int, batch: int) -> SharedWorkers:
     """``workers`` detectors sharing population baselines through an in-memory population log, each
-    taking the clients of its share (by client id), folding the log before each of its batches."""
+    taking the clients of its share (by client id; its share is its partition), folding the log
+    before each of its batches."""
     detectors = [
         SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True, worker_id=str(i))
         for i in range(workers)
@@ -339,25 +347,35 @@ def shared_workers(records: list[QueryRecord], workers: int, batch: int) -> tupl
     owner = {c: i % workers for i, c in enumerate(sorted({r.client_id for r in records}))}
     population_log: list[tuple[str, bytes]] = []
     read_to = [0] * workers
+    scores: list[list[SessionScore]] = [[] for _ in range(workers)]
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
         for i, detector in enumerate(detectors):
-            detector.fold_population((o, *population_log[o]) for o in range(read_to[i], len(population_log)))
+            scores[i] += detector.fold_population(
+                (o, *population_log[o]) for o in range(read_to[i], len(population_log))
+            )
             read_to[i] = len(population_log)
-            detector.process([r for r in chunk if owner[r.client_id] == i])
+            share = [r for r in chunk if owner[r.client_id] == i]
+            scores[i] += detector.process(
+                [msgspec.structs.replace(r, position=SourcePosition("t", i, r.position.offset)) for r in share]
+            )
         for detector in detectors:
             population_log.extend(detector.take_population_contributions())
     for i, detector in enumerate(detectors):
-        detector.fold_population((o, *population_log[o]) for o in range(read_to[i], len(population_log)))
-    return detectors, [blob for _, blob in population_log]
+        scores[i] += detector.fold_population((o, *population_log[o]) for o in range(read_to[i], len(population_log)))
+    return SharedWorkers(detectors, [blob for _, blob in population_log], scores)
+
+
+def is_epoch(blob: bytes) -> bool:
+    return "groups" not in msgspec.msgpack.decode(blob)
 
 
 def test_workers_sharing_baselines_fold_every_contribution_in_the_same_order(simulated: list[QueryRecord]) -> None:
-    (first, second), contributions = shared_workers(simulated, 2, 500)
+    (first, second), contributions, _ = shared_workers(simulated, 2, 500)
     model_id = simulated[0].model_id
     a, b = first.populations[model_id], second.populations[model_id]
     # Both folded both workers' contributions, in log order: the same published baselines.
-    assert a.epochs == b.epochs == len(contributions) > 4
+    assert a.epochs == b.epochs == len([blob for blob in contributions if is_epoch(blob)]) > 4
     assert a.version == b.version != 0
     assert {msgspec.msgpack.decode(blob)["contributor"] for blob in contributions} == {"0", "1"}
     assert np.array_equal(a.s_hash, b.s_hash) and np.array_equal(a.hist, b.hist)
@@ -375,6 +393,43 @@ def test_workers_sharing_baselines_fold_every_contribution_in_the_same_order(sim
     assert restarted.populations[model_id].version == a.version
 
 
+def test_workers_share_their_source_groups_and_one_of_them_alerts(tmp_path: Path) -> None:
+    """KnockoffNets over 8 keys of one network, on 4 workers: each worker holds 2 of the keys, under
+    the 3 suspicious members a group needs. Through the population log every worker holds every
+    worker's digests of the group, the same; the group alerts once, from one worker; only networks
+    somebody suspects go on the log; and a restart restores the shared groups with the baselines."""
+    path = tmp_path / "logs.jsonl"
+    plan = SimulationPlan(
+        benign_clients=60, queries_per_client=150, attacks=("knockoff",), modes=("sybil",), use_art="no"
+    )
+    write_simulation(plan, str(path))
+    lines = path.read_bytes().splitlines()
+    records, _ = RecordDecoder().decode_batch([(line, SourcePosition("f", 0, i), None) for i, line in enumerate(lines)])
+    workers = shared_workers(records, 4, 1000)
+
+    def shared(detector: SessionDetector) -> dict[str, dict[str, object]]:
+        return {m: {g: group.state() for g, group in groups.items()} for m, groups in detector.shared_groups.items()}
+
+    assert all(shared(d) == shared(workers.detectors[0]) for d in workers.detectors)
+    keys = sorted({r.client_id for r in records if "sybil" in r.client_id})
+    assert len(keys) == 8 and all(
+        len({k for k in keys if d.clients.get((records[0].model_id, k))}) == 2 for d in workers.detectors
+    )
+    group_scores = [(i, s) for i, scores in enumerate(workers.scores) for s in scores if s.client_id.startswith("net:")]
+    fired = [(s.client_id, kind) for _, s in group_scores for kind in s.crossed_kinds]
+    (network,) = {f"net:{r.source_ip.rsplit('.', 1)[0]}.0/24" for r in records if r.client_id in keys and r.source_ip}
+    assert fired == [(network, "extraction")]
+    # Every score of a group comes from one worker, so one worker holds each of its incidents.
+    assert len({i for i, s in group_scores if s.client_id == network}) == 1 < len(group_scores)
+    digests = [row for blob in workers.log for row in msgspec.msgpack.decode(blob).get("groups", [])]
+    networks = {r.source_ip.rsplit(".", 1)[0] for r in records if r.source_ip}
+    assert 0 < len({group for group, _, _ in digests}) < len(networks) / 10
+    restarted = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
+    checkpoint = workers.detectors[2].take_checkpoint()[-1]
+    restarted.restore(-1, {key: blob for key, blob in checkpoint.items() if blob is not None})
+    assert shared(restarted) == shared(workers.detectors[0])
+
+
 def test_a_restarted_worker_takes_up_the_group_epochs_and_warm_up_ends_on_records_folded(
     simulated: list[QueryRecord],
 ) -> None:
@@ -388,7 +443,7 @@ def test_a_restarted_worker_takes_up_the_group_epochs_and_warm_up_ends_on_record
     first = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
     first.process(simulated[:350])  # epochs at 100 and 200 records, then the worker is killed
     population_log += first.take_population_contributions()
-    assert len(population_log) == 2  # its pending evidence since (150 records) is lost with it
+    assert len([blob for _, blob in population_log if is_epoch(blob)]) == 2  # its evidence since is lost with it
     restarted = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
     restarted.fold_population((o, *entry) for o, entry in enumerate(population_log))
     population = restarted.populations[model_id]
@@ -403,7 +458,7 @@ def test_a_restarted_worker_takes_up_the_group_epochs_and_warm_up_ends_on_record
         restarted.process(batch)
         processed += len(batch)
         population_log += restarted.take_population_contributions()
-    records = [int(msgspec.msgpack.decode(blob)["records"]) for _, blob in population_log]
+    records = [int(msgspec.msgpack.decode(blob)["records"]) for _, blob in population_log if is_epoch(blob)]
     # The epochs of one uninterrupted worker, 100·(1, 1, 2, 4, 8) then 1600 each: the restarted one
     # goes on from the 200 records folded, with none lost or counted twice.
     assert records[:5] == [100, 100, 200, 400, 800] and set(records[5:]) == {1600}
@@ -446,5 +501,5 @@ def test_shared_baselines_let_two_workers_catch_what_one_catches(simulated: list
     for i, detector in enumerate(own_baselines):
         run([r for r in simulated if owner[r.client_id] == i], 500, detector)
     assert not flagged(own_baselines) & attackers
-    shared, _ = shared_workers(simulated, 2, 500)
+    shared = shared_workers(simulated, 2, 500).detectors
     assert attackers <= flagged(shared)

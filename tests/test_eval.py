@@ -109,7 +109,9 @@ def test_cli_simulate_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "benign clients flagged" in out and "queries to detect" in out
     assert main(["eval", "--input", str(log), "--truth", str(truth), "--workers", "2"]) == 0
-    assert "2 workers, population baselines shared through a population log" in capsys.readouterr().out
+    assert (
+        "2 workers, population baselines and source groups shared through a population log" in capsys.readouterr().out
+    )
     with pytest.raises(SystemExit):
         main(["eval", "--input", str(log), "--truth", str(truth), "--workers", "0"])
     assert "--workers: must be at least 1, got 0" in capsys.readouterr().err
@@ -132,3 +134,20 @@ def test_multi_key_extraction_is_caught_through_its_source_group(tmp_path: Path)
     via_group = [o for o in keys if o.via_group and o.right_kind_queries is not None]
     assert len(via_group) >= 3, text
     assert "first alerted through their source group" in text
+
+
+def test_multi_key_extraction_is_caught_across_workers_that_share_their_source_groups(tmp_path: Path) -> None:
+    """The same attack on 8 workers: records are keyed by client, so the 8 keys are spread over the
+    workers and no worker sees the 3 suspicious keys a group needs. Judged per worker, the group goes
+    unseen; shared through the population log with the baselines, it is caught as on one worker, and
+    the NAT's honest clients, spread alike, are not flagged."""
+    log, truth = _scenario(tmp_path, benign_clients=60, attacks=("knockoff",), modes=("sybil",), queries_per_client=150)
+
+    def caught_through_group(shared: bool) -> list[str]:
+        report = evaluate(log, truth, batch_records=1000, detector_options=DETECTOR, workers=8, shared_baselines=shared)
+        assert report.false_positive_rate() == 0.0, format_report(report)
+        keys = [o for o in report.attackers() if o.variant == "knockoff-sybil"]
+        return [o.client_id for o in keys if o.via_group and o.right_kind_queries is not None]
+
+    assert not caught_through_group(shared=False)
+    assert len(caught_through_group(shared=True)) >= 3

@@ -9,17 +9,24 @@ from pathlib import Path
 
 import pytest
 import requests
+from kafka.partitioner.default import murmur2
 from pipeline_helpers import (
+    PARTITIONS,
     Scenario,
     Worker,
     check_results,
+    clickhouse_client,
     committed_total,
     dlq_documents,
     finish,
+    firing_clients,
+    group_formed,
     produce,
     progress,
     wait_until,
 )
+
+from probewatch.simulate import SimulationPlan, write_simulation
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +88,43 @@ def test_kill_and_restart_loses_nothing_and_stores_nothing_twice(
     check_results(pipeline_env, scenario)
     payloads = {str(d["payload"]).encode() for d in dlq_documents(kafka_bootstrap, topic)}
     assert payloads == set(scenario.malformed)  # at-least-once: a replay may repeat a dead letter, never lose one
+
+
+def test_keys_of_one_network_on_three_workers_alert_once_as_their_group(
+    pipeline_env: dict[str, str], kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """KnockoffNets split over 6 API keys of one /24, which Kafka's partitioner puts 2 to a partition:
+    no worker of three sees the 3 suspicious keys a group needs. The workers share their groups
+    through the population log, so the network is alerted: once, by one of them."""
+    keys = [f"knoc-sybil-00-key{k}".encode() for k in range(6)]
+    assert sorted((murmur2(key) & 0x7FFFFFFF) % PARTITIONS for key in keys) == [0, 0, 1, 1, 2, 2]
+    plan = SimulationPlan(
+        benign_clients=60, queries_per_client=150, attacks=("knockoff",), modes=("sybil",), sybil_keys=6, use_art="no"
+    )
+    write_simulation(plan, str(tmp_path / "logs.jsonl"), str(tmp_path / "truth.jsonl"))
+    scenario = Scenario(tmp_path / "logs.jsonl", tmp_path / "truth.jsonl")
+    (network,) = {
+        f"net:{str(doc['source_ip']).rsplit('.', 1)[0]}.0/24"
+        for doc in scenario.valid
+        if str(doc["client_id"]).encode() in keys
+    }
+    log = tmp_path / "workers.log"
+    workers = [Worker(pipeline_env, log) for _ in range(3)]
+    group = pipeline_env["PROBEWATCH__KAFKA__GROUP_ID"]
+    wait_until(group_formed(kafka_bootstrap, group, 3), 120, "3 workers each holding a partition")
+    produce(kafka_bootstrap, pipeline_env["PROBEWATCH__KAFKA__TOPIC"], scenario)
+    client, db = clickhouse_client(pipeline_env), pipeline_env["PROBEWATCH__STORAGE__DATABASE"]
+    finish(
+        workers,
+        progress(kafka_bootstrap, pipeline_env),
+        len(scenario.lines),
+        log,
+        lambda: network in firing_clients(client, db),
+    )
+    sent = [
+        json.loads(line) for line in Path(pipeline_env["PROBEWATCH__ALERTING__JSONL_PATH"]).read_text().splitlines()
+    ]
+    opened = [
+        (a["client_id"], a["kind"]) for a in sent if a["client_id"].startswith("net:") and a["notification"] == "new"
+    ]
+    assert opened == [(network, "extraction")], opened
