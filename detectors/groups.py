@@ -21,8 +21,9 @@ source partition it owns, a worker publishes a *digest* of a group (how many of 
 that partition, and those that are suspicious) whenever that changes, and every worker folds every
 digest, in log order, into a :class:`SharedSourceGroup` that it judges. All workers thus judge the
 same evidence at the same log offset; one of them, the owner of the lowest partition holding members
-of the group, emits the group's scores, so its incidents are one worker's. A network nobody suspects
-is never published (most networks hold one honest client).
+of the group, emits the group's scores, so its incidents are one worker's. A network of one client
+that looks honest stays off the log, as most networks are; a worker with several clients of one
+network publishes it at once, so that a suspicion elsewhere is judged against all its members.
 
 Limits, by design: keys spread over unrelated networks are not linked (fingerprint overlap across
 clients is not implemented).
