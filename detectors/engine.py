@@ -284,6 +284,11 @@ class SessionDetector:
         # whose members changed since the last digests were taken (see _take_group_digests).
         self.shared_groups: dict[str, dict[str, SharedSourceGroup]] = {}
         self._touched_groups: set[ClientKey] = set()
+        # Per model, the population log offset after the last entry folded into its shared groups;
+        # checkpointed with them, apart from the baselines (a fold of digests, a few kilobytes, does
+        # not rewrite the baselines, tens of kilobytes), so each part skips what it holds already.
+        self._groups_folded_to: dict[str, int] = {}
+        self._dirty_groups: set[str] = set()
         # Population baselines shared by the workers of a consumer group: an epoch's evidence leaves
         # as a contribution (take_population_contributions) for the population log, and the
         # baselines change only when the log's contributions, every worker's, are folded in
@@ -342,7 +347,8 @@ class SessionDetector:
     def population_log_start(self) -> int:
         """The population log offset to read from: the lowest of the models' folded positions (each
         model skips what it has folded already). 0, the log's beginning, before any fold."""
-        return min((p.folded_to for p in self.populations.values()), default=0)
+        folded = [p.folded_to for p in self.populations.values()] + list(self._groups_folded_to.values())
+        return min(folded, default=0)
 
     def fold_population(self, entries: Iterable[tuple[int, str, bytes]]) -> list[SessionScore]:
         """Fold contributions read from the population log, (offset, model id, encoded contribution)
@@ -352,9 +358,11 @@ class SessionDetector:
         emitted: list[SessionScore] = []
         for offset, model_id, blob in entries:
             population = self._population(model_id)
-            if offset < population.folded_to:
+            groups_from = self._groups_folded_to.get(model_id, 0)
+            if offset < population.folded_to and offset < groups_from:
                 continue  # folded before the checkpoint this state came from
             digests: list[tuple[str, int, GroupDigest]] | None = None  # an entry of source-group digests
+            contribution: PopulationContribution | None = None
             try:
                 data = _decoder.decode(blob)
                 if isinstance(data, dict) and "groups" in data:
@@ -363,16 +371,16 @@ class SessionDetector:
                     contribution = PopulationContribution.from_state(data, len(self.specs))
             except (msgspec.DecodeError, ValueError, TypeError, KeyError, IndexError) as exc:
                 log.error("skipped population contribution at offset %d for model %r: %s", offset, model_id, exc)
-                population.folded_to = offset + 1
-                continue
-            population.folded_to = offset + 1
+            fold_baselines = contribution is not None and offset >= population.folded_to
+            population.folded_to = max(population.folded_to, offset + 1)
+            self._groups_folded_to[model_id] = max(groups_from, offset + 1)
             self._note_model_change(model_id)
-            if digests is not None:
+            if digests is not None and offset >= groups_from:
                 emitted.extend(self._fold_group_digests(model_id, digests))
-                population.dirty_published = True  # the shared groups are checkpointed with the baselines
-                continue
-            population.fold(contribution)
-            emitted.extend(self._rescore_warming(model_id))
+                self._dirty_groups.add(model_id)
+            elif contribution is not None and fold_baselines:
+                population.fold(contribution)
+                emitted.extend(self._rescore_warming(model_id))
         return emitted
 
     def _rescore_warming(self, model_id: str) -> list[SessionScore]:
@@ -939,17 +947,21 @@ class SessionDetector:
                 # goes with the worker; what a restart loses of it is less than one epoch's.
                 entries[f"pop\x1f{model_id}\x1fpending"] = _encoder.encode(population.pending_state())
             if population.dirty_published:
-                published = population.published_state()
-                if self.shared_population:
-                    # In the same entry: a restore reads the groups as of the baselines' log offset.
-                    shared = self.shared_groups.get(model_id, {})
-                    published["groups"] = {group_id: group.state() for group_id, group in shared.items()}
-                entries[f"pop\x1f{model_id}\x1fpublished"] = _encoder.encode(published)
+                entries[f"pop\x1f{model_id}\x1fpublished"] = _encoder.encode(population.published_state())
                 population.dirty_published = False
+            if model_id in self._dirty_groups:
+                shared = self.shared_groups.get(model_id, {})
+                entries[f"pop\x1f{model_id}\x1fgroups"] = _encoder.encode(
+                    {
+                        "folded_to": self._groups_folded_to.get(model_id, 0),
+                        "groups": {group_id: group.state() for group_id, group in shared.items()},
+                    }
+                )
         self._dirty_partitions.clear()
         self._legacy_session_keys.clear()
         self._dirty_clients.clear()
         self._dirty_models.clear()
+        self._dirty_groups.clear()
         return out
 
     @staticmethod
@@ -973,14 +985,18 @@ class SessionDetector:
             elif key.startswith("pop\x1f"):
                 _, model_id, part = key.split("\x1f")
                 population = self._population(model_id)
-                if part == "published":
-                    published = _decoder.decode(blob)
-                    population.load_published(published)
+                if part == "groups":
+                    data = _decoder.decode(blob)
+                    self.shared_groups[model_id] = {
+                        str(group_id): SharedSourceGroup.from_state(state) for group_id, state in data["groups"].items()
+                    }
+                    self._groups_folded_to[model_id] = int(data["folded_to"])
+                elif part == "published":
+                    population.load_published(_decoder.decode(blob))
                     if self.shared_population:
-                        self.shared_groups[model_id] = {
-                            str(group_id): SharedSourceGroup.from_state(state)
-                            for group_id, state in published.get("groups", {}).items()
-                        }
+                        # Without an entry of its groups (a checkpoint from before they were shared),
+                        # the model's shared groups start from the baselines' offset.
+                        self._groups_folded_to.setdefault(model_id, population.folded_to)
                         # This worker's evidence since its last contribution went ahead with batches the
                         # restore undoes (an aborted transaction); their replay gathers it again.
                         population.take_contribution()

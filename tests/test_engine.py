@@ -424,10 +424,34 @@ def test_workers_share_their_source_groups_and_one_of_them_alerts(tmp_path: Path
     digests = [row for blob in workers.log for row in msgspec.msgpack.decode(blob).get("groups", [])]
     networks = {r.source_ip.rsplit(".", 1)[0] for r in records if r.source_ip}
     assert 0 < len({group for group, _, _ in digests}) < len(networks) / 10
+    # A restart restores the shared groups, and reading the log on from there changes nothing.
     restarted = SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
     checkpoint = workers.detectors[2].take_checkpoint()[-1]
     restarted.restore(-1, {key: blob for key, blob in checkpoint.items() if blob is not None})
     assert shared(restarted) == shared(workers.detectors[0])
+    assert restarted.population_log_start() == len(workers.log)
+    # A worker restored from a checkpoint taken before the last digest reads the log on from there:
+    # it folds what came after, each entry once, and ends with the groups and baselines of the others.
+    model_id = records[0].model_id
+    last = max(o for o, blob in enumerate(workers.log) if not is_epoch(blob))
+
+    def fresh() -> SessionDetector:
+        return SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True)
+
+    earlier = fresh()
+    earlier.fold_population((o, model_id, blob) for o, blob in enumerate(workers.log[:last]))
+    behind = fresh()
+    behind.restore(-1, {key: blob for key, blob in earlier.take_checkpoint()[-1].items() if blob is not None})
+    start = behind.population_log_start()
+    assert start <= last
+    behind.fold_population((o, model_id, workers.log[o]) for o in range(start, len(workers.log)))
+    assert shared(behind) == shared(workers.detectors[0])
+    assert behind.populations[model_id].version == workers.detectors[0].populations[model_id].version
+    # A fold of digests alone rewrites the groups' checkpoint entry, not the baselines'.
+    behind.take_checkpoint()
+    digest = msgspec.msgpack.encode({"groups": [["net:192.0.2.0/24", 0, [1, 10, {}]]], "contributor": "9"})
+    behind.fold_population([(len(workers.log), model_id, digest)])
+    assert list(behind.take_checkpoint()[-1]) == [f"pop\x1f{model_id}\x1fgroups"]
 
 
 def test_a_restarted_worker_takes_up_the_group_epochs_and_warm_up_ends_on_records_folded(
