@@ -258,16 +258,18 @@ class SourceGroup(_JudgedGroup):
 
     def digests(self, partition_of: Callable[[str], int | None]) -> dict[int, GroupDigest]:
         """The members per source partition (``partition_of`` a member's; None: not this worker's)."""
-        out: dict[int, GroupDigest] = {}
+        counts: dict[int, list[int]] = {}  # partition -> [members, their queries]
+        suspicious: dict[int, dict[str, Member]] = {}
         for client_id, member in self.members.items():
             partition = partition_of(client_id)
             if partition is None:
                 continue
-            members, queries, suspicious = out.get(partition, EMPTY_DIGEST)
+            count = counts.setdefault(partition, [0, 0])
+            count[0] += 1
+            count[1] += member[2]
             if is_suspicious(member[0]):
-                suspicious = {**suspicious, client_id: member}
-            out[partition] = GroupDigest(members + 1, queries + member[2], suspicious)
-        return out
+                suspicious.setdefault(partition, {})[client_id] = member
+        return {p: GroupDigest(m, q, suspicious.get(p, {})) for p, (m, q) in counts.items()}
 
     def nbytes(self) -> int:
         return 120 + len(self.members) * (100 + 8 * len(GROUP_KINDS))
@@ -299,6 +301,7 @@ class SharedSourceGroup(_JudgedGroup):
 
     @property
     def first_seen(self) -> float:
+        """The earliest evaluation of a suspicious member (the members whose times are published)."""
         return min((ts for _, (_, ts, _) in self._suspicious_members()), default=0.0)
 
     def member_count(self) -> int:
