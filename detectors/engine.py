@@ -358,8 +358,9 @@ class SessionDetector:
         emitted: list[SessionScore] = []
         for offset, model_id, blob in entries:
             population = self._population(model_id)
-            groups_from = self._groups_folded_to.get(model_id, 0)
-            if offset < population.folded_to and offset < groups_from:
+            # Where the baselines and the groups each stand (checkpointed apart, they may differ).
+            baselines_from, groups_from = population.folded_to, self._groups_folded_to.get(model_id, 0)
+            if offset < baselines_from and offset < groups_from:
                 continue  # folded before the checkpoint this state came from
             digests: list[tuple[str, int, GroupDigest]] | None = None  # an entry of source-group digests
             contribution: PopulationContribution | None = None
@@ -371,14 +372,13 @@ class SessionDetector:
                     contribution = PopulationContribution.from_state(data, len(self.specs))
             except (msgspec.DecodeError, ValueError, TypeError, KeyError, IndexError) as exc:
                 log.error("skipped population contribution at offset %d for model %r: %s", offset, model_id, exc)
-            fold_baselines = contribution is not None and offset >= population.folded_to
-            population.folded_to = max(population.folded_to, offset + 1)
+            population.folded_to = max(baselines_from, offset + 1)
             self._groups_folded_to[model_id] = max(groups_from, offset + 1)
             self._note_model_change(model_id)
             if digests is not None and offset >= groups_from:
                 emitted.extend(self._fold_group_digests(model_id, digests))
                 self._dirty_groups.add(model_id)
-            elif contribution is not None and fold_baselines:
+            elif contribution is not None and offset >= baselines_from:
                 population.fold(contribution)
                 emitted.extend(self._rescore_warming(model_id))
         return emitted
