@@ -49,7 +49,7 @@ from detectors.population import (
     mix64,
     text_hash,
 )
-from detectors.scores import SessionScore
+from detectors.scores import GROUP_PREFIX, SessionScore
 from detectors.scoring import CalibratedScorer, KindScores
 from detectors.signals import (
     DEFAULT_SIGNALS,
@@ -779,10 +779,19 @@ class SessionDetector:
         history = self.clients.get((model_id, client_id))
         return None if history is None else history.partition
 
+    def partition_of(self, model_id: str, client_id: str) -> int | None:
+        """The source partition whose owner holds this client's state and emits its scores (None: no
+        worker of the group has it here): a client's own partition, or for a shared source group
+        (``net:…``) its home partition. Alert incidents move with it on a rebalance."""
+        if client_id.startswith(GROUP_PREFIX):
+            shared = self.shared_groups.get(model_id, {}).get(client_id)
+            return None if shared is None else shared.home
+        return self._client_partition(model_id, client_id)
+
     def _fold_group_digests(self, model_id: str, digests: list[tuple[str, int, GroupDigest]]) -> list[SessionScore]:
         """Fold one worker's digests into the shared groups and judge the groups they changed, as every
         worker does at this log offset. One worker emits a group's scores, so that its incidents are
-        one worker's: the owner of the lowest source partition holding members of the group (whoever
+        one worker's: the owner of the group's home partition (SharedSourceGroup.home; whoever
         published the digest, who may since have died)."""
         shared_groups = self.shared_groups.setdefault(model_id, {})
         for group_id, partition, digest in digests:
@@ -800,7 +809,7 @@ class SessionDetector:
                 continue
             now = shared.latest_evaluation()
             score = shared.judge(model_id, group_id, now, self.scorer.score_of, self.alert_threshold)
-            if score is not None and min(shared.digests) in self.watermarks:
+            if score is not None and shared.home in self.watermarks:
                 emitted.append(score)
         return emitted
 

@@ -20,8 +20,9 @@ share their population baselines share their groups through the same population 
 source partition it owns, a worker publishes a *digest* of a group (how many of its members are on
 that partition, and those that are suspicious) whenever that changes, and every worker folds every
 digest, in log order, into a :class:`SharedSourceGroup` that it judges. All workers thus judge the
-same evidence at the same log offset; one of them, the owner of the lowest partition holding members
-of the group, emits the group's scores, so its incidents are one worker's. A network of one client
+same evidence at the same log offset; one of them, the owner of the group's *home* partition (the
+first to publish it), emits the group's scores, so its incidents are one worker's and move with that
+partition. A network of one client
 that looks honest stays off the log, as most networks are; a worker with several clients of one
 network publishes it at once, so that a suspicion elsewhere is judged against all its members.
 
@@ -280,17 +281,23 @@ class SharedSourceGroup(_JudgedGroup):
     partition, the latest digest its owner published. Folded in log order on every worker, so all of
     them judge it alike (``kind_max`` included: a kind crosses the threshold once in the group)."""
 
-    __slots__ = ("digests", "kind_max")
+    __slots__ = ("digests", "home", "kind_max")
 
     def __init__(self) -> None:
         self.digests: dict[int, GroupDigest] = {}
         self.kind_max: dict[str, float] = {}
+        # The source partition whose owner emits the group's scores, so that its incidents live in
+        # one worker's alert policy and move only with that partition: the first to publish, for as
+        # long as members of the group are there, then the lowest partition that has some.
+        self.home: int | None = None
 
     def replace(self, partition: int, digest: GroupDigest) -> None:
         if digest.members:
             self.digests[partition] = digest
         else:
             self.digests.pop(partition, None)
+        if self.home not in self.digests:
+            self.home = min(self.digests, default=None)
 
     def _suspicious_members(self) -> Iterable[tuple[str, Member]]:
         return chain.from_iterable(d.suspicious.items() for d in self.digests.values())
@@ -317,11 +324,12 @@ class SharedSourceGroup(_JudgedGroup):
         return 120 + sum(64 + len(d.suspicious) * (100 + 8 * len(GROUP_KINDS)) for d in self.digests.values())
 
     def state(self) -> dict[str, Any]:
-        return {"d": {p: d.state() for p, d in self.digests.items()}, "kind_max": self.kind_max}
+        return {"d": {p: d.state() for p, d in self.digests.items()}, "kind_max": self.kind_max, "home": self.home}
 
     @classmethod
     def from_state(cls, data: dict[str, Any]) -> SharedSourceGroup:
         group = cls()
         group.digests = {int(p): GroupDigest.from_state(d) for p, d in data["d"].items()}
         group.kind_max = {str(k): float(v) for k, v in data["kind_max"].items()}
+        group.home = None if data["home"] is None else int(data["home"])
         return group

@@ -177,7 +177,8 @@ class Pipeline:
 
     def _restore_incidents(self, partitions: list[int]) -> None:
         """Rebuild the open incidents of the clients whose state this worker now owns from the outbox
-        (the roll-up goes with partition 0), and have receivers that re-send active alerts adopt them."""
+        (a shared source group's go with its home partition, the roll-up with partition 0), and have
+        receivers that re-send active alerts adopt them."""
         settings = self.policy.settings
         horizon = 2 * max(settings.cooldown_s, settings.renotify_s, settings.resolve_after_s) + 3600.0
         try:
@@ -186,13 +187,12 @@ class Pipeline:
             log.error("cannot read open incidents from the outbox: %s", exc)
             return
         owned = set(partitions)
-        clients = self.detector.clients
+        partition_of = self.detector.partition_of
 
         def keep(alert: Alert) -> bool:
             if alert.dedup_key == ROLLUP_KEY:
                 return 0 in owned
-            history = clients.get((alert.model_id, alert.client_id))
-            return history is not None and history.partition in owned
+            return partition_of(alert.model_id, alert.client_id) in owned
 
         count = self.policy.restore(stored, keep)
         self.dispatcher.seed(self.policy.open_alerts())
@@ -201,12 +201,8 @@ class Pipeline:
     def on_partitions_revoked(self, partitions: list[int]) -> None:
         # Every batch was checkpointed before the poll that revokes, so the state can simply go.
         gone = set(partitions)
-        clients = self.detector.clients
-        handed_over = self.policy.forget(
-            lambda model_id, client_id: (
-                (model_id, client_id) in clients and clients[(model_id, client_id)].partition in gone
-            )
-        )
+        partition_of = self.detector.partition_of
+        handed_over = self.policy.forget(lambda model_id, client_id: partition_of(model_id, client_id) in gone)
         self.dispatcher.forget(handed_over)  # the new owner restores and refreshes these incidents
         self.detector.drop_partitions(partitions)
         for partition in partitions:

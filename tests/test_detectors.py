@@ -9,7 +9,7 @@ import pytest
 
 from detectors import population
 from detectors.engine import SessionDetector
-from detectors.groups import SourceGroup, source_group
+from detectors.groups import EMPTY_DIGEST, GroupDigest, SharedSourceGroup, SourceGroup, source_group
 from detectors.input_model import (
     N_TREES,
     SEED,
@@ -364,6 +364,31 @@ def test_group_evidence_needs_several_suspicious_members() -> None:
     assert sorted(group.members) == ["key-0", "key-1", "key-2", "key-3"]
     assert binomial_tail(3, 3, 0.05) == pytest.approx(0.05**3)
     assert binomial_tail(2, 10, 0.1) == pytest.approx(1 - 0.9**10 - 10 * 0.1 * 0.9**9)
+
+
+def test_a_shared_group_judges_every_partitions_members_and_keeps_its_home() -> None:
+    """Digests from three partitions: the group counts all their members and judges their suspicious
+    ones together, as one worker's group of them all would; its home (whose owner emits its scores)
+    is the first partition to publish, until no member is left there."""
+    suspicious = (0.03, 1.0, 0.5)
+    shared, alone = SharedSourceGroup(), SourceGroup()
+    for partition, keys in ((2, ["a", "b"]), (0, ["c"]), (1, ["d"])):
+        members = {k: (suspicious, 100.0, 40) for k in keys}
+        shared.replace(partition, GroupDigest(len(keys) + 3, 40 * (len(keys) + 3), members))
+        for k in keys:
+            alone.update(k, suspicious, 100.0, 40)
+        for i in range(3):
+            alone.update(f"{k}-honest-{i}", (0.5, 1.0, 0.5), 100.0, 40)
+    assert shared.evidence() == alone.evidence()
+    assert shared.member_count() == 13 and shared.queries() == alone.queries()
+    assert shared.home == 2  # the first to publish, though 0 is lower
+    shared.replace(2, EMPTY_DIGEST)
+    assert shared.home == 0 and sorted(shared.digests) == [0, 1]
+    restored = SharedSourceGroup.from_state(shared.state())
+    assert (restored.digests, restored.home) == (shared.digests, 0)
+    shared.replace(0, EMPTY_DIGEST)
+    shared.replace(1, EMPTY_DIGEST)
+    assert shared.home is None and not shared.digests
 
 
 def test_share_tail_probability_weighs_the_luck_of_few_queries() -> None:

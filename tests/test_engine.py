@@ -419,8 +419,13 @@ def test_workers_share_their_source_groups_and_one_of_them_alerts(tmp_path: Path
     fired = [(s.client_id, kind) for _, s in group_scores for kind in s.crossed_kinds]
     (network,) = {f"net:{r.source_ip.rsplit('.', 1)[0]}.0/24" for r in records if r.client_id in keys and r.source_ip}
     assert fired == [(network, "extraction")]
-    # Every score of a group comes from one worker, so one worker holds each of its incidents.
-    assert len({i for i, s in group_scores if s.client_id == network}) == 1 < len(group_scores)
+    # Every score of a group comes from one worker, the owner of its home partition, so one worker
+    # holds each of its incidents (and hands them over with that partition: see Pipeline).
+    model_id = records[0].model_id
+    (home,) = {d.partition_of(model_id, network) for d in workers.detectors}
+    assert {i for i, s in group_scores if s.client_id == network} == {home} and len(group_scores) > 1
+    key = keys[0]
+    assert [d.partition_of(model_id, key) for d in workers.detectors].count(None) == 3  # a client: its owner's
     digests = [row for blob in workers.log for row in msgspec.msgpack.decode(blob).get("groups", [])]
     networks = {r.source_ip.rsplit(".", 1)[0] for r in records if r.source_ip}
     assert 0 < len({group for group, _, _ in digests}) < len(networks) / 10
@@ -432,7 +437,6 @@ def test_workers_share_their_source_groups_and_one_of_them_alerts(tmp_path: Path
     assert restarted.population_log_start() == len(workers.log)
     # A worker restored from a checkpoint taken before the last digest reads the log on from there:
     # it folds what came after, each entry once, and ends with the groups and baselines of the others.
-    model_id = records[0].model_id
     last = max(o for o, blob in enumerate(workers.log) if not is_epoch(blob))
 
     def fresh() -> SessionDetector:
