@@ -128,3 +128,57 @@ def test_keys_of_one_network_on_three_workers_alert_once_as_their_group(
         (a["client_id"], a["kind"]) for a in sent if a["client_id"].startswith("net:") and a["notification"] == "new"
     ]
     assert opened == [(network, "extraction")], opened
+
+
+def test_an_open_group_incident_moves_to_the_worker_that_takes_its_home_partition(
+    pipeline_env: dict[str, str], kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A worker pages a network of KnockoffNets keys and stops; another takes its partitions over.
+    When a sixth key of the network joins, the group is judged again, above the threshold, by the
+    new owner of its home partition: the incident it restored from the outbox goes on, and the
+    network is not paged a second time."""
+    late = "knoc-sybil-00-key5"
+    plan = SimulationPlan(
+        benign_clients=60, queries_per_client=150, attacks=("knockoff",), modes=("sybil",), sybil_keys=6, use_art="no"
+    )
+    write_simulation(plan, str(tmp_path / "logs.jsonl"), str(tmp_path / "truth.jsonl"))
+    phases: tuple[list[bytes], list[bytes]] = ([], [])
+    for line in (tmp_path / "logs.jsonl").read_bytes().splitlines():
+        phases[f'"client_id":"{late}"'.encode() in line.replace(b" ", b"")].append(line)
+    assert phases[1], "the simulation has no records of the late key"
+    for i, lines in enumerate(phases):
+        (tmp_path / f"phase{i}.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    first, second = (Scenario(tmp_path / f"phase{i}.jsonl", tmp_path / "truth.jsonl") for i in range(2))
+    (network,) = {
+        f"net:{str(doc['source_ip']).rsplit('.', 1)[0]}.0/24"
+        for doc in first.valid
+        if str(doc["client_id"]).startswith("knoc-sybil")
+    }
+    client, db = clickhouse_client(pipeline_env), pipeline_env["PROBEWATCH__STORAGE__DATABASE"]
+    topic, log = pipeline_env["PROBEWATCH__KAFKA__TOPIC"], tmp_path / "workers.log"
+
+    def group_queries() -> tuple[int, float]:
+        """The network's largest query count scored, and the best score at it."""
+        rows = client.execute(
+            f"SELECT n_queries, max(score) FROM {db}.session_scores WHERE client_id = %(net)s"
+            " GROUP BY n_queries ORDER BY n_queries DESC LIMIT 1",
+            {"net": network},
+        )
+        return (int(rows[0][0]), float(rows[0][1])) if rows else (0, 0.0)
+
+    produce(kafka_bootstrap, topic, first)
+    done = progress(kafka_bootstrap, pipeline_env)
+    finish([Worker(pipeline_env, log)], done, len(first.lines), log, lambda: network in firing_clients(client, db))
+    paged_at = group_queries()[0]
+    produce(kafka_bootstrap, topic, second)
+
+    def judged_again() -> bool:
+        return group_queries()[0] > paged_at
+
+    finish([Worker(pipeline_env, log)], done, len(first.lines) + len(second.lines), log, judged_again)
+    assert group_queries()[1] >= 0.8, "the group was judged again below the threshold: nothing to page"
+    sent = [
+        json.loads(line) for line in Path(pipeline_env["PROBEWATCH__ALERTING__JSONL_PATH"]).read_text().splitlines()
+    ]
+    assert [a["notification"] for a in sent if a["client_id"] == network][:1] == ["new"]
+    assert [a["notification"] for a in sent if a["client_id"] == network].count("new") == 1, sent
