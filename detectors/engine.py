@@ -780,9 +780,9 @@ class SessionDetector:
         return None if history is None else history.partition
 
     def partition_of(self, model_id: str, client_id: str) -> int | None:
-        """The source partition whose owner holds this client's state and emits its scores (None: no
-        worker of the group has it here): a client's own partition, or for a shared source group
-        (``net:…``) its home partition. Alert incidents move with it on a rebalance."""
+        """The source partition whose owner holds this client's state and emits its scores (None: not
+        known to this worker): a client's own partition, or for a shared source group (``net:…``) its
+        home partition. Alert incidents move with it on a rebalance."""
         if client_id.startswith(GROUP_PREFIX):
             shared = self.shared_groups.get(model_id, {}).get(client_id)
             return None if shared is None else shared.home

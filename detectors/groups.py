@@ -22,9 +22,9 @@ that partition, and those that are suspicious) whenever that changes, and every 
 digest, in log order, into a :class:`SharedSourceGroup` that it judges. All workers thus judge the
 same evidence at the same log offset; one of them, the owner of the group's *home* partition (the
 first to publish it), emits the group's scores, so its incidents are one worker's and move with that
-partition. A network of one client
-that looks honest stays off the log, as most networks are; a worker with several clients of one
-network publishes it at once, so that a suspicion elsewhere is judged against all its members.
+partition. A network of one client that looks honest stays off the log, as most networks are; a
+worker with several clients of one network publishes it at once, so that a suspicion elsewhere is
+judged against all its members.
 
 Limits, by design: keys spread over unrelated networks are not linked (fingerprint overlap across
 clients is not implemented).
