@@ -25,6 +25,10 @@ class Pipe:
 
     def __init__(self, fd: int) -> None:
         self.fd: int | None = fd
+        # A test's writer thread closes the pipe to end the input, and the fixture closes it after the
+        # test: the reader sees the end of input as soon as the thread's close is done, so the two
+        # closes can overlap, and both found the descriptor open (CI saw EBADF at teardown).
+        self._closing = threading.Lock()
 
     def write(self, data: bytes) -> None:
         assert self.fd is not None
@@ -33,9 +37,10 @@ class Pipe:
             view = view[os.write(self.fd, view) :]
 
     def close(self) -> None:  # once: a closed descriptor's number can be reused by the next open
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        with self._closing:
+            fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 @pytest.fixture
