@@ -12,8 +12,8 @@ plans and seeds, so every run of this script evaluates the same records:
   sybil          120 benign clients, every attack also split over 8 client keys
   faults         the fault tests' scenario (60 benign clients of 200 queries, 2 attackers per variant)
 
-Each is evaluated with one worker, and with --workers 1,3 also as three workers sharing baselines
-(the log split by Kafka partition as a consumer group would split it). Columns: attackers detected
+Each is evaluated with one worker, and with --workers 1,3,8 also as three and eight workers sharing
+baselines (the log split by Kafka partition as a consumer group would split it). Columns: attackers detected
 (an attacker split over keys counts once), of those with an alert of their own kind, median queries
 to the first alert, benign clients alerted (and their variants), detector events/s.
 

@@ -296,6 +296,7 @@ class SessionDetector:
         self.shared_population = shared_population
         self.worker_id = worker_id  # names this worker's contributions
         self._contributions: list[tuple[str, bytes]] = []
+        self.stream_share = 1.0  # the share of the stream this worker reads (see set_stream_share)
 
     # ----------------------------------------------------------------------------------- processing
     def process(self, records: Sequence[QueryRecord]) -> list[SessionScore]:
@@ -448,7 +449,18 @@ class SessionDetector:
                 shared=self.shared_population,
                 scales=self.scales,
             )
+            population.set_stream_share(self.stream_share)
         return population
+
+    def set_stream_share(self, share: float) -> None:
+        """The share of every model's stream this worker reads, in (0, 1]: as a consumer-group
+        member, its partitions of the topic's (records are keyed by client, so partitions carry
+        about equal shares). With shared baselines it places the epochs, so that workers starting
+        together form the group's baselines as early in the stream as one worker would (see
+        ModelPopulation.count)."""
+        for population in self.populations.values():
+            population.set_stream_share(share)
+        self.stream_share = share
 
     def _flush(self, runs: dict[ClientKey, Segments]) -> list[SessionScore]:
         """Learn the pending runs of every client and score them at their evaluation points.

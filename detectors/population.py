@@ -186,10 +186,16 @@ class ModelPopulation:
         self.epoch_records = epoch_records
         self.decay = decay
         self.min_clients = min_clients
-        self.records = 0
+        # Where this worker stands in the model's epoch schedule, in records of the model's stream:
+        # its own records, each counted as 1/stream_share of the stream's with shared baselines (see
+        # count).
+        self.records: float = 0
         self.pending_records = 0  # records since the last contribution (the pending evidence's)
         self.counting = False  # this worker has counted records of the model (see fold)
-        self._epoch_end = epoch_records  # the record count that completes the current epoch
+        self._epoch_end = epoch_records  # the position that completes the current epoch
+        self.stream_share = 1.0  # the share of the model's stream this worker reads (set_stream_share)
+        self._pace = 1.0  # what one of this worker's records advances the schedule by
+        self._cap = 16 * epoch_records  # the schedule's last doubling epoch ends here
         self.epochs = 0
         self.hist = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
         self.pending = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
@@ -230,14 +236,34 @@ class ModelPopulation:
     # -------------------------------------------------------------------------------------- stream
     def count(self, n: int) -> bool:
         """Count ``n`` records of the model; True when that completes an epoch (caller publishes).
-        Epochs double from ``epoch_records`` (fast warm-up) up to 16 times that, then stay."""
-        self.records += n
+        Epochs double from ``epoch_records`` (fast warm-up) up to 16 times that, then stay.
+
+        With shared baselines, a worker that reads a share s of the stream counts each of its records
+        as 1/s of the stream's, and its epochs double up to 16 · epoch_records of its *own* records
+        (16/s of the stream's). So the group folds its first baselines when the stream, not each
+        worker, has reached ``epoch_records``: N workers that start together would otherwise warm up
+        N times later, and score nothing until then. And from then on each worker contributes as
+        often as before: a group of N folds N contributions per 16 · epoch_records of each worker's
+        records, which bounds the folds every worker makes."""
+        self.records += n * self._pace
         self.pending_records += n
         self.counting = True
         if self.records < self._epoch_end:
             return False
-        self._epoch_end = _epoch_end(self.records, self.epoch_records)
+        self._epoch_end = _epoch_end(self.records, self.epoch_records, self._cap)
         return True
+
+    def set_stream_share(self, share: float) -> None:
+        """The share of the model's stream this worker reads, in (0, 1]: a consumer-group member's
+        partitions of the topic's. Places the epochs of shared baselines (see count)."""
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"a stream share is in (0, 1], got {share}")
+        self.stream_share = share
+        if self.shared:
+            self._pace = 1.0 / share
+            # The doubling goes on for log2(1/s) more epochs (rounded down: never rarer than before).
+            self._cap = self.epoch_records * 2 ** (4 + math.floor(math.log2(1.0 / share) + 1e-9))
+            self._epoch_end = _epoch_end(self.records, self.epoch_records, self._cap)
 
     def add_inputs(self, raw: np.ndarray, hashes: np.ndarray, clients: np.ndarray) -> None:
         """Offer inputs (rows of ``raw``, sent by ``clients``) to the pending reference sample
@@ -295,7 +321,7 @@ class ModelPopulation:
             # epochs again: after a restart, a burst of small contributions renewed the reference
             # sample from a handful of clients, and a drifting benign client was flagged.
             self.records = self.folded_records
-            self._epoch_end = _epoch_end(self.records, self.epoch_records)
+            self._epoch_end = _epoch_end(self.records, self.epoch_records, self._cap)
         self.hist = self.hist * self.decay + contribution.values
         self._refresh_table()
         if len(contribution.hashes):
@@ -424,10 +450,10 @@ class ModelPopulation:
         self.dirty_published = False
 
     def load_pending(self, data: dict[str, Any]) -> None:
-        self.records = int(data["records"])
+        self.records = float(data["records"])
         self.pending_records = int(data.get("pending_records", 0))
         self.contributions = int(data.get("contributions", 0))
-        self._epoch_end = _epoch_end(self.records, self.epoch_records)
+        self._epoch_end = _epoch_end(self.records, self.epoch_records, self._cap)
         self.pending = _dense(data["pending_idx"], data["pending_val"], self.hist.shape)
         self.p_raw, self.p_hash, self.p_clients = data["p_raw"], data["p_hash"], data["p_clients"]
 
@@ -450,22 +476,23 @@ def _dense(idx: Any, val: Any, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _epoch_index(records: int, first: int) -> int:
-    """Epoch boundaries at first·(1, 2, 4, 8, 16), then every 16·first records."""
-    cap = 16 * first
+def _epoch_index(records: float, first: int, cap: int = 0) -> int:
+    """Epoch boundaries at first·(1, 2, 4, ...) up to ``cap`` (first times a power of 2; by default
+    16·first), then every ``cap`` records."""
+    cap = cap or 16 * first
     if records < cap:
         return math.floor(math.log2(records / first)) + 1 if records >= first else 0
-    return 5 + (records - cap) // cap
+    return round(math.log2(cap / first)) + 1 + int((records - cap) // cap)
 
 
-def _epoch_end(records: int, first: int) -> int:
+def _epoch_end(records: float, first: int, cap: int = 0) -> int:
     """The record count after ``records`` at which the next epoch completes (``_epoch_index`` rises)."""
-    cap = 16 * first
+    cap = cap or 16 * first
     if records < first:
         return first
     if records < cap:
-        return first * 2 ** (_epoch_index(records, first))
-    return cap * ((records - cap) // cap + 2)
+        return first * 2 ** (_epoch_index(records, first, cap))
+    return cap * (int((records - cap) // cap) + 2)
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:

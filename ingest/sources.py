@@ -76,6 +76,11 @@ class Source(Protocol):
         again (so their state is restored as committed); after an aborted transaction."""
         ...
 
+    def partition_count(self) -> int:
+        """How many partitions the input is split into (a file: 1): a consumer-group member reads
+        about its partitions' share of the records, which are keyed by client."""
+        ...
+
     def stop(self) -> None:
         """Ask :meth:`batches` to end after the current batch (safe from a signal handler)."""
         ...
@@ -211,6 +216,9 @@ class FileSource:
 
     def rewind(self) -> None:
         raise NotImplementedError("a file is read once: file runs are never transactional")
+
+    def partition_count(self) -> int:
+        return 1
 
     def stop(self) -> None:
         self._stopped = True
@@ -531,6 +539,10 @@ class KafkaSource:
             self._announce(partitions, [])
         # Otherwise (out of the group, or rejoining) the poll where the group settles restores what
         # is still this worker's.
+
+    def partition_count(self) -> int:
+        # From the consumer's metadata cache, which the group's assignment filled already.
+        return max(1, len(self._consumer.partitions_for_topic(self.config.topic)))
 
     def lag(self) -> dict[int, int]:
         """Messages behind the log end, per assigned partition (for metrics)."""

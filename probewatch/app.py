@@ -153,6 +153,7 @@ class Pipeline:
         self._source: Source | None = None
         self._dlq_reasons: Counter[str] = Counter()
         self._population_restored = False
+        self._owned_partitions: set[int] = set()  # whose state this worker holds (Kafka)
         self.metrics = PipelineMetrics()
         self.metrics.watch_alert_delivery(self.dispatcher.stats)
         self._last_gauges = 0.0
@@ -174,6 +175,7 @@ class Pipeline:
         restored = sum(len(v) for v in states.values())
         log.info("restored %d state entries for partitions %s (positions %s)", restored, partitions, positions)
         self._restore_incidents(partitions)
+        self._owned_partitions.update(partitions)
 
     def _restore_incidents(self, partitions: list[int]) -> None:
         """Rebuild the open incidents of the clients whose state this worker now owns from the outbox
@@ -207,6 +209,19 @@ class Pipeline:
         self.detector.drop_partitions(partitions)
         for partition in partitions:
             self.applied_positions.pop(partition, None)
+        self._owned_partitions.difference_update(partitions)
+
+    def _follow_stream_share(self, source: Source) -> None:
+        """Tell the detector which share of the stream this worker reads (its partitions of the
+        topic's), which places the epochs of shared baselines. Kept while it owns none: the share it
+        had is the best guess for its next assignment."""
+        if not self._owned_partitions:
+            return
+        owned, total = len(self._owned_partitions), source.partition_count()
+        share = min(1.0, owned / total)
+        if share != self.detector.stream_share:
+            log.info("this worker reads %d of the topic's %d partitions", owned, total)
+            self.detector.set_stream_share(share)
 
     # ----------------------------------------------------------------------------------------- run
     def run(self, source: Source) -> RunSummary:
@@ -248,6 +263,7 @@ class Pipeline:
                 continue
             fresh.append((message.value, position, message.key))
         records, letters = self.decoder.decode_batch(fresh)
+        self._follow_stream_share(source)  # the poll that brought this batch may have moved partitions
         scores = self._fold_population()
         scores += self.detector.process(records)
         alerts = self.policy.evaluate(scores)

@@ -136,6 +136,8 @@ def evaluate(
     }
     shared = shared_baselines and workers > 1
     detectors = [SessionDetector(**options, shared_population=shared, worker_id=str(i)) for i in range(workers)]
+    for detector in detectors:
+        detector.set_stream_share(1.0 / workers)  # a partition each (see the split below)
     worker_of: dict[str, int] = {}
     population_log: list[tuple[str, bytes]] = []  # shared baselines: every worker's contributions
     read_to = [0] * workers  # how far each worker has folded the population log

@@ -399,6 +399,9 @@ class SourceWrapper:
     def rewind(self) -> None:
         self.inner.rewind()
 
+    def partition_count(self) -> int:
+        return self.inner.partition_count()
+
     def stop(self) -> None:
         self.inner.stop()
 

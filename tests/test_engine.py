@@ -512,6 +512,29 @@ def test_warm_up_of_shared_baselines_counts_records_not_folds() -> None:
     assert population.folded_records == 1600 and not population.young
 
 
+def test_a_worker_places_its_epochs_on_the_records_of_the_stream_it_reads_a_share_of() -> None:
+    """A worker reading a quarter of the stream counts each record as four of the stream's: its epochs
+    end where the stream's would (100, 200, ... records of the stream), and they double until they
+    span as many of its own records as one worker's do (1,600), so that a group of workers folds its
+    first baselines as early as one worker publishes its own, and later contributes no more often
+    than before. Without shared baselines a worker's own stream is its population's: the share does
+    not count."""
+
+    def epoch_ends(population: ModelPopulation, records: int) -> list[int]:
+        return [n for n in range(1, records + 1) if population.count(1)]
+
+    one = ModelPopulation("m", 1, epoch_records=100, shared=True)
+    assert epoch_ends(one, 4800) == [100, 200, 400, 800, 1600, 3200, 4800]
+    quarter = ModelPopulation("m", 1, epoch_records=100, shared=True)
+    quarter.set_stream_share(0.25)
+    assert epoch_ends(quarter, 3200) == [25, 50, 100, 200, 400, 800, 1600, 3200]
+    own = ModelPopulation("m", 1, epoch_records=100)
+    own.set_stream_share(0.25)
+    assert epoch_ends(own, 1600) == [100, 200, 400, 800, 1600]
+    with pytest.raises(ValueError, match="stream share"):
+        quarter.set_stream_share(0.0)
+
+
 def test_shared_baselines_let_two_workers_catch_what_one_catches(simulated: list[QueryRecord]) -> None:
     """Split over two workers, each sees half of the 24 benign clients: baselines of their own stay too
     thin to judge the attackers by, while baselines shared through the population log catch every

@@ -136,6 +136,31 @@ def test_multi_key_extraction_is_caught_through_its_source_group(tmp_path: Path)
     assert "first alerted through their source group" in text
 
 
+def test_workers_that_start_together_catch_boundary_attacks_as_early_as_one_worker(tmp_path: Path) -> None:
+    """8 workers sharing baselines, each reading an eighth of the stream (label-only outputs, 40 benign
+    clients). Had each counted its epochs in its own records, the group's first baselines would come
+    after 8 epochs of the stream, and attacks that began before were judged only when their sessions
+    ended, at 100-150 queries. Told its share of the stream, as `probewatch run` tells a worker its
+    partitions of the topic's, each contributes as the stream reaches each epoch: the attacks are
+    caught within the queries one worker needs."""
+    log, truth = _scenario(
+        tmp_path,
+        benign_clients=40,
+        attackers_per_kind=2,
+        attacks=("hopskipjump", "simba", "square"),
+        outputs="label",
+        malformed=0,
+    )
+
+    def queries_to_detect(workers: int) -> list[int | None]:
+        report = evaluate(log, truth, batch_records=500, detector_options=DETECTOR, workers=workers)
+        assert report.false_positive_rate() == 0.0, format_report(report)
+        return [o.right_kind_queries for o in report.attackers()]
+
+    for queries in (queries_to_detect(1), queries_to_detect(8)):
+        assert len(queries) == 6 and all(q is not None and q <= 30 for q in queries), queries
+
+
 def test_multi_key_extraction_is_caught_across_workers_that_share_their_source_groups(tmp_path: Path) -> None:
     """The same attack on 8 workers: records are keyed by client, so the 8 keys are spread over the
     workers and no worker sees the 3 suspicious keys a group needs. Judged per worker, the group goes

@@ -128,6 +128,8 @@ def test_keys_of_one_network_on_three_workers_alert_once_as_their_group(
         (a["client_id"], a["kind"]) for a in sent if a["client_id"].startswith("net:") and a["notification"] == "new"
     ]
     assert opened == [(network, "extraction")], opened
+    # Each worker placed its epochs by its partition of the topic's three (see ModelPopulation.count).
+    assert log.read_text().count("this worker reads 1 of the topic's 3 partitions") >= 3
 
 
 def test_an_open_group_incident_moves_to_the_worker_that_takes_its_home_partition(
