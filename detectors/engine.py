@@ -354,9 +354,12 @@ class SessionDetector:
     def fold_population(self, entries: Iterable[tuple[int, str, bytes]]) -> list[SessionScore]:
         """Fold contributions read from the population log, (offset, model id, encoded contribution)
         in log order, into the models' published baselines, as every worker does, and score again
-        the sessions that waited for them (see _rescore_warming). A contribution that cannot be read
-        is logged and skipped: it cannot be mended, and the log must go on."""
+        the sessions that waited for them (see _rescore_warming): once per model, after its last
+        contribution here (the workers' epochs end together, so the log holds runs of them). A
+        contribution that cannot be read is logged and skipped: it cannot be mended, and the log
+        must go on."""
         emitted: list[SessionScore] = []
+        folded: dict[str, ModelPopulation] = {}  # models with contributions folded, refreshed at the end
         for offset, model_id, blob in entries:
             population = self._population(model_id)
             # Where the baselines and the groups each stand (checkpointed apart, they may differ).
@@ -380,8 +383,11 @@ class SessionDetector:
                 emitted.extend(self._fold_group_digests(model_id, digests))
                 self._dirty_groups.add(model_id)
             elif contribution is not None and offset >= baselines_from:
-                population.fold(contribution)
-                emitted.extend(self._rescore_warming(model_id))
+                population.fold(contribution, refresh=False)
+                folded[model_id] = population
+        for model_id, population in folded.items():
+            population.refresh()
+            emitted.extend(self._rescore_warming(model_id))
         return emitted
 
     def _rescore_warming(self, model_id: str) -> list[SessionScore]:

@@ -215,6 +215,7 @@ class ModelPopulation:
         self.s_hash = np.zeros(0, dtype=np.uint64)
         self.s_clients = np.zeros(0, dtype=np.uint64)
         self.dirty_published = True
+        self._table_stale = self._inputs_stale = False  # folds whose refresh is due (see fold)
         # Per signal, "log" or "unit": how its values map to histogram bins. Fixed by the signals, not
         # learned: a worker may fold other workers' contributions before it has scored anyone.
         self.scales: list[str] = list(scales) if scales is not None else ["unit"] * n_signals
@@ -309,10 +310,12 @@ class ModelPopulation:
         self.p_raw, self.p_hash, self.p_clients = self.p_raw[:0], self.p_hash[:0], self.p_clients[:0]
         return contribution
 
-    def fold(self, contribution: PopulationContribution) -> None:
+    def fold(self, contribution: PopulationContribution, refresh: bool = True) -> None:
         """Fold an epoch's evidence into the published baselines: a pure function of the published
         state and the contribution, so workers folding the same contributions in the same order hold
-        the same baselines."""
+        the same baselines. With ``refresh=False`` what scores read (quantile tables, the reference
+        sample's distances and density model) waits for :meth:`refresh`: a worker that reads several
+        contributions from the log at once refreshes once, which is most of a fold's cost."""
         self.epochs += 1
         self.folded_records += contribution.records
         if self.shared and not self.counting:
@@ -323,13 +326,13 @@ class ModelPopulation:
             self.records = self.folded_records
             self._epoch_end = _epoch_end(self.records, self.epoch_records, self._cap)
         self.hist = self.hist * self.decay + contribution.values
-        self._refresh_table()
+        self._table_stale = True
         if len(contribution.hashes):
-            # Half of the reference sample is renewed each epoch: recent inputs, with a memory. With n
-            # workers sharing the stream, folds come as often as one worker's epochs would (each
-            # worker's epoch spans n times as much of the stream), each with a 1/n share of the
-            # clients: the sample stays as recent as one worker's, which drifting clients need.
-            # (Renewing 1/(2n), n counted from worker ids, left it stale after rolling restarts.)
+            # Half of the reference sample is renewed each fold: recent inputs, with a memory. With n
+            # workers sharing the stream, each contribution holds a 1/n share of the clients and the
+            # workers' contributions come one after another: the sample stays as recent as one
+            # worker's, which drifting clients need. (Renewing 1/(2n), n counted from worker ids,
+            # left it stale after rolling restarts.)
             raw, hashes, clients = contribution.inputs, contribution.hashes, contribution.clients
             old = np.lexsort((self.s_clients, self.s_hash))[: SAMPLE_SIZE - min(len(hashes), SAMPLE_SIZE // 2)]
             new = np.lexsort((clients, hashes))[: SAMPLE_SIZE - len(old)]
@@ -339,22 +342,46 @@ class ModelPopulation:
             self.s_raw = np.concatenate([self.s_raw[old], raw[new]])
             self.s_hash = np.concatenate([self.s_hash[old], hashes[new]])
             self.s_clients = np.concatenate([self.s_clients[old], clients[new]])
-            self._refresh_inputs()
+            self._inputs_stale = True
+            if self.frame is None and self._broad_sample():
+                self._frozen_frame()  # at this fold, however many folds the next refresh follows
         self.dirty_published = True
+        if refresh:
+            self.refresh()
 
-    def _refresh_inputs(self) -> None:
-        raw = self.s_raw
-        if len(np.unique(self.s_clients)) < max(4, self.min_clients // 2) or len(raw) < 64:
-            return
-        if self.frame is None:  # frozen from here on: cells and fingerprints must stay comparable
+    def refresh(self) -> None:
+        """Bring what scores read up to the folds made (see fold)."""
+        if self._table_stale:
+            self._refresh_table()
+            self._table_stale = False
+        if self._inputs_stale:
+            self._refresh_inputs()
+            self._inputs_stale = False
+
+    def _broad_sample(self) -> bool:
+        """Whether the reference sample holds enough inputs of enough clients to stand for the model."""
+        return len(self.s_raw) >= 64 and len(np.unique(self.s_clients)) >= max(4, self.min_clients // 2)
+
+    def _frozen_frame(self) -> Frame:
+        """The input frame, fixed from the reference sample the first time it is asked for: from then
+        on, cells and fingerprints must stay comparable."""
+        if self.frame is None:
+            raw = self.s_raw
             scale = raw.std(axis=0)
             floor = max(float(scale.mean()) * 0.05, 1e-6)
             self.frame = Frame(np.median(raw, axis=0), np.maximum(scale, floor))
+        return self.frame
+
+    def _refresh_inputs(self) -> None:
+        if not self._broad_sample():
+            return
+        raw = self.s_raw
+        frame = self._frozen_frame()
         self.low = raw.min(axis=0)
         self.high = raw.max(axis=0)
-        standard = self.frame.standardise(raw)
+        standard = frame.standardise(raw)
         self.input_model = InputDensityModel(input_summaries(pinned_at_bounds(raw, self.low, self.high), standard))
-        z = self.frame.project(standard)
+        z = frame.project(standard)
         self.sample = z
         self.sample_clients = self.s_clients
         z64 = z.astype(np.float64)

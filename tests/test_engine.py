@@ -393,6 +393,29 @@ def test_workers_sharing_baselines_fold_every_contribution_in_the_same_order(sim
     assert restarted.populations[model_id].version == a.version
 
 
+def test_a_run_of_contributions_folded_at_once_gives_the_baselines_of_folding_them_one_by_one(
+    simulated: list[QueryRecord],
+) -> None:
+    """A worker that reads several contributions from the log at once refreshes what scores read once,
+    after the last of them (most of a fold's cost). The input frame is still fixed at the fold whose
+    sample first was broad enough: the worker holds what a worker folding them one at a time holds."""
+    _, contributions, _ = shared_workers(simulated, 3, 500)
+    model_id = simulated[0].model_id
+    entries = [(offset, model_id, blob) for offset, blob in enumerate(contributions) if is_epoch(blob)]
+    at_once, one_by_one = (
+        SessionDetector(min_queries=10, epoch_records=100, min_population=6, shared_population=True) for _ in range(2)
+    )
+    at_once.fold_population(entries)
+    for entry in entries:
+        one_by_one.fold_population([entry])
+    a, b = at_once.populations[model_id], one_by_one.populations[model_id]
+    assert a.epochs == b.epochs == len(entries) > 10
+    assert a.version == b.version and np.array_equal(a.table, b.table, equal_nan=True)
+    assert a.frame is not None and b.frame is not None
+    assert np.array_equal(a.frame.centre, b.frame.centre) and np.array_equal(a.frame.scale, b.frame.scale)
+    assert np.array_equal(a.sample, b.sample) and a.ood_radius == b.ood_radius
+
+
 def test_workers_share_their_source_groups_and_one_of_them_alerts(tmp_path: Path) -> None:
     """KnockoffNets over 8 keys of one network, on 4 workers: each worker holds 2 of the keys, under
     the 3 suspicious members a group needs. Through the population log every worker holds every
