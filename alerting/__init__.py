@@ -5,8 +5,10 @@
   rose; at once), ``update`` (annotations, at most every ``cooldown_s``), ``reminder`` (every
   ``renotify_s``), ``resolve`` (its sessions ended, or no evaluation reached the threshold for
   ``resolve_after_s``). Past ``max_per_minute`` new incidents per minute, new incidents join ONE
-  roll-up incident (``alert_storm``) instead of paging. ``suppress_clients`` / ``suppress_models``
-  (fnmatch patterns) never alert. All time is EVENT time; ids are deterministic.
+  roll-up incident (``alert_storm``) instead of paging; in a group of workers, each pages its share
+  of ``max_per_minute`` and has a roll-up of its own (``AlertPolicy.share_pages``).
+  ``suppress_clients`` / ``suppress_models`` (fnmatch patterns) never alert. All time is EVENT time;
+  ids are deterministic.
 * State across restarts: rebuilt from the outbox (the ClickHouse ``alerts`` table): the newest
   notification of each dedup key says whether its incident is open, since when, and its severity
   (``AlertPolicy.restore``; the pipeline does it for the partitions it is assigned). Members of a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import hashlib
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
@@ -36,7 +37,22 @@ def dedup_key_for(model_id: str, client_id: str, kind: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ incident policy
-ROLLUP_KEY = dedup_key_for("*", "*", ROLLUP_KIND)
+ROLLUP_KEY = dedup_key_for("*", "*", ROLLUP_KIND)  # the roll-up of a single worker (see rollup_client)
+
+
+def rollup_client(slot: int) -> str:
+    """The client id of a worker's roll-up incident: it goes with partition ``slot``, the lowest the
+    worker read when it was opened; "*" for partition 0, which a single worker reads."""
+    return "*" if slot == 0 else f"*p{slot}"
+
+
+def rollup_slot(client_id: str) -> int | None:
+    """The partition a roll-up incident goes with (client ids from rollup_client; None otherwise)."""
+    if client_id == "*":
+        return 0
+    if client_id.startswith("*p") and client_id[2:].isdigit():
+        return int(client_id[2:])
+    return None
 
 
 class PolicySettings(msgspec.Struct, kw_only=True):
@@ -147,6 +163,20 @@ class AlertPolicy:
         self.pages: list[float] = []  # event times of recent pages, sorted
         self.suppressed = 0  # evaluations above the threshold that suppression dropped
         self.rolled_up = 0  # incidents that joined a roll-up instead of paging
+        self.page_cap = self.settings.max_per_minute  # this worker's (see share_pages)
+        self.rollup_client = rollup_client(0)
+        self.rollup_key = ROLLUP_KEY
+
+    def share_pages(self, share: float, slot: int) -> None:
+        """One of several workers, reading ``share`` of the stream and partitions from ``slot`` up:
+        it pages at most its share of ``max_per_minute`` (at least one a minute), so the workers
+        together page about as many; and a storm past that gets a roll-up incident of its own, which
+        goes with partition ``slot``, so one worker's storm ending never resolves another's (a
+        roll-up shared by its key would flap, resolved and re-opened by turns)."""
+        cap = self.settings.max_per_minute
+        self.page_cap = max(1, math.ceil(cap * share)) if cap > 0 else 0
+        self.rollup_client = rollup_client(slot)
+        self.rollup_key = dedup_key_for("*", self.rollup_client, ROLLUP_KIND)
 
     # ---------------------------------------------------------------------------------- helpers
     def _suppressed(self, model_id: str, client_id: str) -> bool:
@@ -251,11 +281,11 @@ class AlertPolicy:
         inc.last_notified = at
         self._absorb(inc, score, kind, value)
         self.incidents[key] = inc
-        cap = self.settings.max_per_minute
+        cap = self.page_cap
         # Scores of one batch come grouped by session, not in time order: count pages in (at-60, at].
         del self.pages[: bisect.bisect_right(self.pages, self.watermark - 600.0)]
         recent = bisect.bisect_right(self.pages, at) - bisect.bisect_right(self.pages, at - 60.0)
-        storm = self.incidents.get(ROLLUP_KEY)
+        storm = self.incidents.get(self.rollup_key)
         if storm is not None or (cap > 0 and recent >= cap):
             inc.rollup = True
             self.rolled_up += 1
@@ -265,10 +295,10 @@ class AlertPolicy:
         out.append(self._notify(inc, "firing", "new", at))
 
     def _join_rollup(self, member: _Incident, out: list[Alert]) -> None:
-        storm = self.incidents.get(ROLLUP_KEY)
+        storm = self.incidents.get(self.rollup_key)
         if storm is None:
-            storm = _Incident(ROLLUP_KEY, "*", "*", ROLLUP_KIND, member.event_time)
-            self.incidents[ROLLUP_KEY] = storm
+            storm = _Incident(self.rollup_key, "*", self.rollup_client, ROLLUP_KIND, member.event_time)
+            self.incidents[self.rollup_key] = storm
             storm.members.add(member.key)
             storm.members_total = 1
             self._refresh_rollup(storm)
@@ -279,7 +309,7 @@ class AlertPolicy:
         self._touch_rollup(member)
 
     def _touch_rollup(self, member: _Incident) -> None:
-        storm = self.incidents.get(ROLLUP_KEY)
+        storm = self.incidents.get(self.rollup_key)
         if storm is None:
             return
         storm.members.add(member.key)
@@ -324,10 +354,10 @@ class AlertPolicy:
 
     def _resolve(self, inc: _Incident, at: float, out: list[Alert]) -> None:
         self.incidents.pop(inc.key, None)
-        if inc.key == ROLLUP_KEY:
+        if inc.key == self.rollup_key:
             out.append(self._notify(inc, "resolved", "resolve", at))
         elif inc.rollup:
-            storm = self.incidents.get(ROLLUP_KEY)
+            storm = self.incidents.get(self.rollup_key)
             if storm is not None:
                 storm.members.discard(inc.key)
                 storm.dirty = True
@@ -342,7 +372,9 @@ class AlertPolicy:
         now = self.watermark
         for key in sorted(self.incidents):
             inc = self.incidents.get(key)
-            if inc is None or key == ROLLUP_KEY:
+            # This worker's roll-up is handled below. Another roll-up (restored from the outbox, or
+            # this worker's before its partitions moved) has no members: it ends as an incident does.
+            if inc is None or key == self.rollup_key:
                 continue
             if inc.restored:  # restored from the outbox: its quiet time counts from the restart
                 inc.restored = False
@@ -352,7 +384,7 @@ class AlertPolicy:
                 self._resolve(inc, inc.last_above + s.resolve_after_s, out)
             elif not inc.rollup:
                 self._maybe_update(inc, now, out)
-        storm = self.incidents.get(ROLLUP_KEY)
+        storm = self.incidents.get(self.rollup_key)
         if storm is not None:
             if storm.restored:
                 storm.restored = False
@@ -406,7 +438,7 @@ class AlertPolicy:
             inc.event_time = inc.last_above = inc.last_notified = alert.event_time
             inc.severity, inc.score, inc.n_queries = alert.severity, alert.score, alert.n_queries
             inc.session_id = alert.session_id
-            if alert.session_id and key != ROLLUP_KEY:
+            if alert.session_id and alert.kind != ROLLUP_KIND:
                 inc.sessions.add(alert.session_id)
             inc.reasons, inc.signals = list(alert.reasons), dict(alert.signals)
             inc.source_ips = list(alert.source_ips)
@@ -419,12 +451,9 @@ class AlertPolicy:
 
     def forget(self, owned_elsewhere: Callable[[str, str], bool]) -> list[str]:
         """Drop the open incidents of (model, client) pairs now owned by another worker (after a
-        rebalance; it rebuilds them from the outbox). Returns their dedup keys."""
-        gone = [
-            key
-            for key, inc in self.incidents.items()
-            if key != ROLLUP_KEY and owned_elsewhere(inc.model_id, inc.client_id)
-        ]
+        rebalance; it rebuilds them from the outbox), roll-ups included (model "*", their client
+        from rollup_client). Returns their dedup keys."""
+        gone = [key for key, inc in self.incidents.items() if owned_elsewhere(inc.model_id, inc.client_id)]
         for key in gone:
             del self.incidents[key]
             self.resolved.pop(key, None)

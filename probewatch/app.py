@@ -39,7 +39,7 @@ from kafka.errors import KafkaError
 from alerting.alert import Alert
 from alerting.dispatch import DeliverySettings, Dispatcher
 from alerting.outbox import StoreOutbox
-from alerting.policy import ROLLUP_KEY, AlertPolicy, PolicySettings
+from alerting.policy import AlertPolicy, PolicySettings, rollup_slot
 from alerting.sinks import AlertSink
 from detectors.engine import SessionDetector
 from detectors.scores import SessionScore
@@ -154,6 +154,7 @@ class Pipeline:
         self._dlq_reasons: Counter[str] = Counter()
         self._population_restored = False
         self._owned_partitions: set[int] = set()  # whose state this worker holds (Kafka)
+        self._stream_share = (1.0, 0)  # of the stream, and the lowest partition (see _follow_stream_share)
         self.metrics = PipelineMetrics()
         self.metrics.watch_alert_delivery(self.dispatcher.stats)
         self._last_gauges = 0.0
@@ -179,8 +180,8 @@ class Pipeline:
 
     def _restore_incidents(self, partitions: list[int]) -> None:
         """Rebuild the open incidents of the clients whose state this worker now owns from the outbox
-        (a shared source group's go with its home partition, the roll-up with partition 0), and have
-        receivers that re-send active alerts adopt them."""
+        (a shared source group's go with its home partition, a storm roll-up with the partition it
+        names), and have receivers that re-send active alerts adopt them."""
         settings = self.policy.settings
         horizon = 2 * max(settings.cooldown_s, settings.renotify_s, settings.resolve_after_s) + 3600.0
         try:
@@ -189,12 +190,9 @@ class Pipeline:
             log.error("cannot read open incidents from the outbox: %s", exc)
             return
         owned = set(partitions)
-        partition_of = self.detector.partition_of
 
         def keep(alert: Alert) -> bool:
-            if alert.dedup_key == ROLLUP_KEY:
-                return 0 in owned
-            return partition_of(alert.model_id, alert.client_id) in owned
+            return self._incident_partition(alert.model_id, alert.client_id) in owned
 
         count = self.policy.restore(stored, keep)
         self.dispatcher.seed(self.policy.open_alerts())
@@ -203,25 +201,36 @@ class Pipeline:
     def on_partitions_revoked(self, partitions: list[int]) -> None:
         # Every batch was checkpointed before the poll that revokes, so the state can simply go.
         gone = set(partitions)
-        partition_of = self.detector.partition_of
-        handed_over = self.policy.forget(lambda model_id, client_id: partition_of(model_id, client_id) in gone)
+        handed_over = self.policy.forget(
+            lambda model_id, client_id: self._incident_partition(model_id, client_id) in gone
+        )
         self.dispatcher.forget(handed_over)  # the new owner restores and refreshes these incidents
         self.detector.drop_partitions(partitions)
         for partition in partitions:
             self.applied_positions.pop(partition, None)
         self._owned_partitions.difference_update(partitions)
 
+    def _incident_partition(self, model_id: str, client_id: str) -> int | None:
+        """The partition an incident goes with: a storm roll-up's (model "*"), or its client's (a
+        source group's home partition); None if no partition holds it here."""
+        if model_id == "*":
+            return rollup_slot(client_id)
+        return self.detector.partition_of(model_id, client_id)
+
     def _follow_stream_share(self, source: Source) -> None:
-        """Tell the detector which share of the stream this worker reads (its partitions of the
-        topic's), which places the epochs of shared baselines. Kept while it owns none: the share it
-        had is the best guess for its next assignment."""
+        """Tell the detector and the alert policy which share of the stream this worker reads (its
+        partitions of the topic's): it places the epochs of shared baselines, and this worker's part
+        of the page budget. Kept while it owns none: the share it had is the best guess for its next
+        assignment."""
         if not self._owned_partitions:
             return
-        owned, total = len(self._owned_partitions), source.partition_count()
+        owned, total, lowest = len(self._owned_partitions), source.partition_count(), min(self._owned_partitions)
         share = min(1.0, owned / total)
-        if share != self.detector.stream_share:
+        if (share, lowest) != self._stream_share:
             log.info("this worker reads %d of the topic's %d partitions", owned, total)
+            self._stream_share = (share, lowest)
             self.detector.set_stream_share(share)
+            self.policy.share_pages(share, lowest)
 
     # ----------------------------------------------------------------------------------------- run
     def run(self, source: Source) -> RunSummary:

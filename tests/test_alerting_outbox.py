@@ -5,18 +5,24 @@ from the outbox (no second page for an ongoing attack) and the sweep delivers ev
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from alerting.alert import ROLLUP_KIND
 from alerting.dispatch import DeliverySettings, Dispatcher
 from alerting.outbox import StoreOutbox
-from alerting.policy import AlertPolicy, PolicySettings
+from alerting.policy import AlertPolicy, PolicySettings, rollup_slot
 from alerting.receivers import WebhookReceiver
 from alerting.render import AlertFormatter
 from alerting.testing import RecordingServer
 from detectors.scores import SessionScore
-from probewatch.config import ChdbConfig, StorageConfig
+from ingest.deadletter import FileDeadLetterSink
+from ingest.sources import RawMessage
+from probewatch.app import Pipeline
+from probewatch.changelog import StoreStateBackend
+from probewatch.config import ChdbConfig, StorageConfig, load_config
 from storage import BatchStats, StoredBatch, open_store
 
 pytestmark = pytest.mark.integration
@@ -105,3 +111,79 @@ def test_outbox_restart_recovery_through_the_real_store(tmp_path: Path) -> None:
             up.stop()
     finally:
         store.close()
+
+
+class _GroupMember:
+    """The Source of a worker that reads some of a topic's four partitions (nothing to poll here: the
+    test hands the pipeline its partitions itself, as the Kafka source does after a poll)."""
+
+    name = "group-member"
+
+    def batches(self) -> Iterator[list[RawMessage]]:
+        return iter(())
+
+    def commit(self, batch: list[RawMessage]) -> None:
+        return None
+
+    def confirm_assignment(self) -> None:
+        return None
+
+    def rewind(self) -> None:
+        return None
+
+    def partition_count(self) -> int:
+        return 4
+
+    def stop(self) -> None:
+        return None
+
+    @property
+    def stopped(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_storm_roll_up_goes_with_the_partition_it_names(tmp_path: Path) -> None:
+    """Two workers of a group on four partitions, one real outbox (chDB). Worker A reads partitions 2
+    and 3: it pages half of max_per_minute and rolls its storm up under a roll-up of partition 2.
+    Worker B, on partitions 0 and 1, does not take that roll-up up; when partition 2 moves to B, A
+    hands the roll-up over and B restores it from the outbox, so exactly one worker holds it."""
+    config = load_config(
+        environ={},
+        overrides={
+            "source": "kafka",
+            "state": {"backend": "clickhouse", "shared_baselines": False},
+            "storage": {"backend": "chdb", "chdb": {"path": str(tmp_path / "db")}},
+            "alerting": {"console": False, "max_per_minute": 4, "cooldown_s": 600, "renotify_s": 0},
+        },
+    )
+    store = open_store(config.storage)
+    store.migrate()
+
+    def worker(name: str) -> Pipeline:
+        return Pipeline(
+            config, store, FileDeadLetterSink(str(tmp_path / f"{name}.dlq")), [], state=StoreStateBackend(store)
+        )
+
+    a, b, source = worker("a"), worker("b"), _GroupMember()
+    try:
+        a.on_partitions_assigned([2, 3])
+        b.on_partitions_assigned([0, 1])
+        a.process_batch([], source)  # the batch after the poll that assigned them
+        b.process_batch([], source)
+        assert a.policy.page_cap == 2 and rollup_slot(a.policy.rollup_client) == 2
+        alerts = a.policy.evaluate([score(f"acct-{i}", T0 + 60 + i, 100) for i in range(10)])
+        assert len([x for x in alerts if x.notification == "new"]) == 3  # two pages and the roll-up
+        (storm,) = [x for x in alerts if x.kind == ROLLUP_KIND]
+        store.write_batch(StoredBatch(batch_id="a1", alerts=alerts, stats=BatchStats(worker="a")))
+        b.on_partitions_assigned([0, 1])  # assigned again: its restore reads A's roll-up, and leaves it
+        assert storm.dedup_key not in b.policy.incidents
+        a.on_partitions_revoked([2])
+        assert storm.dedup_key not in a.policy.incidents
+        b.on_partitions_assigned([2])
+        assert storm.dedup_key in b.policy.incidents
+    finally:
+        a.close()
+        b.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from alerting.alert import ROLLUP_KIND, Alert
-from alerting.policy import ROLLUP_KEY, AlertPolicy, PolicySettings, _is_evaluation
+from alerting.policy import ROLLUP_KEY, AlertPolicy, PolicySettings, _is_evaluation, rollup_slot
 from detectors.engine import SessionDetector
 from detectors.scores import SessionScore
 from ingest.records import QueryRecord, RecordDecoder, SourcePosition
@@ -113,6 +113,35 @@ def test_storm_is_capped_with_one_rollup() -> None:
     out = policy.evaluate(closing)
     assert sorted(a.notification for a in out) == ["resolve"] * 6
     assert policy.incidents == {}
+
+
+def test_workers_share_the_page_budget_and_each_rolls_its_own_storm_up() -> None:
+    """Two workers of a group, each reading half of the stream (partitions from 0 and from 3): each
+    pages at most half of max_per_minute, so together they page as many as one worker would; past
+    that, each rolls its storm up under a key of its own, which goes with its lowest partition. One
+    worker's storm ends and its roll-up resolves; the other's goes on, still open. (Under one shared
+    key the first resolve would have closed the other's storm, and its next update re-opened it.)"""
+    settings = PolicySettings(max_per_minute=10, renotify_s=0, cooldown_s=600)
+    workers = [AlertPolicy(settings), AlertPolicy(settings)]
+    workers[0].share_pages(0.5, 0)
+    workers[1].share_pages(0.5, 3)
+    out: list[list[Alert]] = [[], []]
+    for start in range(0, 400, 50):
+        for w, policy in enumerate(workers):
+            out[w] += policy.evaluate(
+                [score(T0 + i * 0.02, 0.9, client=f"w{w}-{i:04d}") for i in range(start, start + 50)]
+            )
+    assert [len([a for a in o if a.notification == "new" and a.kind != ROLLUP_KIND]) for o in out] == [5, 5]
+    first, second = ([a for a in o if a.kind == ROLLUP_KIND] for o in out)
+    assert [a.notification for a in first] == [a.notification for a in second] == ["new"]
+    assert first[0].dedup_key == ROLLUP_KEY and rollup_slot(first[0].client_id) == 0
+    assert second[0].dedup_key != ROLLUP_KEY and rollup_slot(second[0].client_id) == 3
+    ended = workers[0].evaluate([score(T0 + 800, 0.9, client=f"w0-{i:04d}", n=125, closed=True) for i in range(400)])
+    assert [a.notification for a in ended if a.kind == ROLLUP_KIND] == ["resolve"]
+    going = workers[1].evaluate([score(T0 + 800, 0.9, client=f"w1-{i:04d}", n=125) for i in range(400)])
+    assert [a.notification for a in going if a.kind == ROLLUP_KIND] == ["update"]
+    # Partition 3 moves to another worker: the roll-up goes with it (the new owner restores it).
+    assert workers[1].forget(lambda model, client: model == "*" and rollup_slot(client) == 3) == [second[0].dedup_key]
 
 
 def test_suppressed_clients_never_alert() -> None:
