@@ -379,6 +379,42 @@ class InProcessWorker:
             self.producer.close()
 
 
+class HandedBatches:
+    """A Source whose batches the test hands to ``Pipeline.process_batch`` itself: nothing to poll; it
+    counts the records committed, and stands for a topic of ``partitions`` partitions."""
+
+    name = "handed"
+
+    def __init__(self, partitions: int = 1) -> None:
+        self.partitions = partitions
+        self.committed = 0
+
+    def batches(self) -> Iterator[list[RawMessage]]:
+        return iter(())
+
+    def commit(self, batch: list[RawMessage]) -> None:
+        self.committed += len(batch)
+
+    def confirm_assignment(self) -> None:
+        return None
+
+    def rewind(self) -> None:
+        return None
+
+    def partition_count(self) -> int:
+        return self.partitions
+
+    def stop(self) -> None:
+        return None
+
+    @property
+    def stopped(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
 class SourceWrapper:
     """A KafkaSource with a fault injected by a subclass: every call goes to the real source unless
     the subclass overrides it."""

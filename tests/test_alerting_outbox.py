@@ -5,10 +5,10 @@ from the outbox (no second page for an ongoing attack) and the sweep delivers ev
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import HandedBatches
 
 from alerting.alert import ROLLUP_KIND
 from alerting.dispatch import DeliverySettings, Dispatcher
@@ -19,7 +19,6 @@ from alerting.render import AlertFormatter
 from alerting.testing import RecordingServer
 from detectors.scores import SessionScore
 from ingest.deadletter import FileDeadLetterSink
-from ingest.sources import RawMessage
 from probewatch.app import Pipeline
 from probewatch.changelog import StoreStateBackend
 from probewatch.config import ChdbConfig, StorageConfig, load_config
@@ -113,38 +112,6 @@ def test_outbox_restart_recovery_through_the_real_store(tmp_path: Path) -> None:
         store.close()
 
 
-class _GroupMember:
-    """The Source of a worker that reads some of a topic's four partitions (nothing to poll here: the
-    test hands the pipeline its partitions itself, as the Kafka source does after a poll)."""
-
-    name = "group-member"
-
-    def batches(self) -> Iterator[list[RawMessage]]:
-        return iter(())
-
-    def commit(self, batch: list[RawMessage]) -> None:
-        return None
-
-    def confirm_assignment(self) -> None:
-        return None
-
-    def rewind(self) -> None:
-        return None
-
-    def partition_count(self) -> int:
-        return 4
-
-    def stop(self) -> None:
-        return None
-
-    @property
-    def stopped(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        return None
-
-
 def test_a_storm_roll_up_goes_with_the_partition_it_names(tmp_path: Path) -> None:
     """Two workers of a group on four partitions, one real outbox (chDB). Worker A reads partitions 2
     and 3: it pages half of max_per_minute and rolls its storm up under a roll-up of partition 2.
@@ -167,7 +134,7 @@ def test_a_storm_roll_up_goes_with_the_partition_it_names(tmp_path: Path) -> Non
             config, store, FileDeadLetterSink(str(tmp_path / f"{name}.dlq")), [], state=StoreStateBackend(store)
         )
 
-    a, b, source = worker("a"), worker("b"), _GroupMember()
+    a, b, source = worker("a"), worker("b"), HandedBatches(partitions=4)
     try:
         a.on_partitions_assigned([2, 3])
         b.on_partitions_assigned([0, 1])

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pipeline_helpers import HandedBatches
 
 from ingest.deadletter import FileDeadLetterSink
 from ingest.records import MAX_EPOCH_S, MIN_EPOCH_S, DeadLetter, QueryRecord, RecordDecoder, SourcePosition
@@ -400,34 +401,6 @@ def test_file_source_does_not_hold_an_overlong_line(tmp_path: Path) -> None:
 # The whole batch path on a real chDB store
 
 
-class _BatchSource:
-    """A Source whose batches the test hands to Pipeline.process_batch itself; counts commits."""
-
-    name = "fuzz"
-
-    def __init__(self) -> None:
-        self.committed = 0
-
-    def batches(self) -> Iterator[list[RawMessage]]:
-        return iter(())
-
-    def commit(self, batch: list[RawMessage]) -> None:
-        self.committed += len(batch)
-
-    def confirm_assignment(self) -> None:
-        return None
-
-    def stop(self) -> None:
-        return None
-
-    @property
-    def stopped(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        return None
-
-
 class Harness:
     def __init__(self, root: Path) -> None:
         self.config: Config = load_config(
@@ -483,7 +456,7 @@ class Harness:
         ]
         pipeline = self.pipelines[checkpointed]
         before = pipeline.summary.records_read
-        source = _BatchSource()
+        source = HandedBatches()
         pipeline.process_batch(batch, source)
         assert source.committed == len(inputs)
         assert pipeline.summary.records_read - before == len(inputs)
