@@ -154,7 +154,7 @@ class Pipeline:
         self._dlq_reasons: Counter[str] = Counter()
         self._population_restored = False
         self._owned_partitions: set[int] = set()  # whose state this worker holds (Kafka)
-        self._stream_share = (1.0, 0)  # of the stream, and the lowest partition (see _follow_stream_share)
+        self._shared_for: frozenset[int] = frozenset()  # the partitions of the last _follow_stream_share
         self.metrics = PipelineMetrics()
         self.metrics.watch_alert_delivery(self.dispatcher.stats)
         self._last_gauges = 0.0
@@ -222,15 +222,14 @@ class Pipeline:
         partitions of the topic's): it places the epochs of shared baselines, and this worker's part
         of the page budget. Kept while it owns none: the share it had is the best guess for its next
         assignment."""
-        if not self._owned_partitions:
+        if not self._owned_partitions or self._owned_partitions == self._shared_for:
             return
-        owned, total, lowest = len(self._owned_partitions), source.partition_count(), min(self._owned_partitions)
+        self._shared_for = frozenset(self._owned_partitions)
+        owned, total = len(self._shared_for), source.partition_count()
         share = min(1.0, owned / total)
-        if (share, lowest) != self._stream_share:
-            log.info("this worker reads %d of the topic's %d partitions", owned, total)
-            self._stream_share = (share, lowest)
-            self.detector.set_stream_share(share)
-            self.policy.share_pages(share, lowest)
+        log.info("this worker reads %d of the topic's %d partitions", owned, total)
+        self.detector.set_stream_share(share)
+        self.policy.share_pages(share, min(self._shared_for))
 
     # ----------------------------------------------------------------------------------------- run
     def run(self, source: Source) -> RunSummary:
