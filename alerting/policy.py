@@ -449,11 +449,11 @@ class AlertPolicy:
             restored += 1
         return restored
 
-    def forget(self, owned_elsewhere: Callable[[str, str], bool]) -> list[str]:
-        """Drop the open incidents of (model, client) pairs now owned by another worker (after a
-        rebalance; it rebuilds them from the outbox), roll-ups included (model "*", their client
-        from rollup_client). Returns their dedup keys."""
-        gone = [key for key, inc in self.incidents.items() if owned_elsewhere(inc.model_id, inc.client_id)]
+    def forget(self, owned_elsewhere: Callable[[str, str, str], bool]) -> list[str]:
+        """Drop the open incidents now owned by another worker, by (model, client, kind): after a
+        rebalance, it rebuilds them from the outbox. Roll-ups too (their client from rollup_client).
+        Returns their dedup keys."""
+        gone = [key for key, inc in self.incidents.items() if owned_elsewhere(inc.model_id, inc.client_id, inc.kind)]
         for key in gone:
             del self.incidents[key]
             self.resolved.pop(key, None)

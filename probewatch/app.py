@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 from kafka.errors import KafkaError
 
-from alerting.alert import Alert
+from alerting.alert import ROLLUP_KIND, Alert
 from alerting.dispatch import DeliverySettings, Dispatcher
 from alerting.outbox import StoreOutbox
 from alerting.policy import AlertPolicy, PolicySettings, rollup_slot
@@ -192,7 +192,7 @@ class Pipeline:
         owned = set(partitions)
 
         def keep(alert: Alert) -> bool:
-            return self._incident_partition(alert.model_id, alert.client_id) in owned
+            return self._incident_partition(alert.model_id, alert.client_id, alert.kind) in owned
 
         count = self.policy.restore(stored, keep)
         self.dispatcher.seed(self.policy.open_alerts())
@@ -201,19 +201,17 @@ class Pipeline:
     def on_partitions_revoked(self, partitions: list[int]) -> None:
         # Every batch was checkpointed before the poll that revokes, so the state can simply go.
         gone = set(partitions)
-        handed_over = self.policy.forget(
-            lambda model_id, client_id: self._incident_partition(model_id, client_id) in gone
-        )
+        handed_over = self.policy.forget(lambda *incident: self._incident_partition(*incident) in gone)
         self.dispatcher.forget(handed_over)  # the new owner restores and refreshes these incidents
         self.detector.drop_partitions(partitions)
         for partition in partitions:
             self.applied_positions.pop(partition, None)
         self._owned_partitions.difference_update(partitions)
 
-    def _incident_partition(self, model_id: str, client_id: str) -> int | None:
-        """The partition an incident goes with: a storm roll-up's (model "*"), or its client's (a
-        source group's home partition); None if no partition holds it here."""
-        if model_id == "*":
+    def _incident_partition(self, model_id: str, client_id: str, kind: str) -> int | None:
+        """The partition an incident goes with: a storm roll-up's own, or its client's (a source
+        group's home partition); None if no partition holds it here."""
+        if kind == ROLLUP_KIND:
             return rollup_slot(client_id)
         return self.detector.partition_of(model_id, client_id)
 

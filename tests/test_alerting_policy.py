@@ -141,7 +141,8 @@ def test_workers_share_the_page_budget_and_each_rolls_its_own_storm_up() -> None
     going = workers[1].evaluate([score(T0 + 800, 0.9, client=f"w1-{i:04d}", n=125) for i in range(400)])
     assert [a.notification for a in going if a.kind == ROLLUP_KIND] == ["update"]
     # Partition 3 moves to another worker: the roll-up goes with it (the new owner restores it).
-    assert workers[1].forget(lambda model, client: model == "*" and rollup_slot(client) == 3) == [second[0].dedup_key]
+    handed_over = workers[1].forget(lambda model, client, kind: kind == ROLLUP_KIND and rollup_slot(client) == 3)
+    assert handed_over == [second[0].dedup_key]
 
 
 def test_suppressed_clients_never_alert() -> None:
@@ -225,5 +226,5 @@ def test_incidents_do_not_depend_on_batch_boundaries(simulated: list[QueryRecord
 def test_rebalance_forgets_incidents_owned_elsewhere() -> None:
     policy = AlertPolicy()
     policy.evaluate([score(T0, 0.9, client="mine"), score(T0, 0.9, client="theirs")])
-    assert policy.forget(lambda model, client: client == "theirs") == ["m1|theirs|extraction"]
+    assert policy.forget(lambda model, client, kind: client == "theirs") == ["m1|theirs|extraction"]
     assert [a.client_id for a in policy.open_alerts()] == ["mine"]
