@@ -464,6 +464,8 @@ class SessionDetector:
         about equal shares). With shared baselines it places the epochs, so that workers starting
         together form the group's baselines as early in the stream as one worker would (see
         ModelPopulation.count)."""
+        if not 0.0 < share <= 1.0:  # here too: a model seen later would meet it in the stream's loop
+            raise ValueError(f"a stream share is in (0, 1], got {share}")
         for population in self.populations.values():
             population.set_stream_share(share)
         self.stream_share = share

@@ -556,6 +556,8 @@ def test_a_worker_places_its_epochs_on_the_records_of_the_stream_it_reads_a_shar
     assert epoch_ends(own, 1600) == [100, 200, 400, 800, 1600]
     with pytest.raises(ValueError, match="stream share"):
         quarter.set_stream_share(0.0)
+    with pytest.raises(ValueError, match="stream share"):
+        SessionDetector().set_stream_share(1.5)  # no model yet: refused at once all the same
 
 
 def test_shared_baselines_let_two_workers_catch_what_one_catches(simulated: list[QueryRecord]) -> None:
