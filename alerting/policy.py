@@ -68,7 +68,8 @@ class PolicySettings(msgspec.Struct, kw_only=True):
     # threshold for this long.
     resolve_after_s: float = 1800.0
     # At most this many NEW incidents paged per minute (sliding, event time); past it, new incidents
-    # join ONE roll-up incident ("alert_storm") until the storm is over. 0 disables the cap.
+    # join ONE roll-up incident ("alert_storm") until the storm is over. 0 disables the cap. In a
+    # group of workers this is the group's: each pages its share (see AlertPolicy.share_pages).
     max_per_minute: int = 20
     # fnmatch patterns of client ids / model ids that never alert (load tests, internal scanners).
     suppress_clients: list[str] = msgspec.field(default_factory=list)

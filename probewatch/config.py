@@ -238,7 +238,7 @@ class AlertingConfig(_Section):
     cooldown_s: float = 600.0
     renotify_s: float = 3600.0
     resolve_after_s: float = 1800.0
-    max_per_minute: int = 20
+    max_per_minute: int = 20  # pages a minute, for a consumer group in all (each worker its share)
     suppress_clients: list[str] = msgspec.field(default_factory=list)
     suppress_models: list[str] = msgspec.field(default_factory=list)
     receivers: dict[str, AlertReceiverConfig] = msgspec.field(default_factory=dict)
