@@ -187,14 +187,13 @@ class ModelPopulation:
         self.decay = decay
         self.min_clients = min_clients
         # Where this worker stands in the model's epoch schedule, in records of the model's stream:
-        # its own records, each counted as 1/stream_share of the stream's with shared baselines (see
-        # count).
+        # its own records, each counted as 1/s of the stream's when it reads a share s of it with
+        # shared baselines (see count).
         self.records: float = 0
         self.pending_records = 0  # records since the last contribution (the pending evidence's)
         self.counting = False  # this worker has counted records of the model (see fold)
         self._epoch_end = epoch_records  # the position that completes the current epoch
-        self.stream_share = 1.0  # the share of the model's stream this worker reads (set_stream_share)
-        self._pace = 1.0  # what one of this worker's records advances the schedule by
+        self._pace = 1.0  # what one of this worker's records advances the schedule by (set_stream_share)
         self._cap = 16 * epoch_records  # the schedule's last doubling epoch ends here
         self.epochs = 0
         self.hist = np.zeros((n_signals, N_BUCKETS, N_BINS), dtype=np.float64)
@@ -259,7 +258,6 @@ class ModelPopulation:
         partitions of the topic's. Places the epochs of shared baselines (see count)."""
         if not 0.0 < share <= 1.0:
             raise ValueError(f"a stream share is in (0, 1], got {share}")
-        self.stream_share = share
         if self.shared:
             self._pace = 1.0 / share
             # The doubling goes on for log2(1/s) more epochs (rounded down: never rarer than before).
