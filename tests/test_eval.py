@@ -140,7 +140,7 @@ def test_workers_that_start_together_catch_boundary_attacks_as_early_as_one_work
     """8 workers sharing baselines, each reading an eighth of the stream (label-only outputs, 40 benign
     clients). Had each counted its epochs in its own records, the group's first baselines would come
     after 8 epochs of the stream, and attacks that began before were judged only when their sessions
-    ended, at 100-150 queries. Told its share of the stream, as `probewatch run` tells a worker its
+    ended, at 150 queries. Told its share of the stream, as `probewatch run` tells a worker its
     partitions of the topic's, each contributes as the stream reaches each epoch: the attacks are
     caught within the queries one worker needs."""
     log, truth = _scenario(
