@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import requests
@@ -55,12 +56,13 @@ def post_json(
     session: requests.Session, url: str, body: bytes, *, timeout: float, headers: dict[str, str] | None = None
 ) -> requests.Response:
     """POST JSON; 2xx returns the response, anything else raises a classified DeliveryError. Error
-    messages carry the status and a short body, never the request (it may hold a routing key)."""
+    messages carry the status and a short body, never the request (it may hold a routing key) nor the
+    URL's path and query (a Slack or Discord webhook's path is its token)."""
     all_headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
     try:
         response = session.post(url, data=body, headers=all_headers, timeout=timeout)
     except requests.RequestException as exc:
-        raise DeliveryError(f"{type(exc).__name__}: {_short(str(exc))}") from None
+        raise DeliveryError(f"{type(exc).__name__}: {_short(_without_path(str(exc), url))}") from None
     if 200 <= response.status_code < 300:
         return response
     detail = f"HTTP {response.status_code}: {_short(response.text)}"
@@ -69,6 +71,18 @@ def post_json(
     if response.status_code >= 500 or response.status_code in (408, 409, 425):
         raise DeliveryError(detail, retry_after=_retry_after(response.headers.get("Retry-After")))
     raise DeliveryError(detail, retryable=False)
+
+
+def _without_path(text: str, url: str) -> str:
+    """``text`` (a requests error, which names the URL it failed on) with ``url``'s path and query
+    hidden; its scheme, host and port stay, they say where delivery failed."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    text = text.replace(url, f"{parts.scheme}://{parts.hostname}{port}/…")
+    hidden = [parts.path + ("?" + parts.query if parts.query else ""), parts.path, parts.query]
+    for secret in sorted({h for h in hidden if h not in ("", "/")}, key=len, reverse=True):
+        text = text.replace(secret, "/…" if secret.startswith("/") else "…")
+    return text
 
 
 def _short(text: str, limit: int = 200) -> str:

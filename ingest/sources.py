@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol, cast
 
 import msgspec
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -306,6 +306,81 @@ class _LineSplitter:
 
     def _over_long(self, size: int) -> None:
         log.warning("input %s: a line of %d bytes is over the %d-byte limit", self.name, size, self.limit)
+
+
+class KafkaUnavailable(Exception):
+    """The brokers did not answer, or refused this client, at start-up; the message says why (never
+    with a secret: it is built from kafka-python's reasons, which name no password)."""
+
+
+# What kafka-python's reasons mean for the operator, most specific first (see check_kafka).
+_KAFKA_REFUSALS = (
+    ("SaslAuthenticationFailed", "the broker rejected the credentials of {user} ({mechanism})"),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the broker's certificate is not trusted: set kafka.ssl_cafile to the CA that signed it",
+    ),
+    (
+        "BAD_CERTIFICATE",
+        "the broker refused this client's certificate: set kafka.ssl_certfile and kafka.ssl_keyfile to one it trusts",
+    ),
+    ("Handshake failed", "the TLS handshake failed"),
+    (
+        "socket disconnected",
+        "the broker closed the connection: does kafka.security_protocol ({protocol}) match the listener at that "
+        "address, and does it know {user}?",
+    ),
+    ("ECONNREFUSED", "nothing listens there (connection refused)"),
+)
+
+
+class _KafkaReasons(logging.Handler):
+    """kafka-python's own log lines while it connects: the only place where it says why a connection
+    failed (the exception it raises only says it could not bootstrap)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reasons.append(record.getMessage())
+
+
+def check_kafka(config: Any) -> None:
+    """Connect to the brokers once, as every Kafka client of a worker will (the same TLS and SASL
+    options), and raise :class:`KafkaUnavailable` with the reason when that fails within
+    ``config.connect_timeout_s``: a wrong password or an untrusted certificate is then one clear line
+    at start-up, not a minute of kafka-python's retries followed by a timeout."""
+    reasons = _KafkaReasons()
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(reasons)
+    propagate, kafka_log.propagate = kafka_log.propagate, False  # its retries' noise: summed up below
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=config.bootstrap_servers.split(","),
+            client_id=config.client_id,
+            bootstrap_timeout_ms=int(config.connect_timeout_s * 1000),
+            **kafka_security_options(config),
+        )
+    except (KafkaError, OSError, ValueError) as exc:
+        why = _refusal(config, reasons.reasons, exc)
+        where = f"Kafka at {config.bootstrap_servers}"
+        raise KafkaUnavailable(f"cannot reach {where} within {config.connect_timeout_s:g} s: {why}") from None
+    finally:
+        kafka_log.removeHandler(reasons)
+        kafka_log.propagate = propagate
+    admin.close()
+
+
+def _refusal(config: Any, reasons: list[str], exc: Exception) -> str:
+    user = f"user {config.sasl.username!r}" if config.security_protocol.startswith("SASL") else "this client"
+    for marker, meaning in _KAFKA_REFUSALS:
+        said = next((reason for reason in reversed(reasons) if marker in reason), None)
+        if said is not None:
+            detail = said.rpartition(": ")[2] if marker == "Handshake failed" else ""
+            text = meaning.format(user=user, mechanism=config.sasl.mechanism, protocol=config.security_protocol)
+            return f"{text}{': ' + detail if detail else ''}"
+    return reasons[-1] if reasons else f"{type(exc).__name__}: {exc}"
 
 
 def kafka_security_options(config: Any) -> dict[str, Any]:

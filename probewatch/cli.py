@@ -309,6 +309,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Until the loop installs its own handler, SIGTERM (an orchestrator scaling down or rolling a
     # deployment) ends start-up cleanly: nothing has been consumed yet, so nothing can be lost.
     signal.signal(signal.SIGTERM, _terminate_during_startup)
+    from ingest.sources import KafkaUnavailable
     from ingest.transactions import ProducerFenced
     from probewatch.wiring import build_and_run
 
@@ -331,6 +332,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A zombie under exactly-once (the pipeline logged it): exit without a traceback.
         print(f"probewatch: stopped, the transactional producer was fenced: {exc}", file=sys.stderr)
         return 4
+    except KafkaUnavailable as exc:
+        print(f"probewatch: {exc}", file=sys.stderr)
+        return 3  # as for unreachable storage
     if config.source == "file":
         print_summary(summary, top=args.top)
     return 0

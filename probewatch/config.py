@@ -69,11 +69,33 @@ class KafkaConfig(_Section):
     # are a few KB each; in kafka-python's default 16 KB batches an entry costs about three times what
     # it costs in 512 KB ones (measured). Keep it below the broker's message.max.bytes (1 MB default).
     producer_batch_bytes: int = 524_288
+    # How long a worker waits for the brokers at start-up before it gives up with the reason
+    # (refused, credentials rejected, certificate not trusted, ...).
+    connect_timeout_s: float = 30.0
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
     sasl: SaslConfig = msgspec.field(default_factory=SaslConfig)
+
+    def problems(self) -> list[str]:
+        """What a worker could not connect with: found here, before any connection is tried."""
+        problems = []
+        if self.connect_timeout_s <= 0:
+            problems.append(f"kafka.connect_timeout_s must be positive, got {self.connect_timeout_s}")
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                path = getattr(self, key)
+                if path and not os.path.isfile(path):
+                    problems.append(f"kafka.{key}: no such file {path!r}")
+            if self.ssl_keyfile and not self.ssl_certfile:
+                problems.append("kafka.ssl_keyfile is set without kafka.ssl_certfile (the client certificate)")
+        if self.security_protocol.startswith("SASL") and not (self.sasl.username and self.sasl.password):
+            problems.append(
+                f"kafka.security_protocol = {self.security_protocol!r} needs kafka.sasl.username and a password "
+                "(kafka.sasl.password or kafka.sasl.password_file)"
+            )
+        return problems
 
     @property
     def effective_dlq_topic(self) -> str:
@@ -339,6 +361,8 @@ class Config(_Section):
         ):
             if value <= 0:
                 problems.append(f"{key} must be positive, got {value}")
+        if self.source == "kafka":
+            problems.extend(self.kafka.problems())
         if self.file.linger_ms < 0:
             problems.append(f"file.linger_ms must be 0 or more, got {self.file.linger_ms}")
         if self.sessions.inactivity_gap_s <= 0 or self.sessions.allowed_lateness_s < 0:

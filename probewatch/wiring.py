@@ -13,7 +13,7 @@ from alerting.receivers import AlertmanagerReceiver, KafkaReceiver, PagerDutyRec
 from alerting.render import AlertFormatter
 from alerting.sinks import AlertSink, ConsoleSink, JsonLinesSink
 from ingest.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
-from ingest.sources import FileSource, KafkaSource, Source, kafka_security_options
+from ingest.sources import FileSource, KafkaSource, Source, check_kafka, kafka_security_options
 from ingest.transactions import KafkaTransactions
 from probewatch.app import Pipeline, RunSummary, new_worker_id
 from probewatch.changelog import KafkaChangelog, StateBackend, StoreStateBackend, retry_kafka
@@ -251,6 +251,8 @@ def build_job(config: Config, *, input_path: str | None, dlq_path: str | None = 
     dead_letters: DeadLetterSink
     producer = None
     transactions = None
+    if config.source == "kafka":
+        check_kafka(config.kafka)  # before any client below retries a refusal until it times out
     if config.source == "kafka" and config.kafka.processing_guarantee == "exactly_once":
         transactions = KafkaTransactions(
             transactional_id(config, worker_id),

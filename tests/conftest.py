@@ -24,6 +24,9 @@ from clickhouse_driver import Client
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
+from ingest.sources import kafka_security_options
+from probewatch.config import KafkaConfig, load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ROOT / "deploy" / "local"
 START_HINT = "start the local services with `make services-up` (or `deploy/local/services.sh up`)"
@@ -34,6 +37,20 @@ ALERTMANAGER = os.environ.get("PROBEWATCH_TEST_ALERTMANAGER", "http://127.0.0.1:
 WEBHOOK_PORT = int(os.environ.get("PROBEWATCH_TEST_WEBHOOK_PORT", "19080"))
 
 SERVICES = ("kafka", "clickhouse", "alertmanager")
+
+# The broker's authenticated listeners and their test credentials (deploy/local/kafka.sh).
+KAFKA_LISTENERS = {
+    "SASL_PLAINTEXT": os.environ.get("PROBEWATCH_TEST_KAFKA_SASL", "127.0.0.1:19095"),
+    "SASL_SSL": os.environ.get("PROBEWATCH_TEST_KAFKA_SASL_SSL", "127.0.0.1:19096"),
+    "SSL": os.environ.get("PROBEWATCH_TEST_KAFKA_SSL", "127.0.0.1:19097"),
+}
+KAFKA_TLS = Path(
+    os.environ.get(
+        "PROBEWATCH_TEST_KAFKA_TLS",
+        Path(os.environ.get("PROBEWATCH_RUN_DIR", Path.home() / ".cache" / "probewatch" / "run")) / "kafka" / "tls",
+    )
+)
+KAFKA_SASL_USER, KAFKA_SASL_PASSWORD = "probewatch", "probewatch-local-secret"
 
 # Fixtures of the end-to-end pipeline tests (scenario, pipeline_env), shared by several test files.
 pytest_plugins = ("pipeline_helpers",)
@@ -67,12 +84,13 @@ def _require(service: str, address: str, probe: Callable[[], object]) -> None:
     )
 
 
-def kafka_admin(bootstrap: str, timeout_ms: int = 10_000) -> KafkaAdminClient:
+def kafka_admin(bootstrap: str, timeout_ms: int = 10_000, **options: Any) -> KafkaAdminClient:
     """A kafka-python KafkaAdminClient with short timeouts (works with kafka-python 2.x and 3.x)."""
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "request_timeout_ms": timeout_ms,
         "client_id": "probewatch-tests",
+        **options,
     }
     if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG:  # kafka-python >= 3
         config["bootstrap_timeout_ms"] = timeout_ms
@@ -94,6 +112,40 @@ def kafka_bootstrap() -> str:
 
     _require("Kafka", KAFKA, probe)
     return KAFKA
+
+
+class SecuredKafka:
+    """The broker's authenticated listeners, as the ``PROBEWATCH__KAFKA__…`` settings of a worker."""
+
+    def env(self, protocol: str, mechanism: str = "PLAIN", password: str = KAFKA_SASL_PASSWORD) -> dict[str, str]:
+        """A worker's Kafka settings for the listener of ``protocol``: SASL with ``mechanism``, TLS
+        trusting the local CA, and on the SSL listener (client certificates required) the client's."""
+        env = {"PROBEWATCH__KAFKA__BOOTSTRAP_SERVERS": KAFKA_LISTENERS[protocol]}
+        env["PROBEWATCH__KAFKA__SECURITY_PROTOCOL"] = protocol
+        if protocol.startswith("SASL"):
+            env["PROBEWATCH__KAFKA__SASL__MECHANISM"] = mechanism
+            env["PROBEWATCH__KAFKA__SASL__USERNAME"] = KAFKA_SASL_USER
+            env["PROBEWATCH__KAFKA__SASL__PASSWORD"] = password
+        if protocol.endswith("SSL"):
+            env["PROBEWATCH__KAFKA__SSL_CAFILE"] = str(KAFKA_TLS / "ca.pem")
+        if protocol == "SSL":
+            env["PROBEWATCH__KAFKA__SSL_CERTFILE"] = str(KAFKA_TLS / "client.pem")
+            env["PROBEWATCH__KAFKA__SSL_KEYFILE"] = str(KAFKA_TLS / "client.key")
+        return env
+
+
+@pytest.fixture(scope="session")
+def secured_kafka(kafka_bootstrap: str) -> SecuredKafka:
+    """The authenticated listeners of the real broker, each probed with its credentials."""
+    secured = SecuredKafka()
+    for protocol, address in KAFKA_LISTENERS.items():
+        config = load_config(environ=secured.env(protocol), overrides={"source": "kafka"}).kafka
+
+        def probe(config: KafkaConfig = config) -> None:
+            kafka_admin(config.bootstrap_servers, timeout_ms=5_000, **kafka_security_options(config)).close()
+
+        _require(f"Kafka's {protocol} listener", address, probe)
+    return secured
 
 
 @pytest.fixture(scope="session")

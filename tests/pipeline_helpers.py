@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -199,6 +200,28 @@ def dlq_documents(bootstrap: str, topic: str, isolation_level: str = "read_uncom
     docs = [json.loads(m.value) for m in consumer]
     consumer.close()
     return docs
+
+
+def check_dead_letters(bootstrap: str, topic: str, scenario: Scenario) -> None:
+    """Every malformed record of the scenario is in the DLQ topic, with its reason and source."""
+    docs = dlq_documents(bootstrap, topic)
+    assert sorted(str(d["payload"]).encode() for d in docs) == sorted(scenario.malformed)
+    assert all(d["reason"] and "offset" in d["source"] for d in docs)
+
+
+def population_shared(worker: Worker) -> Callable[[], bool]:
+    """A condition for :func:`wait_until`: the worker sent population contributions to the population
+    log and folded them all back (its /metrics)."""
+
+    def shared() -> bool:
+        metrics = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
+        count = {}
+        for direction in ("sent", "folded"):
+            found = re.search(rf'probewatch_population_contributions_total{{direction="{direction}"}} (\S+)', metrics)
+            count[direction] = float(found.group(1)) if found else 0.0
+        return count["sent"] > 0 and count["folded"] >= count["sent"]
+
+    return shared
 
 
 def committed_dead_letters(bootstrap: str, topic: str) -> list[bytes]:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 from pathlib import Path
 
 import pytest
-import requests
+from conftest import SecuredKafka
 from kafka.partitioner.default import murmur2
 from pipeline_helpers import (
     PARTITIONS,
     Scenario,
     Worker,
+    check_dead_letters,
     check_results,
     clickhouse_client,
     committed_total,
@@ -21,8 +21,10 @@ from pipeline_helpers import (
     finish,
     firing_clients,
     group_formed,
+    population_shared,
     produce,
     progress,
+    topic_values,
     wait_until,
 )
 
@@ -37,22 +39,10 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
     topic = pipeline_env["PROBEWATCH__KAFKA__TOPIC"]
     produce(kafka_bootstrap, topic, scenario)
     worker = Worker(pipeline_env, tmp_path / "worker.log")
-    contributions: dict[str, float] = {}
-
-    def population_shared() -> bool:
-        """The worker sent its population contributions to the population log and folded them back."""
-        metrics = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
-        for direction in ("sent", "folded"):
-            found = re.search(rf'probewatch_population_contributions_total{{direction="{direction}"}} (\S+)', metrics)
-            contributions[direction] = float(found.group(1)) if found else 0.0
-        return contributions["sent"] > 0 and contributions["folded"] >= contributions["sent"]
-
     done = progress(kafka_bootstrap, pipeline_env)
-    finish([worker], done, len(scenario.lines), tmp_path / "worker.log", population_shared)
+    finish([worker], done, len(scenario.lines), tmp_path / "worker.log", population_shared(worker))
     client = check_results(pipeline_env, scenario)
-    docs = dlq_documents(kafka_bootstrap, topic)
-    assert sorted(str(d["payload"]).encode() for d in docs) == sorted(scenario.malformed)
-    assert all(d["reason"] and "offset" in d["source"] for d in docs)  # type: ignore[operator]
+    check_dead_letters(kafka_bootstrap, topic, scenario)
     alerts = [
         json.loads(line) for line in Path(pipeline_env["PROBEWATCH__ALERTING__JSONL_PATH"]).read_text().splitlines()
     ]
@@ -70,6 +60,38 @@ def test_kafka_to_clickhouse_with_dlq_and_offsets(
     db = pipeline_env["PROBEWATCH__STORAGE__DATABASE"]
     stored = {row[0] for row in client.execute(f"SELECT alert_id FROM {db}.alerts FINAL")}
     assert {a["alert_id"] for a in alerts} == stored
+
+
+@pytest.mark.parametrize(
+    ("protocol", "mechanism"),
+    [("SASL_PLAINTEXT", "PLAIN"), ("SASL_SSL", "SCRAM-SHA-512"), ("SSL", "")],
+)
+def test_a_worker_runs_through_an_authenticated_listener(
+    protocol: str,
+    mechanism: str,
+    pipeline_env: dict[str, str],
+    scenario: Scenario,
+    kafka_bootstrap: str,
+    secured_kafka: SecuredKafka,
+    tmp_path: Path,
+) -> None:
+    """The worker knows only the listener that wants TLS and/or SASL: its consumer, dead-letter
+    producer, changelog and population log all connect through it (the test reads and writes the
+    topics through the plain listener)."""
+    topic = pipeline_env["PROBEWATCH__KAFKA__TOPIC"]
+    produce(kafka_bootstrap, topic, scenario)
+    worker = Worker({**pipeline_env, **secured_kafka.env(protocol, mechanism)}, tmp_path / "worker.log")
+    finish(
+        [worker],
+        progress(kafka_bootstrap, pipeline_env),
+        len(scenario.lines),
+        tmp_path / "worker.log",
+        population_shared(worker),
+    )
+    check_results(pipeline_env, scenario)
+    check_dead_letters(kafka_bootstrap, topic, scenario)
+    changelog = f"{topic}.{pipeline_env['PROBEWATCH__KAFKA__GROUP_ID']}.changelog"
+    assert topic_values(kafka_bootstrap, changelog)  # the checkpoints went through the listener too
 
 
 def test_kill_and_restart_loses_nothing_and_stores_nothing_twice(

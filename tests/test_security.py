@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from conftest import KAFKA_TLS, SecuredKafka
 
+from alerting.receivers import DeliveryError, post_json
 from ingest.sources import kafka_security_options
 from probewatch.config import ConfigError, KafkaConfig, SaslConfig, load_config, redacted
 from storage import open_store
@@ -220,6 +223,16 @@ def test_failing_alert_receivers_report_no_secret(secret_setup: tuple[Path, Path
     assert result.returncode == 1
     assert "FAIL  pd" in result.stdout and "FAIL  hook" in result.stdout
     assert leaked(result.stdout + result.stderr) == []
+
+
+def test_a_failed_delivery_names_the_receiver_host_but_not_the_url_path() -> None:
+    """requests names the URL it failed on; a Slack or Discord webhook's path is its token."""
+    token = f"path-token-{TAG}"
+    with pytest.raises(DeliveryError) as failed:
+        post_json(requests.Session(), f"http://127.0.0.1:1/services/T0/B0/{token}?key={token}", b"{}", timeout=2)
+    message = str(failed.value)
+    assert "ConnectionError" in message and "host='127.0.0.1', port=1" in message
+    assert token not in message
 
 
 @pytest.fixture(scope="module")
@@ -433,6 +446,82 @@ def test_kafka_sasl_password_from_file_and_environment(tmp_path: Path) -> None:
 def test_missing_secret_file_is_a_config_error_without_its_contents(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="password_file"):
         load_config(environ={"PROBEWATCH__KAFKA__SASL__PASSWORD_FILE": str(tmp_path / "nope")})
+
+
+# ------------------------------------------------------------- Kafka refusing a worker, on the real broker
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("protocol", "change", "said"),
+    [
+        ("SASL_PLAINTEXT", {}, "the broker rejected the credentials of user 'probewatch' (SCRAM-SHA-256)"),
+        (
+            "SASL_SSL",
+            # A certificate, but not of the CA that signed the broker's.
+            {"PROBEWATCH__KAFKA__SSL_CAFILE": "client.pem"},
+            "the broker's certificate is not trusted: set kafka.ssl_cafile",
+        ),
+        (
+            "SSL",
+            {"PROBEWATCH__KAFKA__SSL_CERTFILE": "", "PROBEWATCH__KAFKA__SSL_KEYFILE": ""},
+            "the broker refused this client's certificate",
+        ),
+    ],
+)
+def test_a_worker_that_kafka_refuses_says_why_in_one_line(
+    protocol: str,
+    change: dict[str, str],
+    said: str,
+    secured_kafka: SecuredKafka,
+    clickhouse_server: tuple[str, int],
+    tmp_path: Path,
+) -> None:
+    """A wrong password or certificate stops `probewatch run` at start-up with the reason (kafka-python
+    itself only retries until it times out) and without the password."""
+    env = secured_kafka.env(protocol, "SCRAM-SHA-256", password=SECRETS["sasl-password-file"])
+    for key, value in change.items():
+        env[key] = str(KAFKA_TLS / value) if value else ""
+    result = probewatch(
+        "run",
+        "--source",
+        "kafka",
+        "--log-level",
+        "DEBUG",
+        env={
+            **env,
+            "PROBEWATCH__KAFKA__CONNECT_TIMEOUT_S": "3",
+            "PROBEWATCH__STORAGE__BACKEND": "clickhouse",
+            "PROBEWATCH__STORAGE__CLICKHOUSE__HOST": clickhouse_server[0],
+            "PROBEWATCH__STORAGE__CLICKHOUSE__PORT": str(clickhouse_server[1]),
+            "PROBEWATCH__STORAGE__DATABASE": "probewatch_refused",
+        },
+        cwd=tmp_path,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"probewatch: cannot reach Kafka at {env['PROBEWATCH__KAFKA__BOOTSTRAP_SERVERS']}")
+    assert said in last
+    assert "Traceback" not in result.stderr
+    assert leaked(result.stdout + result.stderr) == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"SECURITY_PROTOCOL": "SSL", "SSL_CAFILE": "/no/such/ca.pem"}, "kafka.ssl_cafile: no such file"),
+        ({"SECURITY_PROTOCOL": "SSL", "SSL_KEYFILE": __file__}, "kafka.ssl_keyfile is set without kafka.ssl_certfile"),
+        ({"SECURITY_PROTOCOL": "SASL_SSL", "SASL__USERNAME": "svc"}, "needs kafka.sasl.username and a password"),
+        ({"CONNECT_TIMEOUT_S": "0"}, "kafka.connect_timeout_s must be positive"),
+    ],
+)
+def test_kafka_settings_no_worker_could_connect_with_are_refused_at_load(
+    settings: dict[str, str], problem: str
+) -> None:
+    environ = {f"PROBEWATCH__KAFKA__{key}": value for key, value in settings.items()}
+    with pytest.raises(ConfigError, match=problem):
+        load_config(environ={**environ, "PROBEWATCH__SOURCE": "kafka"})
+    load_config(environ=environ)  # a file run does not connect to Kafka: nothing to refuse
 
 
 @pytest.fixture(autouse=True)
