@@ -39,6 +39,11 @@ if not any(isinstance(f, _NoConnectTraceback) for f in _driver_log.filters):
     _driver_log.addFilter(_NoConnectTraceback())
 
 
+# Server error codes of a refused login: unknown user, wrong password, password required, and
+# AUTHENTICATION_FAILED (newer servers' one code for all of them).
+_LOGIN_REFUSED = frozenset({192, 193, 194, 516})
+
+
 def _aware(value: Any, tz: tzinfo) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -62,6 +67,7 @@ class ClickHouseServerStore(BaseStore):
 
         cc = config.clickhouse
         self.address = f"{cc.host}:{cc.port}"
+        self.user = cc.user
         kwargs: dict[str, Any] = {
             "host": cc.host,
             "port": cc.port,
@@ -86,6 +92,11 @@ class ClickHouseServerStore(BaseStore):
         try:
             return fn(*args, **kwargs)
         except errors.ServerException as exc:
+            if exc.code in _LOGIN_REFUSED:
+                raise StorageUnavailable(
+                    f"ClickHouse at {self.address} refused the login of user {self.user!r} ({first_line(exc)}): "
+                    "check storage.clickhouse.user and password"
+                ) from exc
             raise StorageError(f"ClickHouse {what} failed: {first_line(exc)}") from exc
         except (errors.NetworkError, errors.SocketTimeoutError, OSError, EOFError) as exc:
             self._client.disconnect()

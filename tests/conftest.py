@@ -44,13 +44,16 @@ KAFKA_LISTENERS = {
     "SASL_SSL": os.environ.get("PROBEWATCH_TEST_KAFKA_SASL_SSL", "127.0.0.1:19096"),
     "SSL": os.environ.get("PROBEWATCH_TEST_KAFKA_SSL", "127.0.0.1:19097"),
 }
-KAFKA_TLS = Path(
+# The local CA and certificates of the services' TLS listeners (deploy/local/lib.sh: ensure_test_certs).
+LOCAL_TLS = Path(
     os.environ.get(
-        "PROBEWATCH_TEST_KAFKA_TLS",
-        Path(os.environ.get("PROBEWATCH_RUN_DIR", Path.home() / ".cache" / "probewatch" / "run")) / "kafka" / "tls",
+        "PROBEWATCH_TEST_TLS",
+        Path(os.environ.get("PROBEWATCH_RUN_DIR", Path.home() / ".cache" / "probewatch" / "run")) / "tls",
     )
 )
-KAFKA_SASL_USER, KAFKA_SASL_PASSWORD = "probewatch", "probewatch-local-secret"
+# The test user of the broker's SASL listeners and of ClickHouse (deploy/local/kafka.sh, clickhouse/users.xml).
+TEST_USER, TEST_PASSWORD = "probewatch", "probewatch-local-secret"
+CLICKHOUSE_SECURE = os.environ.get("PROBEWATCH_TEST_CLICKHOUSE_SECURE", "127.0.0.1:19440")
 
 # Fixtures of the end-to-end pipeline tests (scenario, pipeline_env), shared by several test files.
 pytest_plugins = ("pipeline_helpers",)
@@ -117,20 +120,20 @@ def kafka_bootstrap() -> str:
 class SecuredKafka:
     """The broker's authenticated listeners, as the ``PROBEWATCH__KAFKA__…`` settings of a worker."""
 
-    def env(self, protocol: str, mechanism: str = "PLAIN", password: str = KAFKA_SASL_PASSWORD) -> dict[str, str]:
+    def env(self, protocol: str, mechanism: str = "PLAIN", password: str = TEST_PASSWORD) -> dict[str, str]:
         """A worker's Kafka settings for the listener of ``protocol``: SASL with ``mechanism``, TLS
         trusting the local CA, and on the SSL listener (client certificates required) the client's."""
         env = {"PROBEWATCH__KAFKA__BOOTSTRAP_SERVERS": KAFKA_LISTENERS[protocol]}
         env["PROBEWATCH__KAFKA__SECURITY_PROTOCOL"] = protocol
         if protocol.startswith("SASL"):
             env["PROBEWATCH__KAFKA__SASL__MECHANISM"] = mechanism
-            env["PROBEWATCH__KAFKA__SASL__USERNAME"] = KAFKA_SASL_USER
+            env["PROBEWATCH__KAFKA__SASL__USERNAME"] = TEST_USER
             env["PROBEWATCH__KAFKA__SASL__PASSWORD"] = password
         if protocol.endswith("SSL"):
-            env["PROBEWATCH__KAFKA__SSL_CAFILE"] = str(KAFKA_TLS / "ca.pem")
+            env["PROBEWATCH__KAFKA__SSL_CAFILE"] = str(LOCAL_TLS / "ca.pem")
         if protocol == "SSL":
-            env["PROBEWATCH__KAFKA__SSL_CERTFILE"] = str(KAFKA_TLS / "client.pem")
-            env["PROBEWATCH__KAFKA__SSL_KEYFILE"] = str(KAFKA_TLS / "client.key")
+            env["PROBEWATCH__KAFKA__SSL_CERTFILE"] = str(LOCAL_TLS / "client.pem")
+            env["PROBEWATCH__KAFKA__SSL_KEYFILE"] = str(LOCAL_TLS / "client.key")
         return env
 
 
@@ -146,6 +149,40 @@ def secured_kafka(kafka_bootstrap: str) -> SecuredKafka:
 
         _require(f"Kafka's {protocol} listener", address, probe)
     return secured
+
+
+@pytest.fixture(scope="session")
+def secured_clickhouse(clickhouse_server: tuple[str, int]) -> dict[str, str]:
+    """The ClickHouse server's native port over TLS, as a worker's ``PROBEWATCH__STORAGE__…``
+    settings: the test user with its password, trusting the local CA (probed with them)."""
+    host, _, port = CLICKHOUSE_SECURE.rpartition(":")
+    env = {
+        "PROBEWATCH__STORAGE__BACKEND": "clickhouse",
+        "PROBEWATCH__STORAGE__CLICKHOUSE__HOST": host,
+        "PROBEWATCH__STORAGE__CLICKHOUSE__PORT": port,
+        "PROBEWATCH__STORAGE__CLICKHOUSE__SECURE": "true",
+        "PROBEWATCH__STORAGE__CLICKHOUSE__CA_CERTS": str(LOCAL_TLS / "ca.pem"),
+        "PROBEWATCH__STORAGE__CLICKHOUSE__USER": TEST_USER,
+        "PROBEWATCH__STORAGE__CLICKHOUSE__PASSWORD": TEST_PASSWORD,
+    }
+
+    def probe() -> None:
+        client = Client(
+            host,
+            port=int(port),
+            user=TEST_USER,
+            password=TEST_PASSWORD,
+            secure=True,
+            ca_certs=str(LOCAL_TLS / "ca.pem"),
+            connect_timeout=5,
+        )
+        try:
+            client.execute("SELECT 1")
+        finally:
+            client.disconnect()
+
+    _require("ClickHouse's TLS port", CLICKHOUSE_SECURE, probe)
+    return env
 
 
 @pytest.fixture(scope="session")

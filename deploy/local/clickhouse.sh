@@ -13,6 +13,7 @@ CLIENT=clickhouse-client
 HOST=127.0.0.1
 TCP_PORT="${PROBEWATCH_CLICKHOUSE_PORT:-19000}"
 HTTP_PORT="${PROBEWATCH_CLICKHOUSE_HTTP_PORT:-18123}"
+TCP_SECURE_PORT="${PROBEWATCH_CLICKHOUSE_SECURE_PORT:-19440}" # native protocol over TLS
 START_TIMEOUT="${CLICKHOUSE_START_TIMEOUT:-60}"
 STOP_TIMEOUT="${CLICKHOUSE_STOP_TIMEOUT:-30}"
 
@@ -20,7 +21,9 @@ usage() {
   cat <<EOF
 Usage: $(basename "$0") {install|start|stop|restart|status|reset|logs}
 
-Local ClickHouse (Debian clickhouse-server) on $HOST:$TCP_PORT (native) and $HOST:$HTTP_PORT (HTTP).
+Local ClickHouse (Debian clickhouse-server) on $HOST:$TCP_PORT (native), $HOST:$TCP_SECURE_PORT (native
+over TLS, certificates in $RUN_ROOT/tls) and $HOST:$HTTP_PORT (HTTP). Users: default (no password),
+probewatch (password probewatch-local-secret).
 
   install   apt-get install clickhouse-server clickhouse-client when $SERVER is missing
   start     render deploy/local/clickhouse/*.xml into $RUN and start the server;
@@ -47,6 +50,10 @@ probe() { timeout 10 "$CLIENT" --host "$HOST" --port "$TCP_PORT" -q 'SELECT 1' >
 cmd_install() {
   local t0
   t0="$(now)"
+  if ! command -v openssl >/dev/null 2>&1; then # for the TLS port's certificate (lib.sh)
+    log "installing openssl with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl || die "apt-get install openssl failed"
+  fi
   if [[ -x "$SERVER" ]] && command -v "$CLIENT" >/dev/null 2>&1; then
     # shellcheck disable=SC2016  # ${Version} is dpkg-query's format, not a shell variable
     log "already installed: clickhouse-server $(dpkg-query -W -f '${Version}' clickhouse-server 2>/dev/null || echo '?')"
@@ -64,9 +71,11 @@ cmd_install() {
 
 render_config() {
   mkdir -p "$RUN/data" "$RUN/tmp" "$RUN/user_files" "$RUN/format_schemas" "$RUN/log"
+  ensure_test_certs
   local f
   for f in config.xml users.xml; do
     sed -e "s|@CH_DIR@|$RUN|g" -e "s|@TCP_PORT@|$TCP_PORT|g" -e "s|@HTTP_PORT@|$HTTP_PORT|g" \
+      -e "s|@TCP_SECURE_PORT@|$TCP_SECURE_PORT|g" -e "s|@TLS_DIR@|$RUN_ROOT/tls|g" \
       "$HERE/clickhouse/$f" >"$RUN/$f"
   done
 }
@@ -79,7 +88,7 @@ cmd_start() {
     return 0
   fi
   [[ -x "$SERVER" ]] || cmd_install
-  for p in "$TCP_PORT" "$HTTP_PORT"; do
+  for p in "$TCP_PORT" "$HTTP_PORT" "$TCP_SECURE_PORT"; do
     port_open "$p" && die "port $HOST:$p is already in use by another process (not ours: no live pid in $PIDFILE)"
   done
   render_config

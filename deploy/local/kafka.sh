@@ -22,7 +22,7 @@ CONTROLLER_PORT="${PROBEWATCH_KAFKA_CONTROLLER_PORT:-19094}"
 SASL_PORT="${PROBEWATCH_KAFKA_SASL_PORT:-19095}"
 SASL_SSL_PORT="${PROBEWATCH_KAFKA_SASL_SSL_PORT:-19096}"
 SSL_PORT="${PROBEWATCH_KAFKA_SSL_PORT:-19097}"
-TLS="$RUN/tls"
+TLS="$RUN_ROOT/tls" # made by ensure_test_certs (lib.sh), shared with ClickHouse
 # Local test credentials only (PLAIN and SCRAM accept the same user and password).
 SASL_USER=probewatch
 SASL_PASSWORD=probewatch-local-secret
@@ -79,7 +79,7 @@ cmd_install() {
   t0="$(now)"
   command -v java >/dev/null 2>&1 || pkgs+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null 2>&1 || libs_ready || pkgs+=(maven)
-  command -v openssl >/dev/null 2>&1 || pkgs+=(openssl) # the test listeners' certificates
+  command -v openssl >/dev/null 2>&1 || pkgs+=(openssl) # the test listeners' certificates (lib.sh)
   if ((${#pkgs[@]})); then
     log "installing ${pkgs[*]} with apt-get"
     apt_install "${pkgs[@]}"
@@ -108,33 +108,9 @@ cmd_install() {
   log "installed $(find "$LIBS" -name '*.jar' | wc -l) jars in $(elapsed "$t0")"
 }
 
-# A local CA, the broker's certificate (for 127.0.0.1 and localhost) and a client certificate, made
-# with openssl once and kept in $TLS. The broker reads PEM files (ssl.keystore.type=PEM).
-write_tls() {
-  [[ -s "$TLS/broker.pem" && -s "$TLS/ca.pem" && -s "$TLS/client.pem" && -s "$TLS/client.key" ]] && return 0
-  command -v openssl >/dev/null 2>&1 || die "openssl not found (apt-get install openssl)"
-  log "making a local CA and certificates in $TLS"
-  rm -rf "$TLS" && mkdir -p "$TLS"
-  (
-    cd "$TLS"
-    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=probewatch local CA" \
-      -keyout ca.key -out ca.pem
-    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout broker.key -out broker.csr
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >broker.ext
-    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
-      -extfile broker.ext -out broker.crt
-    openssl req -newkey rsa:2048 -nodes -subj "/CN=probewatch-client" -keyout client.key -out client.csr
-    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 -out client.pem
-    # PKCS#8 key, then its certificate: the PEM keystore Kafka reads.
-    openssl pkcs8 -topk8 -nocrypt -in broker.key -out broker.pk8
-    cat broker.pk8 broker.crt >broker.pem
-    rm -f ./*.csr broker.ext broker.pk8
-  ) >"$RUN/tls.log" 2>&1 || { cat "$RUN/tls.log" >&2; die "making the test certificates failed"; }
-}
-
 write_config() {
   mkdir -p "$RUN" "$DATA"
-  write_tls
+  ensure_test_certs
   local plain scram
   plain="org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER=\"$SASL_PASSWORD\";"
   scram="org.apache.kafka.common.security.scram.ScramLoginModule required;"
@@ -156,7 +132,7 @@ listener.name.sasl_ssl.plain.sasl.jaas.config=$plain
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=$scram
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=$scram
 ssl.keystore.type=PEM
-ssl.keystore.location=$TLS/broker.pem
+ssl.keystore.location=$TLS/server.pem
 ssl.truststore.type=PEM
 ssl.truststore.location=$TLS/ca.pem
 listener.name.ssl.ssl.client.auth=required

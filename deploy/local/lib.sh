@@ -1,7 +1,8 @@
 # Shared by the deploy/local service scripts (sourced, not run). Before sourcing, a script sets:
 #   SERVICE       log prefix, e.g. "kafka"
 #   PROC_PATTERN  text in the process's command line that proves the pid is still this service
-#   PIDFILE, HOST, STOP_TIMEOUT, START_TIMEOUT, RUN, LOG_FILES (logs shown when start fails)
+#   PIDFILE, HOST, STOP_TIMEOUT, START_TIMEOUT, RUN, LOG_FILES (logs shown when start fails),
+#   RUN_ROOT (the run dir of all services: ensure_test_certs)
 # and defines probe (exit 0 when the service answers).
 # shellcheck shell=bash
 
@@ -104,4 +105,38 @@ dispatch() {
     -h | --help | help) usage ;;
     *) usage >&2; exit 2 ;;
   esac
+}
+
+# ensure_test_certs: a local CA, a server certificate (for 127.0.0.1 and localhost) and a client
+# certificate, made with openssl once into $RUN_ROOT/tls and shared by the services' TLS listeners
+# (Kafka reads server.pem: the PKCS#8 key, then the certificate; ClickHouse server.crt and server.key).
+# Made in a temporary folder and moved into place, so an interrupted run leaves no half set.
+ensure_test_certs() {
+  local tls="$RUN_ROOT/tls" tmp
+  [[ -s "$tls/server.pem" && -s "$tls/ca.pem" && -s "$tls/client.pem" && -s "$tls/client.key" ]] && return 0
+  command -v openssl >/dev/null 2>&1 || die "openssl not found (apt-get install openssl)"
+  log "making a local CA and test certificates in $tls"
+  mkdir -p "$RUN_ROOT"
+  tmp="$(mktemp -d "$RUN_ROOT/tls.tmp.XXXXXX")"
+  if ! (
+    cd "$tmp"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=probewatch local CA" \
+      -keyout ca.key -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.crt
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=probewatch-client" -keyout client.key -out client.csr
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 -out client.pem
+    openssl pkcs8 -topk8 -nocrypt -in server.key -out server.pk8
+    cat server.pk8 server.crt >server.pem
+    rm -f ./*.csr server.ext server.pk8
+  ) >"$tmp/openssl.log" 2>&1; then
+    cat "$tmp/openssl.log" >&2
+    rm -rf "$tmp"
+    die "making the test certificates failed"
+  fi
+  rm -f "$tmp/openssl.log"
+  rm -rf "$tls"
+  mv -T "$tmp" "$tls" 2>/dev/null || rm -rf "$tmp" # another start made them meanwhile
 }
