@@ -364,8 +364,11 @@ class ModelPopulation:
         """The input frame, fixed from the reference sample the first time it is asked for: from then
         on, cells and fingerprints must stay comparable."""
         if self.frame is None:
-            raw = self.s_raw
-            scale = raw.std(axis=0)
+            raw = self.s_raw.astype(np.float64)  # float32 squares overflow beyond 1.8e19
+            # The spread of each client's inputs within the other clients' range: one client's extreme
+            # inputs (a client sending 1e30, by fault or to blind the detector) would otherwise set a
+            # feature's scale, and the frame stays as it is first fixed.
+            scale = within_other_clients(raw, self.s_clients).std(axis=0)
             floor = max(float(scale.mean()) * 0.05, 1e-6)
             self.frame = Frame(np.median(raw, axis=0), np.maximum(scale, floor))
         return self.frame
@@ -484,6 +487,27 @@ class ModelPopulation:
 
     def nbytes(self) -> int:
         return int(self.hist.nbytes + self.pending.nbytes + self.s_raw.nbytes + self.p_raw.nbytes + self.sample.nbytes)
+
+
+def within_other_clients(values: np.ndarray, clients: np.ndarray) -> np.ndarray:
+    """``values`` (rows of inputs, ``clients`` their senders) with each client's rows clipped, feature
+    by feature, to the range of the other clients' rows widened by its width on each side: no one
+    client can stretch what is computed from them by more than a few times, and inputs that merely lie
+    beyond the others' are kept. (Unchanged with fewer than two clients.)"""
+    ids, owner = np.unique(clients, return_inverse=True)
+    if len(ids) < 2:
+        return values
+    low = np.full((len(ids), values.shape[1]), np.inf)
+    high = np.full((len(ids), values.shape[1]), -np.inf)
+    np.minimum.at(low, owner, values)
+    np.maximum.at(high, owner, values)
+    lows, highs = np.sort(low, axis=0), np.sort(high, axis=0)
+    # The others' extreme: the overall one, or the runner-up where this client holds it (on a tie the
+    # runner-up equals it).
+    others_low = np.where(low == lows[0], lows[1], lows[0])
+    others_high = np.where(high == highs[-1], highs[-2], highs[-1])
+    width = others_high - others_low
+    return np.clip(values, (others_low - width)[owner], (others_high + width)[owner])
 
 
 def _sparse(values: np.ndarray, dtype: type[np.floating[Any]]) -> tuple[np.ndarray, np.ndarray]:

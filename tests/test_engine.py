@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from detectors.engine import SessionDetector, next_evaluation
-from detectors.population import ModelPopulation, PopulationContribution
+from detectors.population import ModelPopulation, PopulationContribution, mix64
 from detectors.scores import SessionScore
 from ingest.records import QueryRecord, RecordDecoder, SourcePosition
 from probewatch.simulate import SimulationPlan, write_simulation
@@ -414,6 +414,32 @@ def test_a_run_of_contributions_folded_at_once_gives_the_baselines_of_folding_th
     assert a.frame is not None and b.frame is not None
     assert np.array_equal(a.frame.centre, b.frame.centre) and np.array_equal(a.frame.scale, b.frame.scale)
     assert np.array_equal(a.sample, b.sample) and a.ood_radius == b.ood_radius
+
+
+def test_one_client_sending_extreme_inputs_cannot_stretch_the_input_frame() -> None:
+    """The input frame (per-feature centre and scale of the model's inputs) is fixed once, from the
+    first broad reference sample. A client in that sample whose inputs are 1e30, by fault or to blind
+    the detector's input-space signals, must not set its scales: each client counts within a few
+    widths of the others' range. (Before, the standard deviation overflowed to inf: every input then
+    standardised to 0.)"""
+
+    def frame_scale(extreme_client: bool) -> np.ndarray:
+        rng = np.random.default_rng(7)
+        population = ModelPopulation("m", 1, epoch_records=100, min_clients=8)
+        inputs = [rng.normal(0.0, 1.0, size=(96, 4)).astype(np.float32)]
+        senders = [np.repeat(np.arange(1, 9, dtype=np.uint64), 12)]  # 8 honest clients, 12 inputs each
+        if extreme_client:
+            inputs.append(np.full((12, 4), 1e30, dtype=np.float32))
+            senders.append(np.full(12, 99, dtype=np.uint64))
+        raw = np.concatenate(inputs)
+        population.add_inputs(raw, mix64(np.arange(1, len(raw) + 1, dtype=np.uint64)), np.concatenate(senders))
+        population.publish()
+        assert population.frame is not None
+        return population.frame.scale
+
+    honest, with_extreme = frame_scale(False), frame_scale(True)
+    assert np.all((honest > 0.5) & (honest < 1.5))
+    assert np.all(np.isfinite(with_extreme)) and np.all(with_extreme < 4 * honest)
 
 
 def test_workers_share_their_source_groups_and_one_of_them_alerts(tmp_path: Path) -> None:
