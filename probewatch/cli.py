@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from probewatch.config import Config, ConfigError, load_config, redacted
+from probewatch.config import Config, ConfigError, load_config, redacted, secret_values
 from storage import StorageError
 
 log = logging.getLogger("probewatch")
@@ -158,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _SecretsHidden(logging.Formatter):
+    """A log line with each of ``secrets`` replaced by ***."""
+
+    def __init__(self, fmt: str, secrets: list[str]) -> None:
+        super().__init__(fmt)
+        self.secrets = secrets  # longest first: a secret containing another is hidden whole
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        for secret in self.secrets:
+            line = line.replace(secret, "***")
+        return line
+
+
 def _setup_logging(config: Config, override: str | None) -> None:
     level = override or config.logging.level
     fmt = (
@@ -166,6 +180,10 @@ def _setup_logging(config: Config, override: str | None) -> None:
         else "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     )
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    # Libraries log what they are given (urllib3, at DEBUG, the request line with a webhook's token):
+    # every line is searched for the configuration's secrets.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_SecretsHidden(fmt, secret_values(config)))
     # kafka-python logs every reconnect at WARNING/ERROR; ours says what matters.
     logging.getLogger("kafka").setLevel(max(logging.getLevelName(level), logging.WARNING) + 10)
 

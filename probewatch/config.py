@@ -463,14 +463,45 @@ def _is_secret(key: str) -> bool:
     return any(s in normal for s in _SECRET_KEYS)
 
 
-# Credentials that hide inside values: user:password@ in URLs, and webhook URLs whose path is the token.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]*:)[^@/\s]+@", re.IGNORECASE)
-_TOKEN_PATHS = re.compile(r"(?P<head>://hooks\.slack\.com/services/|://[^/\s]*discord(?:app)?\.com/api/webhooks/)\S+")
+# Credentials that hide inside values (each pattern's "secret" group): user:password@ in URLs, webhook
+# URLs whose path is the token (Slack, Discord), and query parameters named like a credential
+# (Google Chat's ?key=…&token=…, signed URLs' sig=…).
+_HIDDEN_IN_VALUES = (
+    re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]*:)(?P<secret>[^@/\s]+)(?=@)", re.IGNORECASE),
+    re.compile(r"(?P<head>://hooks\.slack\.com/services/|://[^/\s]*discord(?:app)?\.com/api/webhooks/)(?P<secret>\S+)"),
+    re.compile(
+        r"(?P<head>[?&][^=&#\s]*(?:token|key|secret|sig|password|auth)[^=&#\s]*=)(?P<secret>[^&#\s]+)", re.IGNORECASE
+    ),
+)
 
 
 def _scrub_value(value: str) -> str:
-    value = _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", value)
-    return _TOKEN_PATHS.sub(lambda m: m.group("head") + "***", value)
+    for pattern in _HIDDEN_IN_VALUES:
+        value = pattern.sub(lambda m: m.group("head") + "***", value)
+    return value
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every secret the configuration holds, as text (longest first), of 4 characters or more: the
+    values of secret keys and the secrets inside other values (see _HIDDEN_IN_VALUES). What must not
+    appear in any log line."""
+    found: set[str] = set()
+
+    def collect(node: Any, key: str = "") -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                collect(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v, key)
+        elif isinstance(node, str) and node:
+            if _is_secret(key):
+                found.add(node)
+            found.update(m.group("secret") for pattern in _HIDDEN_IN_VALUES for m in pattern.finditer(node))
+
+    collect(msgspec.to_builtins(config))
+    # Not shorter ones: hiding every "1" of a log would make it unreadable, and hide no real secret.
+    return sorted((secret for secret in found if len(secret) >= 4), key=len, reverse=True)
 
 
 def redacted(config: Config) -> dict[str, Any]:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -345,6 +348,49 @@ def topic_values(bootstrap: str, topic: str, isolation_level: str = "read_uncomm
         return values
     finally:
         consumer.close()
+
+
+class WebhookReceiver:
+    """A tiny HTTP receiver on 127.0.0.1:<port> (0: any free one, see ``url``) collecting the JSON
+    documents POSTed to it (Alertmanager's notifications, probewatch's alerts) with their paths."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.received: queue.Queue[dict[str, Any]] = queue.Queue()
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.put({"path": self.path, **json.loads(body)})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                payload = self.received.get(timeout=left)
+            except queue.Empty:
+                break
+            if predicate(payload):
+                return payload
+        raise AssertionError(f"no matching webhook notification within {timeout}s")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class InProcessWorker:

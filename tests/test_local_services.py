@@ -3,19 +3,16 @@ answer their own protocols, with the configuration the rest of the suite relies 
 
 from __future__ import annotations
 
-import json
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import requests
 from clickhouse_driver import Client
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from pipeline_helpers import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -137,48 +134,10 @@ def test_alertmanager_accepts_and_lists_alerts(alertmanager_url: str, unique_nam
     assert [r["name"] for r in alerts[0]["receivers"]] == ["probewatch-webhook"]
 
 
-class _Webhook:
-    """A tiny HTTP receiver on 127.0.0.1:<port> collecting what Alertmanager POSTs."""
-
-    def __init__(self, port: int) -> None:
-        self.received: queue.Queue[dict[str, Any]] = queue.Queue()
-        received = self.received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                received.put({"path": self.path, **json.loads(body)})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                payload = self.received.get(timeout=left)
-            except queue.Empty:
-                break
-            if predicate(payload):
-                return payload
-        raise AssertionError(f"no matching webhook notification within {timeout}s")
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def webhook(webhook_port: int) -> Iterator[_Webhook]:
+def webhook(webhook_port: int) -> Iterator[WebhookReceiver]:
     try:
-        receiver = _Webhook(webhook_port)
+        receiver = WebhookReceiver(webhook_port)
     except OSError as error:
         pytest.fail(f"cannot listen on 127.0.0.1:{webhook_port} for Alertmanager's webhook: {error}")
     yield receiver
@@ -186,7 +145,7 @@ def webhook(webhook_port: int) -> Iterator[_Webhook]:
 
 
 def test_alertmanager_routes_to_the_webhook_and_sends_resolved(
-    alertmanager_url: str, webhook: _Webhook, unique_name: Callable[[str], str]
+    alertmanager_url: str, webhook: WebhookReceiver, unique_name: Callable[[str], str]
 ) -> None:
     client_id = unique_name("client")
 

@@ -21,10 +21,11 @@ import pytest
 import requests
 from clickhouse_driver import Client
 from conftest import CLICKHOUSE_SECURE, LOCAL_TLS, SecuredKafka
+from pipeline_helpers import WebhookReceiver
 
 from alerting.receivers import DeliveryError, post_json
 from ingest.sources import kafka_security_options
-from probewatch.config import ConfigError, KafkaConfig, SaslConfig, load_config, redacted
+from probewatch.config import ConfigError, KafkaConfig, SaslConfig, load_config, redacted, secret_values
 from storage import open_store
 from storage.rows import make_ip_hasher
 from storage.sql import qualified
@@ -162,11 +163,39 @@ def test_config_command_prints_no_secret(secret_setup: tuple[Path, Path, dict[st
         ({"type": "alertmanager", "url": f"http://admin:{TAG}-pw@127.0.0.1:9093"}, f"{TAG}-pw"),
         ({"type": "slack", "url": f"https://hooks.slack.com/services/T0/B0/{TAG}tok"}, f"{TAG}tok"),
         ({"type": "webhook", "url": "http://127.0.0.1:1/", "headers": {"X-Api-Key": f"{TAG}key"}}, f"{TAG}key"),
+        ({"type": "webhook", "url": f"https://chat.example/v1/messages?key={TAG}k&token={TAG}t"}, f"{TAG}t"),
     ],
 )
 def test_credentials_inside_urls_and_headers_are_redacted(receiver: dict[str, Any], secret: str) -> None:
     config = load_config(environ={}, overrides={"alerting": {"receivers": {"r": receiver}}})
     assert secret not in json.dumps(redacted(config))
+    assert any(secret in hidden for hidden in secret_values(config))  # and kept out of every log line
+
+
+def test_a_webhook_token_in_its_url_is_in_no_log_line(tmp_path: Path) -> None:
+    """A webhook whose URL holds its credentials (Google Chat's ?key=…&token=…) takes the test alert;
+    at DEBUG urllib3 logs each request line, URL and all: the token is hidden there too."""
+    token = f"chat-token-{TAG}"
+    receiver = WebhookReceiver()
+    try:
+        config = tmp_path / "probewatch.toml"
+        config.write_text(
+            f"""
+[alerting.receivers.chat]
+type = "webhook"
+url = "{receiver.url}/v1/spaces/ops/messages?key=chat-key-{TAG}&token={token}"
+timeout_s = 5.0
+"""
+        )
+        result = probewatch("alerts", "test", "--config", str(config), "--log-level", "DEBUG", env={}, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+        assert "ok    chat" in result.stdout
+        delivered = receiver.wait_for(lambda doc: True, timeout=5)
+        assert delivered["path"].endswith(f"token={token}")  # the URL was used as configured
+        assert '"POST /v1/spaces/ops/messages?key=***&token=*** HTTP/1.1" 200' in result.stderr  # urllib3's line
+        assert token not in result.stdout + result.stderr and f"chat-key-{TAG}" not in result.stderr
+    finally:
+        receiver.close()
 
 
 def write_log(path: Path, clients: int = 4, queries: int = 30, malformed: int = 2) -> list[str]:
