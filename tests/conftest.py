@@ -166,23 +166,18 @@ def secured_clickhouse(clickhouse_server: tuple[str, int]) -> dict[str, str]:
         "PROBEWATCH__STORAGE__CLICKHOUSE__PASSWORD": TEST_PASSWORD,
     }
 
-    def probe() -> None:
-        client = Client(
-            host,
-            port=int(port),
-            user=TEST_USER,
-            password=TEST_PASSWORD,
-            secure=True,
-            ca_certs=str(LOCAL_TLS / "ca.pem"),
-            connect_timeout=5,
-        )
-        try:
-            client.execute("SELECT 1")
-        finally:
-            client.disconnect()
-
-    _require("ClickHouse's TLS port", CLICKHOUSE_SECURE, probe)
+    options = {"user": TEST_USER, "password": TEST_PASSWORD, "secure": True, "ca_certs": str(LOCAL_TLS / "ca.pem")}
+    _require("ClickHouse's TLS port", CLICKHOUSE_SECURE, lambda: _select_one(host, int(port), **options))
     return env
+
+
+def _select_one(host: str, port: int, **options: Any) -> None:
+    """``SELECT 1`` on a new connection to the ClickHouse server, with short timeouts."""
+    client = Client(host, port=port, connect_timeout=5, send_receive_timeout=10, **options)
+    try:
+        client.execute("SELECT 1")
+    finally:
+        client.disconnect()
 
 
 @pytest.fixture(scope="session")
@@ -190,15 +185,7 @@ def clickhouse_server() -> tuple[str, int]:
     """``(host, native port)`` of the real ClickHouse server (deploy/local/clickhouse.sh)."""
     host, _, port = CLICKHOUSE.rpartition(":")
     address = (host or "127.0.0.1", int(port))
-
-    def probe() -> None:
-        client = Client(address[0], port=address[1], connect_timeout=5, send_receive_timeout=10)
-        try:
-            client.execute("SELECT 1")
-        finally:
-            client.disconnect()
-
-    _require("ClickHouse", CLICKHOUSE, probe)
+    _require("ClickHouse", CLICKHOUSE, lambda: _select_one(*address))
     return address
 
 
