@@ -347,12 +347,17 @@ def test_a_clickhouse_that_refuses_a_run_is_one_clear_line(
     env = {**secured_clickhouse, "PROBEWATCH__STORAGE__CLICKHOUSE__CONNECT_TIMEOUT_S": "3"}
     for key, value in change.items():
         env[key] = str(LOCAL_TLS / value) if key.endswith("CA_CERTS") else value
-    result = probewatch("run", "--input", str(log), "--log-level", "DEBUG", env=env, cwd=tmp_path)
-    assert result.returncode == 3, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
+    last = refusal(probewatch("run", "--input", str(log), "--log-level", "DEBUG", env=env, cwd=tmp_path))
     assert last.startswith("probewatch: ") and said in last and CLICKHOUSE_SECURE in last
+
+
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The line a run that a service refused ends with, after checking it ends as one should: exit
+    status 3, no traceback, no secret anywhere in its output."""
+    assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert leaked(result.stdout + result.stderr) == []
+    return result.stderr.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------ SQL identifiers
@@ -541,27 +546,29 @@ def test_missing_secret_file_is_a_config_error_without_its_contents(tmp_path: Pa
             {},
             # kafka-python now and then sees only the broker closing the connection after a failed login,
             # not the error the broker sent before closing it; then the line can only ask.
-            "the broker rejected the credentials of user 'probewatch' (SCRAM-SHA-256)|the broker closed the "
-            "connection: does kafka.security_protocol (SASL_PLAINTEXT) match the listener at that address, and "
-            "does it know user 'probewatch'?",
+            (
+                "the broker rejected the credentials of user 'probewatch' (SCRAM-SHA-256)",
+                "the broker closed the connection: does kafka.security_protocol (SASL_PLAINTEXT) match the "
+                "listener at that address, and does it know user 'probewatch'?",
+            ),
         ),
         (
             "SASL_SSL",
             # A certificate, but not of the CA that signed the broker's.
             {"PROBEWATCH__KAFKA__SSL_CAFILE": "client.pem"},
-            "the broker's certificate is not trusted: set kafka.ssl_cafile",
+            ("the broker's certificate is not trusted: set kafka.ssl_cafile",),
         ),
         (
             "SSL",
             {"PROBEWATCH__KAFKA__SSL_CERTFILE": "", "PROBEWATCH__KAFKA__SSL_KEYFILE": ""},
-            "the broker refused this client's certificate",
+            ("the broker refused this client's certificate",),
         ),
     ],
 )
 def test_a_worker_that_kafka_refuses_says_why_in_one_line(
     protocol: str,
     change: dict[str, str],
-    said: str,
+    said: tuple[str, ...],
     secured_kafka: SecuredKafka,
     clickhouse_server: tuple[str, int],
     tmp_path: Path,
@@ -587,12 +594,9 @@ def test_a_worker_that_kafka_refuses_says_why_in_one_line(
         },
         cwd=tmp_path,
     )
-    assert result.returncode == 3, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
+    last = refusal(result)
     assert last.startswith(f"probewatch: cannot reach Kafka at {env['PROBEWATCH__KAFKA__BOOTSTRAP_SERVERS']}")
-    assert any(text in last for text in said.split("|"))
-    assert "Traceback" not in result.stderr
-    assert leaked(result.stdout + result.stderr) == []
+    assert any(text in last for text in said)
 
 
 @pytest.mark.parametrize(
