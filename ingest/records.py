@@ -22,6 +22,9 @@ import numpy as np
 MIN_EPOCH_S = 1.0e9
 MAX_EPOCH_S = 4102444800.0
 
+# Messages decoded and checked together: see RecordDecoder.decode_batch.
+DECODE_CHUNK = 256
+
 
 class _Input(msgspec.Struct, gc=False):
     vector: list[float] | None = None
@@ -169,36 +172,52 @@ class RecordDecoder:
     def decode_batch(
         self, messages: Sequence[tuple[bytes, SourcePosition, bytes | None]]
     ) -> tuple[list[QueryRecord], list[DeadLetter]]:
-        """Decode a micro-batch. Field checks run per record (msgspec, in C); the numeric checks on
-        vectors and probabilities run once per batch over stacked numpy arrays, per shape.
+        """Decode a micro-batch: the records accepted and the dead letters, each in stream order.
 
-        Dead letters come in two runs, each in stream order: records failing a field check, then
-        records failing a vector, probabilities or dimension check."""
+        Field checks run per record (msgspec, in C); the numeric checks on vectors and probabilities run
+        over stacked numpy arrays, per chunk of DECODE_CHUNK messages and shape. In chunks because a
+        whole poll's float lists (20,000 records of 64 floats: 1.3 million Python floats) outgrow the
+        CPU's caches before they are stacked: 6.4 µs per record at 25,000 against 4.0 µs at 256."""
+        records: list[QueryRecord] = []
         letters: list[DeadLetter] = []
-        accepted: list[tuple[QueryRecord, bytes, bytes | None]] = []
+        for start in range(0, len(messages), DECODE_CHUNK):
+            self._decode_chunk(messages[start : start + DECODE_CHUNK], records, letters)
+        return records, letters
+
+    def _decode_chunk(
+        self,
+        messages: Sequence[tuple[bytes, SourcePosition, bytes | None]],
+        records: list[QueryRecord],
+        letters: list[DeadLetter],
+    ) -> None:
+        # (index in the chunk, letter): sorted at the end, as the vector checks come after the field checks.
+        chunk_letters: list[tuple[int, DeadLetter]] = []
+        accepted: list[tuple[QueryRecord, bytes, bytes | None, int]] = []
         vectors = _RowsByLength()
         probs = _RowsByLength()
-        for payload, position, key in messages:
+        for index, (payload, position, key) in enumerate(messages):
             try:
                 record, vector, record_probs = self._decode_fields(payload, position)
             except (InvalidRecord, msgspec.ValidationError, msgspec.DecodeError) as exc:
-                letters.append(DeadLetter(reason=_reason(exc), payload=payload, position=position, key=key))
+                chunk_letters.append(
+                    (index, DeadLetter(reason=_reason(exc), payload=payload, position=position, key=key))
+                )
             except (ValueError, TypeError, OverflowError, RecursionError) as exc:
                 # Anything else the data can provoke is still the data's fault, not a crash.
                 reason = f"invalid record: {type(exc).__name__}: {exc}"[:500]
-                letters.append(DeadLetter(reason=reason, payload=payload, position=position, key=key))
+                chunk_letters.append((index, DeadLetter(reason=reason, payload=payload, position=position, key=key)))
             else:
                 if vector is not None:
                     vectors.add(len(accepted), vector)
                 if record_probs is not None:
                     probs.add(len(accepted), record_probs)
-                accepted.append((record, payload, key))
+                accepted.append((record, payload, key, index))
         rejected: dict[int, str] = {}
         self._attach_vectors(accepted, vectors, rejected)
         self._attach_probs(accepted, probs, rejected)  # after the vectors: its reason wins for a record failing both
-        records: list[QueryRecord] = []
         input_dims = self.input_dims
-        for i, (record, payload, key) in enumerate(accepted):
+        late_letters = False
+        for i, (record, payload, key, index) in enumerate(accepted):
             rejection = rejected.get(i)
             if rejection is None and record.vector is not None:
                 # In stream order, after the other checks, so that a model's dimension is learned from its
@@ -210,8 +229,13 @@ class RecordDecoder:
             if rejection is None:
                 records.append(record)
             else:
-                letters.append(DeadLetter(reason=rejection, payload=payload, position=record.position, key=key))
-        return records, letters
+                late_letters = True
+                chunk_letters.append(
+                    (index, DeadLetter(reason=rejection, payload=payload, position=record.position, key=key))
+                )
+        if late_letters:
+            chunk_letters.sort(key=lambda entry: entry[0])
+        letters.extend(letter for _, letter in chunk_letters)
 
     def _decode_fields(
         self, payload: bytes, position: SourcePosition
@@ -281,7 +305,7 @@ class RecordDecoder:
 
     @staticmethod
     def _attach_vectors(
-        accepted: list[tuple[QueryRecord, bytes, bytes | None]], vectors: _RowsByLength, rejected: dict[int, str]
+        accepted: list[tuple[QueryRecord, bytes, bytes | None, int]], vectors: _RowsByLength, rejected: dict[int, str]
     ) -> None:
         for indexes, matrix in vectors.matrices():
             finite = np.isfinite(matrix).all(axis=1).tolist()
@@ -293,7 +317,7 @@ class RecordDecoder:
 
     @staticmethod
     def _attach_probs(
-        accepted: list[tuple[QueryRecord, bytes, bytes | None]], probs: _RowsByLength, rejected: dict[int, str]
+        accepted: list[tuple[QueryRecord, bytes, bytes | None, int]], probs: _RowsByLength, rejected: dict[int, str]
     ) -> None:
         """Probabilities, and the top-1 label (unless given), confidence and margin derived from them."""
         for indexes, matrix in probs.matrices():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ingest.records import DeadLetter, QueryRecord, RecordDecoder, SourcePosition, dead_letter_document
+from ingest.records import DECODE_CHUNK, DeadLetter, QueryRecord, RecordDecoder, SourcePosition, dead_letter_document
 
 POS = SourcePosition("t", 0, 7)
 
@@ -141,6 +141,33 @@ def test_batch_keeps_every_message_exactly_once() -> None:
     records, letters = RecordDecoder().decode_batch(messages)
     assert sorted([r.position.offset for r in records] + [x.position.offset for x in letters]) == list(range(5))
     assert [r.position.offset for r in records] == [0, 3]
+
+
+def test_a_large_batch_keeps_stream_order_and_learns_dimensions_across_its_chunks() -> None:
+    """A poll's batch is decoded in chunks (DECODE_CHUNK): records and dead letters still come out in
+    stream order, whichever check rejected them, and a model's input dimension learned in one chunk
+    holds in the next."""
+    payloads = []
+    for i in range(3 * DECODE_CHUNK + 17):
+        if i % 7 == 3:
+            payloads.append(good(input={"vector": [1e39, 1, 1]}))  # rejected by the vector check, late
+        elif i % 11 == 5:
+            payloads.append(b"junk")  # rejected by the field check, early
+        elif i % 13 == 8:
+            payloads.append(good(input={"vector": [0.5, 0.5]}))  # fraud-v3 takes 3 values (learned at 0)
+        else:
+            payloads.append(good())
+    messages = [(p, SourcePosition("t", 0, i), None) for i, p in enumerate(payloads)]
+    records, letters = RecordDecoder().decode_batch(messages)
+    letter_offsets = [x.position.offset for x in letters]
+    expected_letters = [i for i in range(len(payloads)) if i % 7 == 3 or i % 11 == 5 or i % 13 == 8]
+    assert letter_offsets == expected_letters
+    assert [r.position.offset for r in records] == sorted(set(range(len(payloads))) - set(expected_letters))
+    assert {x.reason.split(":")[0] for x in letters} == {
+        "input.vector contains NaN or Inf (or values beyond float32)",
+        "not valid JSON",
+        "input.vector has 2 values; model 'fraud-v3' takes 3",
+    }
 
 
 def test_dead_letter_document_keeps_binary_payloads() -> None:
