@@ -378,8 +378,10 @@ class ModelPopulation:
             return
         raw = self.s_raw
         frame = self._frozen_frame()
-        self.low = raw.min(axis=0)
-        self.high = raw.max(axis=0)
+        # The model's input bounds, which inputs clipped by an attack sit at ("pinned"). Reached by two
+        # clients at least: one client's wild values must not move them away from where everyone else's
+        # inputs end (clipped attack inputs would then no longer count as pinned).
+        self.low, self.high = shared_range(raw, self.s_clients)
         standard = frame.standardise(raw)
         self.input_model = InputDensityModel(input_summaries(pinned_at_bounds(raw, self.low, self.high), standard))
         z = frame.project(standard)
@@ -489,18 +491,24 @@ class ModelPopulation:
         return int(self.hist.nbytes + self.pending.nbytes + self.s_raw.nbytes + self.p_raw.nbytes + self.sample.nbytes)
 
 
+def _client_extremes(values: np.ndarray, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's client (an index) and, per client and feature, the minimum and maximum of its rows."""
+    ids, owner = np.unique(clients, return_inverse=True)
+    low = np.full((len(ids), values.shape[1]), np.inf)
+    high = np.full((len(ids), values.shape[1]), -np.inf)
+    np.minimum.at(low, owner, values)
+    np.maximum.at(high, owner, values)
+    return owner, low, high
+
+
 def within_other_clients(values: np.ndarray, clients: np.ndarray) -> np.ndarray:
     """``values`` (rows of inputs, ``clients`` their senders) with each client's rows clipped, feature
     by feature, to the range of the other clients' rows widened by its width on each side: no one
     client can stretch what is computed from them by more than a few times, and inputs that merely lie
     beyond the others' are kept. (Unchanged with fewer than two clients.)"""
-    ids, owner = np.unique(clients, return_inverse=True)
-    if len(ids) < 2:
+    owner, low, high = _client_extremes(values, clients)
+    if len(low) < 2:
         return values
-    low = np.full((len(ids), values.shape[1]), np.inf)
-    high = np.full((len(ids), values.shape[1]), -np.inf)
-    np.minimum.at(low, owner, values)
-    np.maximum.at(high, owner, values)
     lows, highs = np.sort(low, axis=0), np.sort(high, axis=0)
     # The others' extreme: the overall one, or the runner-up where this client holds it (on a tie the
     # runner-up equals it).
@@ -508,6 +516,15 @@ def within_other_clients(values: np.ndarray, clients: np.ndarray) -> np.ndarray:
     others_high = np.where(high == highs[-1], highs[-2], highs[-1])
     width = others_high - others_low
     return np.clip(values, (others_low - width)[owner], (others_high + width)[owner])
+
+
+def shared_range(values: np.ndarray, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the lowest and highest value that at least two clients' rows reach (the runner-up
+    of the clients' minima and maxima; the rows' own extremes with fewer than two clients)."""
+    _, low, high = _client_extremes(values, clients)
+    if len(low) < 2:
+        return values.min(axis=0), values.max(axis=0)
+    return np.partition(low, 1, axis=0)[1], np.partition(high, -2, axis=0)[-2]
 
 
 def _sparse(values: np.ndarray, dtype: type[np.floating[Any]]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from detectors.engine import SessionDetector, next_evaluation
+from detectors.input_model import pinned_at_bounds
 from detectors.population import ModelPopulation, PopulationContribution, mix64
 from detectors.scores import SessionScore
 from ingest.records import QueryRecord, RecordDecoder, SourcePosition
@@ -440,6 +441,26 @@ def test_one_client_sending_extreme_inputs_cannot_stretch_the_input_frame() -> N
     honest, with_extreme = frame_scale(False), frame_scale(True)
     assert np.all((honest > 0.5) & (honest < 1.5))
     assert np.all(np.isfinite(with_extreme)) and np.all(with_extreme < 4 * honest)
+
+
+def test_one_client_sending_wild_inputs_cannot_move_the_input_bounds() -> None:
+    """The model's input bounds are where clipped attack inputs sit ("pinned at the bounds", one of the
+    adversarial-input statistics). They come from the reference sample; a client there whose inputs go
+    far beyond everyone else's must not move them: an input clipped to the honest range still counts as
+    pinned, and an ordinary one does not."""
+    rng = np.random.default_rng(11)
+    population = ModelPopulation("m", 1, epoch_records=100, min_clients=8)
+    honest = np.clip(rng.normal(0.5, 0.4, size=(96, 3)), 0.0, 1.0).astype(np.float32)  # pixels in [0, 1]
+    wild = rng.uniform(5.0, 50.0, size=(12, 3)).astype(np.float32)
+    raw = np.concatenate([honest, wild])
+    senders = np.concatenate([np.repeat(np.arange(1, 9, dtype=np.uint64), 12), np.full(12, 99, dtype=np.uint64)])
+    population.add_inputs(raw, mix64(np.arange(1, len(raw) + 1, dtype=np.uint64)), senders)
+    population.publish()
+    assert population.low is not None and population.high is not None
+    assert population.low.tolist() == [0.0, 0.0, 0.0] and population.high.tolist() == [1.0, 1.0, 1.0]
+    clipped, ordinary = [1.0, 0.2, 0.0], [0.4, 0.5, 0.6]
+    pinned = pinned_at_bounds(np.array([clipped, ordinary], dtype=np.float32), population.low, population.high)
+    assert pinned.tolist() == [[True, False, True], [False, False, False]]
 
 
 def test_workers_share_their_source_groups_and_one_of_them_alerts(tmp_path: Path) -> None:
