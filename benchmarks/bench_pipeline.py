@@ -4,7 +4,8 @@ Two traffic shapes (simulated logs of one model, benign clients and a few attack
   long sessions   clients of ~400 queries each: most blocks of a client's queries are long
   short sessions  many clients of ~25 queries each: per-client work dominates (scored every 5 queries)
 
-Rows printed per shape (events/s, one process each, all reading the same topic):
+Rows printed per shape (events/s, one at a time, all reading the same topic; the median of --repeat
+rounds, with the range, the rows taking turns within a round):
   bare consumer            kafka-python reading values only (the ceiling for this design)
   consume + decode         the same consumer and probewatch's record decoder, nothing else: what is
                            left of the ceiling before detection starts
@@ -17,7 +18,7 @@ Rows printed per shape (events/s, one process each, all reading the same topic):
 
 Needs the local services (`make services-up`). Usage:
   python benchmarks/bench_pipeline.py [--records 60000] [--shapes long,short] [--skip-naive]
-                                      [--batch-max-records N] [--fetch-bytes N]
+                                      [--repeat 3] [--batch-max-records N] [--fetch-bytes N]
                                       [--kafka 127.0.0.1:19092] [--clickhouse 127.0.0.1:19000]
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -39,6 +41,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
 from ingest.records import RecordDecoder, SourcePosition
+from probewatch.app import streaming_gc
 from probewatch.config import Config, KafkaConfig, load_config
 from probewatch.simulate import SimulationPlan, write_simulation
 from probewatch.wiring import build_and_run, build_job
@@ -61,17 +64,17 @@ def make_log(directory: Path, records: int, queries_per_client: int = 400) -> Pa
     return path
 
 
-def bench_file(path: Path, directory: Path, batch_max_records: int) -> tuple[float, int]:
+def bench_file(path: Path, directory: Path, batch_max_records: int) -> float:
     config = load_config(
         environ={},
         overrides={
             "file": {"batch_max_records": batch_max_records},
-            "storage": {"chdb": {"path": str(directory / "chdb")}},
+            "storage": {"chdb": {"path": str(directory / f"chdb-{uuid.uuid4().hex[:6]}")}},  # a fresh one each run
             "alerting": {"console": False},
         },
     )
     summary = build_and_run(config, input_path=str(path), dlq_path=str(directory / "dlq.jsonl"))
-    return summary.events_per_s, summary.records_read
+    return summary.events_per_s
 
 
 def produce(bootstrap: str, topic: str, path: Path) -> int:
@@ -95,7 +98,12 @@ def produce(bootstrap: str, topic: str, path: Path) -> int:
 def bench_consumer(
     bootstrap: str, topic: str, total: int, fetch: KafkaConfig, handle: Callable[[list[Any]], object]
 ) -> float:
-    """Events/s of a kafka-python consumer reading the whole topic and passing each poll to ``handle``."""
+    """Events/s of a kafka-python consumer reading the whole topic and passing each poll to ``handle``.
+
+    Under the garbage-collector settings probewatch runs under (``streaming_gc``), as the naive
+    pipeline is: the collector otherwise scans, many times a second, everything earlier rows left alive
+    (River, chDB, probewatch's runs), and a baseline's rate fell from 130k to 85k events/s from one
+    round to the next (measured)."""
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -107,12 +115,13 @@ def bench_consumer(
     )
     seen = 0
     started = None
-    while seen < total:
-        for messages in consumer.poll(timeout_ms=500, max_records=fetch.batch_max_records).values():
-            if started is None:
-                started = time.perf_counter()
-            seen += len(messages)
-            handle(messages)
+    with streaming_gc():
+        while seen < total:
+            for messages in consumer.poll(timeout_ms=500, max_records=fetch.batch_max_records).values():
+                if started is None:
+                    started = time.perf_counter()
+                seen += len(messages)
+                handle(messages)
     elapsed = time.perf_counter() - (started or time.perf_counter())
     consumer.close()
     return seen / elapsed
@@ -227,35 +236,36 @@ def bench_naive_river(bootstrap: str, topic: str, total: int, host: str, port: i
     rows: list[tuple[float, str, str, float]] = []
     seen = 0
     started = None
-    while seen < total:
-        for messages in consumer.poll(timeout_ms=500).values():
-            if started is None:
-                started = time.perf_counter()
-            for message in messages:
-                seen += 1
-                try:
-                    doc = json.loads(message.value)
-                    features = {f"x{i}": v for i, v in enumerate(doc["input"]["vector"])}
-                except (ValueError, KeyError, TypeError):
-                    continue
-                model = models.setdefault(
-                    doc["client_id"],
-                    compose.Pipeline(preprocessing.MinMaxScaler(), anomaly.HalfSpaceTrees(seed=1)),
-                )
-                score = model.score_one(features)
-                model.learn_one(features)
-                rows.append(
-                    (
-                        float(doc["ts"]) if not isinstance(doc["ts"], str) else 0.0,
+    with streaming_gc():
+        while seen < total:
+            for messages in consumer.poll(timeout_ms=500).values():
+                if started is None:
+                    started = time.perf_counter()
+                for message in messages:
+                    seen += 1
+                    try:
+                        doc = json.loads(message.value)
+                        features = {f"x{i}": v for i, v in enumerate(doc["input"]["vector"])}
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    model = models.setdefault(
                         doc["client_id"],
-                        doc["model_id"],
-                        score,
+                        compose.Pipeline(preprocessing.MinMaxScaler(), anomaly.HalfSpaceTrees(seed=1)),
                     )
-                )
-                if len(rows) >= 1000:
-                    client.execute("INSERT INTO bench_naive.scores VALUES", rows)
-                    rows = []
-            consumer.commit()
+                    score = model.score_one(features)
+                    model.learn_one(features)
+                    rows.append(
+                        (
+                            float(doc["ts"]) if not isinstance(doc["ts"], str) else 0.0,
+                            doc["client_id"],
+                            doc["model_id"],
+                            score,
+                        )
+                    )
+                    if len(rows) >= 1000:
+                        client.execute("INSERT INTO bench_naive.scores VALUES", rows)
+                        rows = []
+                consumer.commit()
     if rows:
         client.execute("INSERT INTO bench_naive.scores VALUES", rows)
     elapsed = time.perf_counter() - (started or time.perf_counter())
@@ -264,34 +274,45 @@ def bench_naive_river(bootstrap: str, topic: str, total: int, host: str, port: i
     return seen / elapsed
 
 
-def bench_shape(args: argparse.Namespace, shape: str, directory: Path) -> list[tuple[str, float]]:
+def bench_shape(args: argparse.Namespace, shape: str, directory: Path) -> list[tuple[str, list[float]]]:
+    """Every row's rates (events/s), one per round. The rows take turns within a round, so a slow spell
+    of the machine (the broker's, ClickHouse's and this process's share of two cores moves by 20-30%
+    from run to run) touches every row alike instead of one; the naive pipeline runs once (it is many
+    times slower whatever the spell)."""
     host, port = args.clickhouse.split(":")
     # The batch limits of probewatch's rows; the consumers of the baseline rows fetch and poll alike.
     fetch = KafkaConfig(batch_max_records=args.batch_max_records, max_partition_fetch_bytes=args.fetch_bytes)
     path = make_log(directory, args.records, SHAPES[shape])
-    file_rate, n = bench_file(path, directory, args.batch_max_records)
-    print(f"{shape} sessions: {n} records ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     total = produce(args.kafka, topic, path)
-    results = [
-        ("bare kafka-python consumer (ceiling)", bench_bare_consumer(args.kafka, topic, total, fetch)),
-        ("consume + decode, no detection", bench_consume_decode(args.kafka, topic, total, fetch)),
+    print(f"{shape} sessions: {total} records ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    rows: list[tuple[str, Callable[[], float]]] = [
+        ("bare kafka-python consumer (ceiling)", lambda: bench_bare_consumer(args.kafka, topic, total, fetch)),
+        ("consume + decode, no detection", lambda: bench_consume_decode(args.kafka, topic, total, fetch)),
         (
             "probewatch kafka → ClickHouse server",
-            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch),
+            lambda: bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch),
         ),
         (
             "  the same, exactly_once",
-            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch, "exactly_once"),
+            lambda: bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch, "exactly_once"),
         ),
         (
             "  the same, baselines per worker",
-            bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch, shared_baselines=False),
+            lambda: bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch, shared_baselines=False),
         ),
+        ("probewatch file → chDB", lambda: bench_file(path, directory, args.batch_max_records)),
     ]
+    rates: dict[str, list[float]] = {name: [] for name, _ in rows}
+    for round_number in range(1, args.repeat + 1):
+        for name, measure in rows:
+            rates[name].append(measure())
+            print(f"  round {round_number}/{args.repeat}: {name.strip()}: {rates[name][-1]:,.0f}/s", file=sys.stderr)
+    results = [(name, rates[name]) for name, _ in rows]
     if not args.skip_naive:
-        results.append(("naive per-event River pipeline", bench_naive_river(args.kafka, topic, total, host, int(port))))
-    results.append(("probewatch file → chDB", file_rate))
+        naive = bench_naive_river(args.kafka, topic, total, host, int(port))
+        print(f"  naive per-event River pipeline: {naive:,.0f}/s", file=sys.stderr)
+        results.insert(-1, ("naive per-event River pipeline", [naive]))
     return results
 
 
@@ -302,6 +323,12 @@ def main() -> int:
     parser.add_argument("--kafka", default="127.0.0.1:19092")
     parser.add_argument("--clickhouse", default="127.0.0.1:19000")
     parser.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive River baseline")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of every row but the naive one; the median is printed, with the range (default %(default)s)",
+    )
     defaults = KafkaConfig()
     parser.add_argument(
         "--batch-max-records",
@@ -320,14 +347,18 @@ def main() -> int:
     unknown = [shape for shape in shapes if shape not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+    if args.repeat < 1:
+        parser.error("--repeat must be 1 or more")
     with tempfile.TemporaryDirectory() as tmp:
         tables = [(shape, bench_shape(args, shape, Path(tmp))) for shape in shapes]
     for shape, results in tables:
-        bare = results[0][1]
+        bare = statistics.median(results[0][1])
         title = f"{shape} sessions ({SHAPES[shape]} queries/client)"
-        print(f"\n{title:<40} {'events/s':>12} {'vs bare consumer':>18}")
-        for name, rate in results:
-            print(f"{name:<40} {rate:>12,.0f} {rate / bare:>17.0%}")
+        print(f"\n{title:<40} {'events/s':>12} {'range':>20} {'vs bare consumer':>18}")
+        for name, rates in results:
+            spread = f"{min(rates):,.0f}–{max(rates):,.0f}" if len(rates) > 1 else ""
+            median = statistics.median(rates)
+            print(f"{name:<40} {median:>12,.0f} {spread:>20} {median / bare:>17.0%}")
     return 0
 
 

@@ -236,7 +236,7 @@ class Pipeline:
         self.dispatcher.start()  # at once: it delivers what the outbox holds undelivered
         started = time.monotonic()
         last_progress = 0.0
-        with _stop_on_signals(source), _streaming_gc():
+        with _stop_on_signals(source), streaming_gc():
             for batch in source.batches():
                 self.process_batch(batch, source)
                 now = time.monotonic()
@@ -521,7 +521,7 @@ def _batch_id(batch: list[RawMessage]) -> str:
 
 
 @contextlib.contextmanager
-def _streaming_gc() -> Iterator[None]:
+def streaming_gc() -> Iterator[None]:
     """Python's cyclic garbage collector tuned for the streaming loop, restored afterwards.
 
     Each micro-batch allocates hundreds of thousands of short-lived, acyclic objects (records, numpy
