@@ -1,6 +1,6 @@
-"""The benchmark scripts run, on tiny inputs, against the real services, and print every row of their
-tables. The figures are not checked (tests are not timing checks; `make bench` makes the figures);
-what is checked is that a script nobody runs in CI has not quietly stopped working."""
+"""The benchmark scripts run, on tiny inputs, against the real services where they need them, and
+print every row of their tables. The figures are not checked (tests are not timing checks; `make bench`
+makes the figures): what is checked is that a script nobody runs in CI has not quietly stopped working."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import sys
 
 import pytest
 from conftest import ROOT
-
-pytestmark = pytest.mark.integration
 
 RATE = r"[\d,]+"
 
@@ -35,6 +33,7 @@ def assert_rows(output: str, rows: dict[str, str]) -> None:
         assert re.search(rf"^{re.escape(name)}\s+{figures}\s*$", output, re.MULTILINE), (name, output)
 
 
+@pytest.mark.integration
 def test_bench_pipeline_prints_every_row_beside_the_bare_consumer(
     kafka_bootstrap: str, clickhouse_server: tuple[str, int]
 ) -> None:
@@ -59,6 +58,7 @@ def test_bench_pipeline_prints_every_row_beside_the_bare_consumer(
     )
 
 
+@pytest.mark.integration
 def test_bench_scaling_prints_each_group_size_and_the_latency(
     kafka_bootstrap: str, clickhouse_server: tuple[str, int]
 ) -> None:
@@ -81,6 +81,7 @@ def test_bench_memory_prints_the_detector_beside_the_naive_state() -> None:
     assert_rows(output, {"detector": row, "detector-nockpt": row, "naive": row})
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend", ["chdb", "clickhouse"])
 def test_bench_storage_prints_the_insert_rate(backend: str, clickhouse_server: tuple[str, int]) -> None:
     host, port = clickhouse_server
