@@ -27,6 +27,13 @@ def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
     return result.stdout
 
 
+@pytest.fixture
+def service_options(kafka_bootstrap: str, clickhouse_server: tuple[str, int]) -> tuple[str, ...]:
+    """The options that point a benchmark at the test services."""
+    host, port = clickhouse_server
+    return ("--kafka", kafka_bootstrap, "--clickhouse", f"{host}:{port}")
+
+
 def assert_rows(output: str, rows: dict[str, str]) -> None:
     """Each row's name followed by what it must print (a regular expression)."""
     for name, figures in rows.items():
@@ -34,14 +41,9 @@ def assert_rows(output: str, rows: dict[str, str]) -> None:
 
 
 @pytest.mark.integration
-def test_bench_pipeline_prints_every_row_beside_the_bare_consumer(
-    kafka_bootstrap: str, clickhouse_server: tuple[str, int]
-) -> None:
-    host, port = clickhouse_server
+def test_bench_pipeline_prints_every_row_beside_the_bare_consumer(service_options: tuple[str, ...]) -> None:
     output = run_benchmark(
-        "bench_pipeline.py",
-        *("--records", "1500", "--repeat", "2", "--shapes", "long"),
-        *("--kafka", kafka_bootstrap, "--clickhouse", f"{host}:{port}"),
+        "bench_pipeline.py", "--records", "1500", "--repeat", "2", "--shapes", "long", *service_options
     )
     repeated = rf"{RATE}\s+{RATE}–{RATE}\s+\d+%"  # median, range of the rounds, share of the bare consumer
     assert_rows(
@@ -59,14 +61,9 @@ def test_bench_pipeline_prints_every_row_beside_the_bare_consumer(
 
 
 @pytest.mark.integration
-def test_bench_scaling_prints_each_group_size_and_the_latency(
-    kafka_bootstrap: str, clickhouse_server: tuple[str, int]
-) -> None:
-    host, port = clickhouse_server
+def test_bench_scaling_prints_each_group_size_and_the_latency(service_options: tuple[str, ...]) -> None:
     output = run_benchmark(
-        "bench_scaling.py",
-        *("--records", "1500", "--rates", "100", "--seconds", "2"),
-        *("--kafka", kafka_bootstrap, "--clickhouse", f"{host}:{port}"),
+        "bench_scaling.py", "--records", "1500", "--rates", "100", "--seconds", "2", *service_options
     )
     assert_rows(output, {str(n): rf"{RATE}\s+{RATE}\s+\d+\.\d\dx" for n in (1, 2, 3)})
     assert_rows(output, {"at 100 records/s": r"\(\d+ records\)\s+\d+ms\s+\d+ms\s+\d+ms"})
