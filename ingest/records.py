@@ -96,6 +96,10 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _KEY_FIELDS = ("client_id", "model_id", "session_id")
 
 
+# A record that passed the field checks, with its payload, key and index in its chunk.
+_Accepted = tuple[QueryRecord, bytes, bytes | None, int]
+
+
 class InvalidRecord(ValueError):
     """Raised inside the decoder only; turned into a DeadLetter before leaving it."""
 
@@ -192,7 +196,7 @@ class RecordDecoder:
     ) -> None:
         # (index in the chunk, letter): sorted at the end, as the vector checks come after the field checks.
         chunk_letters: list[tuple[int, DeadLetter]] = []
-        accepted: list[tuple[QueryRecord, bytes, bytes | None, int]] = []
+        accepted: list[_Accepted] = []
         vectors = _RowsByLength()
         probs = _RowsByLength()
         for index, (payload, position, key) in enumerate(messages):
@@ -216,7 +220,6 @@ class RecordDecoder:
         self._attach_vectors(accepted, vectors, rejected)
         self._attach_probs(accepted, probs, rejected)  # after the vectors: its reason wins for a record failing both
         input_dims = self.input_dims
-        late_letters = False
         for i, (record, payload, key, index) in enumerate(accepted):
             rejection = rejected.get(i)
             if rejection is None and record.vector is not None:
@@ -229,12 +232,10 @@ class RecordDecoder:
             if rejection is None:
                 records.append(record)
             else:
-                late_letters = True
                 chunk_letters.append(
                     (index, DeadLetter(reason=rejection, payload=payload, position=record.position, key=key))
                 )
-        if late_letters:
-            chunk_letters.sort(key=lambda entry: entry[0])
+        chunk_letters.sort(key=lambda entry: entry[0])
         letters.extend(letter for _, letter in chunk_letters)
 
     def _decode_fields(
@@ -304,9 +305,7 @@ class RecordDecoder:
                 raise InvalidRecord(f"{name} is longer than {self.max_string_len} characters")
 
     @staticmethod
-    def _attach_vectors(
-        accepted: list[tuple[QueryRecord, bytes, bytes | None, int]], vectors: _RowsByLength, rejected: dict[int, str]
-    ) -> None:
+    def _attach_vectors(accepted: list[_Accepted], vectors: _RowsByLength, rejected: dict[int, str]) -> None:
         for indexes, matrix in vectors.matrices():
             finite = np.isfinite(matrix).all(axis=1).tolist()
             for i, row, ok in zip(indexes, matrix, finite, strict=True):
@@ -316,9 +315,7 @@ class RecordDecoder:
                     rejected[i] = "input.vector contains NaN or Inf (or values beyond float32)"
 
     @staticmethod
-    def _attach_probs(
-        accepted: list[tuple[QueryRecord, bytes, bytes | None, int]], probs: _RowsByLength, rejected: dict[int, str]
-    ) -> None:
+    def _attach_probs(accepted: list[_Accepted], probs: _RowsByLength, rejected: dict[int, str]) -> None:
         """Probabilities, and the top-1 label (unless given), confidence and margin derived from them."""
         for indexes, matrix in probs.matrices():
             valid = (
