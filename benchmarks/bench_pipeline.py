@@ -154,8 +154,10 @@ def bench_probewatch_kafka(
     fetch: KafkaConfig,
     guarantee: str = "at_least_once",
     shared_baselines: bool = True,
+    stages: dict[str, list[float]] | None = None,
 ) -> float:
-    """`probewatch run --source kafka`, built from its configuration as the CLI builds it."""
+    """`probewatch run --source kafka`, built from its configuration as the CLI builds it. ``stages``:
+    where to add the run's µs per record in each stage of its batches (RunSummary.stage_seconds)."""
     config: Config = load_config(
         environ={},
         overrides={
@@ -209,9 +211,12 @@ def bench_probewatch_kafka(
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    job.run()
+    summary = job.run()
     elapsed = finished[0] - started[0]
     done.set()
+    for stage, seconds in summary.stage_seconds.items():
+        if stages is not None:
+            stages.setdefault(stage, []).append(seconds / total * 1e6)
     Client(host=host, port=port).execute(f"DROP DATABASE IF EXISTS {config.storage.database}")
     return total / elapsed
 
@@ -274,8 +279,11 @@ def bench_naive_river(bootstrap: str, topic: str, total: int, host: str, port: i
     return seen / elapsed
 
 
-def bench_shape(args: argparse.Namespace, shape: str, directory: Path) -> list[tuple[str, list[float]]]:
-    """Every row's rates (events/s), one per round. The rows take turns within a round, so a slow spell
+def bench_shape(
+    args: argparse.Namespace, shape: str, directory: Path
+) -> tuple[list[tuple[str, list[float]]], dict[str, list[float]]]:
+    """Every row's rates (events/s), one per round, and, per round, the µs per record that the
+    at-least-once probewatch row spent in each stage of its batches. The rows take turns within a round, so a slow spell
     of the machine (the broker's, ClickHouse's and this process's share of two cores moves by 20-30%
     from run to run) touches every row alike instead of one; the naive pipeline runs once (it is many
     times slower whatever the spell)."""
@@ -285,13 +293,14 @@ def bench_shape(args: argparse.Namespace, shape: str, directory: Path) -> list[t
     path = make_log(directory, args.records, SHAPES[shape])
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     total = produce(args.kafka, topic, path)
+    stages: dict[str, list[float]] = {}
     print(f"{shape} sessions: {total} records ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     rows: list[tuple[str, Callable[[], float]]] = [
         ("bare kafka-python consumer (ceiling)", lambda: bench_bare_consumer(args.kafka, topic, total, fetch)),
         ("consume + decode, no detection", lambda: bench_consume_decode(args.kafka, topic, total, fetch)),
         (
             "probewatch kafka → ClickHouse server",
-            lambda: bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch),
+            lambda: bench_probewatch_kafka(args.kafka, topic, total, host, int(port), fetch, stages=stages),
         ),
         (
             "  the same, exactly_once",
@@ -313,7 +322,7 @@ def bench_shape(args: argparse.Namespace, shape: str, directory: Path) -> list[t
         naive = bench_naive_river(args.kafka, topic, total, host, int(port))
         print(f"  naive per-event River pipeline: {naive:,.0f}/s", file=sys.stderr)
         results.insert(-1, ("naive per-event River pipeline", [naive]))
-    return results
+    return results, stages
 
 
 def main() -> int:
@@ -351,7 +360,7 @@ def main() -> int:
         parser.error("--repeat must be 1 or more")
     with tempfile.TemporaryDirectory() as tmp:
         tables = [(shape, bench_shape(args, shape, Path(tmp))) for shape in shapes]
-    for shape, results in tables:
+    for shape, (results, stages) in tables:
         bare = statistics.median(results[0][1])
         title = f"{shape} sessions ({SHAPES[shape]} queries/client)"
         print(f"\n{title:<40} {'events/s':>12} {'range':>20} {'vs bare consumer':>18}")
@@ -359,6 +368,9 @@ def main() -> int:
             spread = f"{min(rates):,.0f}–{max(rates):,.0f}" if len(rates) > 1 else ""
             median = statistics.median(rates)
             print(f"{name:<40} {median:>12,.0f} {spread:>20} {median / bare:>17.0%}")
+        per_stage = ", ".join(f"{stage} {statistics.median(us):.1f}" for stage, us in stages.items())
+        ceiling = f"the bare consumer's whole record: {1e6 / bare:.1f}"
+        print(f"probewatch's batches, µs per record: {per_stage} (the rest reading Kafka; {ceiling})")
     return 0
 
 

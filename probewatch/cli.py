@@ -376,6 +376,8 @@ def print_summary(summary: Any, top: int = 10, out: Callable[[str], None] | None
     write(f"  late records  : {summary.late_records}")
     write(f"  alerts        : {summary.alerts}")
     write(f"  detector state: {summary.state_bytes / 1024:.0f} KiB")
+    stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in summary.stage_seconds.items())
+    write(f"  time in       : {stages} (the rest: reading the input, start-up, shutdown)")
     suspicious = [s for s in summary.top_sessions if s.score > 0][:top]
     if suspicious:
         write("")

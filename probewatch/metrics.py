@@ -63,6 +63,13 @@ class PipelineMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.stage_seconds = Counter(
+            "probewatch_stage_seconds",
+            "Time spent in each stage of the batches: decode, detect, store, commit (its rate is the share "
+            "of the worker's time)",
+            ["stage"],
+            registry=r,
+        )
         self.lag = Gauge("probewatch_consumer_lag", "Messages behind the log end", ["partition"], registry=r)
         self.open_sessions = Gauge("probewatch_open_sessions", "Sessions held in memory", registry=r)
         self.state_bytes = Gauge("probewatch_state_bytes", "Approximate bytes of detector state", registry=r)

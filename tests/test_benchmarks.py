@@ -58,6 +58,12 @@ def test_bench_pipeline_prints_every_row_beside_the_bare_consumer(service_option
             "probewatch file → chDB": repeated,
         },
     )
+    stage = r"\d+\.\d"
+    assert re.search(
+        rf"^probewatch's batches, µs per record: decode {stage}, detect {stage}, store {stage}, commit {stage} ",
+        output,
+        re.MULTILINE,
+    ), output
 
 
 @pytest.mark.integration

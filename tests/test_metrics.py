@@ -1,4 +1,5 @@
-"""The Prometheus exposition of probewatch/metrics.py: alert delivery per receiver and outcome."""
+"""The Prometheus exposition of probewatch/metrics.py: alert delivery per receiver and outcome, and
+where a run's time goes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from alerting.dispatch import test_alert as make_test_alert  # aliased: pytest w
 from alerting.receivers import DeliveryError
 from ingest.deadletter import FileDeadLetterSink
 from probewatch.app import Pipeline
+from probewatch.cli import print_summary
 from probewatch.config import load_config
 from probewatch.metrics import PipelineMetrics
+from probewatch.simulate import SimulationPlan, write_simulation
+from probewatch.wiring import build_job
 from storage import open_store
 
 T0 = 1_800_000_000.0
@@ -123,3 +127,27 @@ def test_pipeline_metrics_expose_its_dispatchers_receivers(tmp_path: Path) -> No
         store.close()
     assert deliveries(samples, "siem") == dict.fromkeys(OUTCOMES, 0.0)
     assert samples[("probewatch_alert_queue", (("receiver", "siem"),))] == 0.0
+
+
+def test_a_run_says_where_its_time_went(tmp_path: Path) -> None:
+    """Each batch's time is split into its stages (decode, detect, store, commit): in the run's summary,
+    in the closing lines `probewatch run` prints and in /metrics, the same figures."""
+    path = tmp_path / "logs.jsonl"
+    write_simulation(SimulationPlan(benign_clients=12, attackers_per_kind=1, queries_per_client=60), str(path))
+    config = load_config(
+        environ={},
+        overrides={"storage": {"chdb": {"path": str(tmp_path / "chdb")}}, "alerting": {"console": False}},
+    )
+    job = build_job(config, input_path=str(path), dlq_path=str(tmp_path / "dlq.jsonl"))
+    summary = job.run()
+    stages = summary.stage_seconds
+    assert list(stages) == ["decode", "detect", "store", "commit"]
+    assert stages["decode"] > 0 and stages["detect"] > 0 and stages["store"] > 0 and stages["commit"] >= 0
+    assert sum(stages.values()) <= summary.elapsed_s
+    _, samples = scrape(job.pipeline.metrics)
+    assert {stage: samples[("probewatch_stage_seconds_total", (("stage", stage),))] for stage in stages} == stages
+    printed: list[str] = []
+    print_summary(summary, out=printed.append)
+    assert any(
+        line.startswith("  time in       : decode ") and f"detect {stages['detect']:.2f} s" in line for line in printed
+    ), printed
