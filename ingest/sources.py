@@ -313,7 +313,8 @@ class KafkaUnavailable(Exception):
     with a secret: it is built from kafka-python's reasons, which name no password)."""
 
 
-# What kafka-python's reasons mean for the operator, most specific first (see check_kafka).
+# What kafka-python's reasons mean for the operator, most specific first (see check_kafka); {detail} is
+# the end of kafka-python's line, after its last ": ".
 _KAFKA_REFUSALS = (
     ("SaslAuthenticationFailed", "the broker rejected the credentials of {user} ({mechanism})"),
     (
@@ -324,7 +325,7 @@ _KAFKA_REFUSALS = (
         "BAD_CERTIFICATE",
         "the broker refused this client's certificate: set kafka.ssl_certfile and kafka.ssl_keyfile to one it trusts",
     ),
-    ("Handshake failed", "the TLS handshake failed"),
+    ("Handshake failed", "the TLS handshake failed: {detail}"),
     (
         "socket disconnected",
         "the broker closed the connection: does kafka.security_protocol ({protocol}) match the listener at that "
@@ -377,9 +378,12 @@ def _refusal(config: Any, reasons: list[str], exc: Exception) -> str:
     for marker, meaning in _KAFKA_REFUSALS:
         said = next((reason for reason in reversed(reasons) if marker in reason), None)
         if said is not None:
-            detail = said.rpartition(": ")[2] if marker == "Handshake failed" else ""
-            text = meaning.format(user=user, mechanism=config.sasl.mechanism, protocol=config.security_protocol)
-            return f"{text}{': ' + detail if detail else ''}"
+            return meaning.format(
+                user=user,
+                mechanism=config.sasl.mechanism,
+                protocol=config.security_protocol,
+                detail=said.rpartition(": ")[2],
+            )
     return reasons[-1] if reasons else f"{type(exc).__name__}: {exc}"
 
 

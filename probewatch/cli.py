@@ -182,8 +182,9 @@ def _setup_logging(config: Config, override: str | None) -> None:
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     # Libraries log what they are given (urllib3, at DEBUG, the request line with a webhook's token):
     # every line is searched for the configuration's secrets.
+    secrets = secret_values(config)
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(_SecretsHidden(fmt, secret_values(config)))
+        handler.setFormatter(_SecretsHidden(fmt, secrets))
     # kafka-python logs every reconnect at WARNING/ERROR; ours says what matters.
     logging.getLogger("kafka").setLevel(max(logging.getLevelName(level), logging.WARNING) + 10)
 
